@@ -1,0 +1,66 @@
+//! The `leasehold` command line: one binary, several subcommands. Each
+//! subcommand's flags also read a `LEASEHOLD_*` environment variable.
+
+pub mod serve;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Leasehold: distributed locks over gRPC, kept alive over one stream,
+/// stored in Redis.
+#[derive(Debug, Parser)]
+#[command(name = "leasehold", version, about, long_about = None)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "LEASEHOLD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the lock server.
+    Serve(serve::ServeArgs),
+}
+
+/// Sets up tracing: `LEASEHOLD_LOG` (or `RUST_LOG`) as an EnvFilter,
+/// default `info`, written to stderr in the chosen format.
+pub fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("LEASEHOLD_LOG")
+        .ok()
+        .and_then(|s| EnvFilter::try_new(s).ok())
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Runs a parsed command line; the process exit code is the result.
+pub async fn run(cli: Cli) -> i32 {
+    match cli.command {
+        Command::Serve(args) => match serve::run(args).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("leasehold serve: {e}");
+                1
+            }
+        },
+    }
+}

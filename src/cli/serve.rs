@@ -1,0 +1,165 @@
+//! `leasehold serve`: flags, store selection, signals.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::lock::Limits;
+use crate::server::{self, ServerConfig};
+use crate::service::ServiceLimits;
+use crate::store::{MemoryStore, RedisConfig, RedisStore};
+use crate::wait::WaitQueues;
+
+/// Flags of `leasehold serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on for gRPC.
+    #[arg(long, env = "LEASEHOLD_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Redis to store locks in: redis://, rediss://, redis-cluster:// or
+    /// redis-sentinel://. Without it, the embedded in-memory store
+    /// (single process, not durable).
+    #[arg(long, env = "LEASEHOLD_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key and channel (no braces).
+    #[arg(long, env = "LEASEHOLD_KEY_PREFIX", default_value = "leasehold:")]
+    pub key_prefix: String,
+    /// TTL granted when a request asks for 0.
+    #[arg(long, env = "LEASEHOLD_DEFAULT_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub default_ttl: Duration,
+    /// Smallest TTL a request may ask for.
+    #[arg(long, env = "LEASEHOLD_MIN_TTL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub min_ttl: Duration,
+    /// Largest TTL a request may ask for.
+    #[arg(long, env = "LEASEHOLD_MAX_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub max_ttl: Duration,
+    /// Longest server-side wait an Acquire may ask for.
+    #[arg(long, env = "LEASEHOLD_MAX_WAIT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub max_wait: Duration,
+    /// Longest lock key, in bytes.
+    #[arg(long, env = "LEASEHOLD_MAX_KEY_BYTES", default_value_t = 512)]
+    pub max_key_bytes: usize,
+    /// Longest owner string, in bytes.
+    #[arg(long, env = "LEASEHOLD_MAX_OWNER_BYTES", default_value_t = 256)]
+    pub max_owner_bytes: usize,
+    /// Most metadata entries per lock.
+    #[arg(long, env = "LEASEHOLD_MAX_METADATA_ENTRIES", default_value_t = 16)]
+    pub max_metadata_entries: usize,
+    /// Most metadata bytes per lock, keys and values together.
+    #[arg(long, env = "LEASEHOLD_MAX_METADATA_BYTES", default_value_t = 4096)]
+    pub max_metadata_bytes: usize,
+    /// Bound on every store call; past it the call fails with UNAVAILABLE.
+    #[arg(long, env = "LEASEHOLD_STORE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub store_timeout: Duration,
+    /// Redis connections in the command pool.
+    #[arg(long, env = "LEASEHOLD_POOL_SIZE", default_value_t = 4)]
+    pub pool_size: usize,
+    /// How often the health check pings the store.
+    #[arg(long, env = "LEASEHOLD_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub health_interval: Duration,
+    /// HTTP/2 PING interval, to detect clients that went silent.
+    #[arg(long, env = "LEASEHOLD_KEEPALIVE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the connection (and its
+    /// KeepAlive streams, releasing their locks) is closed.
+    #[arg(long, env = "LEASEHOLD_KEEPALIVE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: Duration,
+    /// Concurrent KeepAlive streams one client connection may open.
+    #[arg(long, env = "LEASEHOLD_MAX_STREAMS_PER_CONNECTION", default_value_t = 100)]
+    pub max_streams_per_connection: usize,
+    /// Locks one KeepAlive stream may keep alive.
+    #[arg(long, env = "LEASEHOLD_MAX_LOCKS_PER_STREAM", default_value_t = 10_000)]
+    pub max_locks_per_stream: usize,
+    /// Acquire calls that may wait at once on this server.
+    #[arg(long, env = "LEASEHOLD_MAX_WAITERS", default_value_t = 10_000)]
+    pub max_waiters: usize,
+    /// Longest a graceful shutdown may take before the process exits anyway.
+    #[arg(long, env = "LEASEHOLD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+fn ms(field: &str, d: Duration) -> Result<u32, String> {
+    u32::try_from(d.as_millis()).map_err(|_| format!("--{field} is too large"))
+}
+
+impl ServeArgs {
+    /// The server configuration these flags describe, checked.
+    pub fn server_config(&self) -> Result<ServerConfig, String> {
+        let fields = Limits {
+            default_ttl_ms: ms("default-ttl", self.default_ttl)?,
+            min_ttl_ms: ms("min-ttl", self.min_ttl)?,
+            max_ttl_ms: ms("max-ttl", self.max_ttl)?,
+            max_wait_ms: ms("max-wait", self.max_wait)?,
+            max_key_bytes: self.max_key_bytes,
+            max_owner_bytes: self.max_owner_bytes,
+            max_metadata_entries: self.max_metadata_entries,
+            max_metadata_bytes: self.max_metadata_bytes,
+            ..Limits::default()
+        };
+        fields.check()?;
+        Ok(ServerConfig {
+            limits: ServiceLimits {
+                fields,
+                max_streams_per_connection: self.max_streams_per_connection,
+                max_locks_per_stream: self.max_locks_per_stream,
+            },
+            health_interval: self.health_interval,
+            store_timeout: self.store_timeout,
+            keepalive_interval: self.keepalive_interval,
+            keepalive_timeout: self.keepalive_timeout,
+            shutdown_grace: self.shutdown_grace,
+        })
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn termination() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Runs the server until SIGTERM/SIGINT.
+pub async fn run(args: ServeArgs) -> Result<(), String> {
+    let config = args.server_config()?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let waiters = WaitQueues::new(args.max_waiters);
+    let result = match &args.redis_url {
+        None => {
+            tracing::warn!(
+                "no --redis-url: using the embedded in-memory store; it is single-process and not durable (locks are lost on restart, and servers do not share them)"
+            );
+            let store = Arc::new(MemoryStore::new(waiters.clone()));
+            tracing::info!(%addr, store = "memory", "listening");
+            server::run(store, waiters, config, listener, termination()).await
+        }
+        Some(url) => {
+            let redis = RedisConfig {
+                url: url.clone(),
+                prefix: args.key_prefix.clone(),
+                pool_size: args.pool_size,
+                timeout: args.store_timeout,
+            };
+            let store = Arc::new(RedisStore::connect(&redis, waiters.clone()).await?);
+            tracing::info!(%addr, store = "redis", "listening");
+            server::run(store, waiters, config, listener, termination()).await
+        }
+    };
+    result.map_err(|e| format!("server error: {e}"))?;
+    tracing::info!("stopped");
+    Ok(())
+}

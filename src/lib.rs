@@ -1,0 +1,23 @@
+//! Leasehold: a distributed lock service. Clients take, renew and give back
+//! named locks over gRPC; lock state lives in Redis (or, for one process, in
+//! memory); a client keeps its locks alive over one KeepAlive stream and
+//! loses them the moment that stream ends.
+//!
+//! Crate map:
+//! - [`pb`]: generated protobuf/gRPC code and the reflection descriptors.
+//! - [`lock`]: domain types (keys, tokens, leases, limits) and [`lock::LockError`].
+//! - [`store`]: the [`store::LockStore`] seam, the Redis store and the memory store.
+//! - [`wait`]: per-key queues of waiting Acquires and the wake-one rule.
+//! - [`service`]: the gRPC handlers, KeepAlive sessions and server-side waiting.
+//! - [`server`]: assembles tonic with health, reflection, limits and shutdown.
+//! - [`cli`]: the `leasehold` subcommands.
+//! - [`task`]: owned background tasks.
+
+pub mod cli;
+pub mod lock;
+pub mod pb;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod task;
+pub mod wait;

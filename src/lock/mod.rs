@@ -1,0 +1,202 @@
+//! Domain types: what a lock, a lease and their limits are, independent of
+//! gRPC and of the store. Everything that came over the wire is validated
+//! into these types before it reaches a store, so stores never re-check input.
+
+mod error;
+mod limits;
+mod metadata;
+
+use std::fmt;
+
+pub use error::LockError;
+pub use limits::Limits;
+pub use metadata::Metadata;
+
+/// A validated lock name: 1..=max bytes of UTF-8 without control characters.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LockKey(String);
+
+impl LockKey {
+    /// Validates `key` against the contract (DESIGN §2): non-empty, at most
+    /// `max_bytes`, and no Unicode control character (C0, DEL, C1).
+    pub fn parse(key: impl Into<String>, max_bytes: usize) -> Result<Self, LockError> {
+        let key = key.into();
+        if key.is_empty() {
+            return Err(LockError::invalid("key", "must not be empty"));
+        }
+        if key.len() > max_bytes {
+            return Err(LockError::invalid(
+                "key",
+                format!("is {} bytes, the limit is {max_bytes}", key.len()),
+            ));
+        }
+        if let Some(c) = key.chars().find(|c| c.is_control()) {
+            return Err(LockError::invalid(
+                "key",
+                format!("contains the control character U+{:04X}", c as u32),
+            ));
+        }
+        Ok(Self(key))
+    }
+
+    /// The key as the client sent it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Gives back the owned string, for echoing in replies.
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl fmt::Debug for LockKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for LockKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The secret that proves ownership of a lease: 128 random bits, hex-encoded.
+///
+/// `Debug` and `Display` redact it, so that a token never reaches a log line
+/// by accident; use [`Token::expose`] where the value itself is needed.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Token(String);
+
+impl Token {
+    /// Longest token a client may present. Server tokens are 32 bytes; the
+    /// slack admits other formats without letting a client send megabytes.
+    pub const MAX_BYTES: usize = 256;
+
+    /// A fresh random token from the OS-seeded thread RNG (a CSPRNG).
+    pub fn generate() -> Self {
+        Self(hex::encode(rand::random::<[u8; 16]>()))
+    }
+
+    /// Validates a token a client presented. An empty token is a malformed
+    /// request; any other token is merely "wrong" and handled by the store.
+    pub fn parse(token: impl Into<String>) -> Result<Self, LockError> {
+        let token = token.into();
+        if token.is_empty() {
+            return Err(LockError::invalid("token", "must not be empty"));
+        }
+        if token.len() > Self::MAX_BYTES {
+            return Err(LockError::invalid(
+                "token",
+                format!("is {} bytes, the limit is {}", token.len(), Self::MAX_BYTES),
+            ));
+        }
+        Ok(Self(token))
+    }
+
+    /// The secret itself, for the store and for the reply to its owner.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Consumes the token into its secret string, for the reply to its owner.
+    pub fn into_secret(self) -> String {
+        self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// What a client asks for when it takes a lock, validated.
+#[derive(Debug, Clone)]
+pub struct AcquireSpec {
+    /// The lock.
+    pub key: LockKey,
+    /// The token the lease gets if this call grants it (the store may answer
+    /// with an earlier token instead, for a retried `request_id`).
+    pub token: Token,
+    /// TTL to grant, already bounded by [`Limits`].
+    pub ttl_ms: u32,
+    /// Free text shown by Describe.
+    pub owner: String,
+    /// Small key/value pairs shown by Describe.
+    pub metadata: Metadata,
+    /// Makes a retried Acquire return the lease it already got.
+    pub request_id: Option<String>,
+}
+
+/// A granted lease as the store reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The token that now holds the lock.
+    pub token: Token,
+    /// Larger than every earlier grant's of the same key.
+    pub fencing_token: u64,
+    /// The TTL granted.
+    pub ttl_ms: u32,
+}
+
+/// The result of one attempt to take a lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AcquireOutcome {
+    /// The lock is ours.
+    Acquired(Grant),
+    /// Someone else holds it for at least this long (always >= 1 ms).
+    Held {
+        /// The holder's remaining TTL.
+        retry_after_ms: u32,
+    },
+}
+
+/// What Describe shows about a held lock. Deliberately has no token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockInfo {
+    /// The holder's free-text owner.
+    pub owner: String,
+    /// The current grant's fencing token.
+    pub fencing_token: u64,
+    /// Remaining TTL.
+    pub ttl_ms: u32,
+    /// The holder's metadata.
+    pub metadata: Metadata,
+}
+
+/// Clamps a Redis/remaining-TTL millisecond count into the wire's `u32`,
+/// never below 1 so that "held" is never reported with a zero wait.
+pub fn remaining_ms(ms: i64) -> u32 {
+    ms.clamp(1, i64::from(u32::MAX)) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_rules() {
+        assert!(LockKey::parse("a", 512).is_ok());
+        assert!(LockKey::parse("ü{x}/y", 512).is_ok());
+        assert!(LockKey::parse("", 512).is_err());
+        assert!(LockKey::parse("a".repeat(513), 512).is_err());
+        assert!(LockKey::parse("a".repeat(512), 512).is_ok());
+        for bad in ["a\nb", "\u{7f}", "x\u{85}", "\0"] {
+            let err = LockKey::parse(bad, 512).unwrap_err();
+            assert!(err.to_string().contains("key"), "{err}");
+        }
+    }
+
+    #[test]
+    fn tokens_are_random_and_redacted() {
+        let a = Token::generate();
+        let b = Token::generate();
+        assert_ne!(a, b);
+        assert_eq!(a.expose().len(), 32);
+        assert!(!format!("{a:?}").contains(a.expose()));
+        assert!(Token::parse("").is_err());
+        assert!(Token::parse("x".repeat(257)).is_err());
+    }
+}

@@ -1,0 +1,168 @@
+//! Assembles the gRPC server: the lock service, health, reflection, HTTP/2
+//! keepalive, limits and graceful shutdown. `run` takes its listener and its
+//! shutdown signal as arguments, so tests bind 127.0.0.1:0 and stop it at
+//! will (mini-redis `server::run`).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::pb;
+use crate::service::{LockServiceImpl, ServiceLimits};
+use crate::store::LockStore;
+use crate::task::TaskGuard;
+use crate::wait::WaitQueues;
+
+/// Largest request message accepted. Requests are small (a key, an owner,
+/// 4 KiB of metadata); anything far bigger is hostile.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Everything the server needs besides its store and listener.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Per-request and per-stream limits.
+    pub limits: ServiceLimits,
+    /// How often health pings the store.
+    pub health_interval: Duration,
+    /// Bound on each health ping.
+    pub store_timeout: Duration,
+    /// HTTP/2 PING interval, to detect silent clients.
+    pub keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the connection is dead.
+    pub keepalive_timeout: Duration,
+    /// How long a graceful shutdown may take before the server exits anyway.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            limits: ServiceLimits::default(),
+            health_interval: Duration::from_secs(1),
+            store_timeout: Duration::from_secs(2),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serves Leasehold on `listener` until `shutdown` resolves, then shuts down
+/// gracefully: health goes NOT_SERVING, KeepAlive streams and waiting
+/// Acquires end with UNAVAILABLE (locks stay held until their TTL), other
+/// in-flight calls finish.
+pub async fn run<S: LockStore>(
+    store: Arc<S>,
+    waiters: Arc<WaitQueues>,
+    config: ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let stopping = CancellationToken::new();
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    set_health(&reporter, ServingStatus::NotServing).await;
+    let _health_task = TaskGuard::spawn(
+        "health",
+        watch_store(store.clone(), reporter.clone(), config.clone(), stopping.clone()),
+    );
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor set is valid");
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("the embedded descriptor set is valid");
+
+    let service = LockServiceImpl::new(store, waiters, config.limits.clone(), stopping.clone());
+    let lock_service = pb::lock_service_server::LockServiceServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let signal = {
+        let stopping = stopping.clone();
+        let reporter = reporter.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: NOT_SERVING, ending streams without releasing their locks");
+            set_health(&reporter, ServingStatus::NotServing).await;
+            stopping.cancel();
+        }
+    };
+    let serve = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(config.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(lock_service)
+        .serve_with_incoming_shutdown(incoming, signal);
+    tokio::pin!(serve);
+    let grace = async {
+        stopping.cancelled().await;
+        tokio::time::sleep(config.shutdown_grace).await;
+    };
+    tokio::select! {
+        result = &mut serve => result,
+        _ = grace => {
+            tracing::warn!(grace = ?config.shutdown_grace, "graceful shutdown took too long; exiting anyway");
+            Ok(())
+        }
+    }
+}
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(pb::SERVICE_NAME, status).await;
+}
+
+/// Pings the store every `health_interval`: SERVING while it answers,
+/// NOT_SERVING while it does not, until shutdown begins.
+async fn watch_store<S: LockStore>(
+    store: Arc<S>,
+    reporter: HealthReporter,
+    config: ServerConfig,
+    stopping: CancellationToken,
+) {
+    let mut current = None;
+    let mut tick = tokio::time::interval(config.health_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stopping.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let ok = match tokio::time::timeout(config.store_timeout, store.ping()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                if current != Some(false) {
+                    tracing::warn!(store = store.name(), error = %e, "store health check failed: NOT_SERVING");
+                }
+                false
+            }
+            Err(_) => {
+                if current != Some(false) {
+                    tracing::warn!(store = store.name(), "store health check timed out: NOT_SERVING");
+                }
+                false
+            }
+        };
+        if current != Some(ok) && !stopping.is_cancelled() {
+            if ok {
+                tracing::info!(store = store.name(), "store reachable: SERVING");
+            }
+            let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+            set_health(&reporter, status).await;
+            current = Some(ok);
+        }
+    }
+}

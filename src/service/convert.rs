@@ -1,0 +1,69 @@
+//! Conversions between protobuf messages and domain types, with validation.
+//! The one place where `pb` meets `lock`: everything a handler receives
+//! passes through here before it reaches a store.
+
+use crate::lock::{AcquireOutcome, AcquireSpec, Limits, LockError, LockInfo, LockKey, Token};
+use crate::pb;
+
+/// A validated Acquire: what to grant and how long to wait for it.
+pub struct AcquireCall {
+    /// What to grant.
+    pub spec: AcquireSpec,
+    /// How long to wait for it, 0 for one try.
+    pub wait_ms: u32,
+}
+
+/// Validates every field of an Acquire request, and picks a fresh token.
+pub fn acquire_request(req: pb::AcquireRequest, limits: &Limits) -> Result<AcquireCall, LockError> {
+    Ok(AcquireCall {
+        spec: AcquireSpec {
+            key: limits.key(req.key)?,
+            token: Token::generate(),
+            ttl_ms: limits.ttl(req.ttl_ms)?,
+            owner: limits.owner(req.owner)?,
+            metadata: limits.metadata(req.metadata)?,
+            request_id: limits.request_id(req.request_id)?,
+        },
+        wait_ms: limits.wait(req.wait_ms)?,
+    })
+}
+
+/// Builds the reply to an Acquire.
+pub fn acquire_response(key: &LockKey, outcome: AcquireOutcome) -> pb::AcquireResponse {
+    match outcome {
+        AcquireOutcome::Acquired(grant) => pb::AcquireResponse {
+            acquired: true,
+            lease: Some(pb::Lease {
+                key: key.as_str().to_owned(),
+                token: grant.token.into_secret(),
+                fencing_token: grant.fencing_token,
+                ttl_ms: grant.ttl_ms,
+            }),
+            retry_after_ms: 0,
+        },
+        AcquireOutcome::Held { retry_after_ms } => pb::AcquireResponse {
+            acquired: false,
+            lease: None,
+            retry_after_ms: retry_after_ms.max(1),
+        },
+    }
+}
+
+/// Validates a key and token pair (Release, Renew, KeepAlive).
+pub fn key_and_token(key: String, token: String, limits: &Limits) -> Result<(LockKey, Token), LockError> {
+    Ok((limits.key(key)?, Token::parse(token)?))
+}
+
+/// Builds the reply to a Describe; never carries a token.
+pub fn describe_response(info: Option<LockInfo>) -> pb::DescribeResponse {
+    match info {
+        None => pb::DescribeResponse::default(),
+        Some(info) => pb::DescribeResponse {
+            held: true,
+            owner: info.owner,
+            fencing_token: info.fencing_token,
+            ttl_ms: info.ttl_ms,
+            metadata: info.metadata.entries().iter().cloned().collect(),
+        },
+    }
+}

@@ -1,0 +1,308 @@
+//! KeepAlive: one bidirectional stream per client keeps all its locks alive.
+//!
+//! Each request renews (or releases) one lock and attaches it to the stream;
+//! each gets exactly one response. Requests for different keys run
+//! concurrently; requests for the same key run in arrival order. When the
+//! client ends the stream (half-close, cancel, reset, or a connection that
+//! HTTP/2 keepalive pings declared dead), every lock still attached is
+//! released with the token it was attached with. When the *server* ends it
+//! (graceful shutdown, or the store failing), nothing is released: the
+//! locks live until their TTL so the client can re-attach elsewhere.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Status, Streaming};
+use tracing::Instrument;
+
+use super::{Core, KeepAliveStream};
+use crate::lock::{LockError, LockKey, Token};
+use crate::pb;
+use crate::store::LockStore;
+
+/// Responses buffered per stream before the session waits for the client.
+const RESPONSE_BUFFER: usize = 256;
+
+/// Opens a KeepAlive session, or refuses it when the connection already has
+/// its maximum of streams.
+pub(super) fn start<S: LockStore>(
+    core: Arc<Core<S>>,
+    request: Request<Streaming<pb::KeepAliveRequest>>,
+) -> Result<KeepAliveStream, Status> {
+    let slot = StreamSlot::take(core.clone(), request.remote_addr())?;
+    let inbound = request.into_inner();
+    let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
+    let session = Session {
+        core,
+        tx,
+        attached: HashMap::new(),
+        queued: HashMap::new(),
+        _slot: slot,
+    };
+    tokio::spawn(session.run(inbound).instrument(tracing::debug_span!("keepalive")));
+    Ok(Box::pin(ReceiverStream::new(rx)))
+}
+
+/// Counts this stream against its connection's limit while it lives.
+struct StreamSlot<S: LockStore> {
+    core: Arc<Core<S>>,
+    peer: Option<SocketAddr>,
+}
+
+impl<S: LockStore> StreamSlot<S> {
+    fn take(core: Arc<Core<S>>, peer: Option<SocketAddr>) -> Result<Self, Status> {
+        if let Some(addr) = peer {
+            let mut streams = core.streams.lock().unwrap_or_else(|e| e.into_inner());
+            let n = streams.entry(addr).or_insert(0);
+            if *n >= core.limits.max_streams_per_connection {
+                return Err(LockError::ResourceExhausted(format!(
+                    "this connection already has {} KeepAlive streams (--max-streams-per-connection)",
+                    core.limits.max_streams_per_connection
+                ))
+                .into());
+            }
+            *n += 1;
+        }
+        Ok(Self { core, peer })
+    }
+}
+
+impl<S: LockStore> Drop for StreamSlot<S> {
+    fn drop(&mut self) {
+        let Some(addr) = self.peer else { return };
+        let mut streams = self.core.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = streams.get_mut(&addr) {
+            *n -= 1;
+            if *n == 0 {
+                streams.remove(&addr);
+            }
+        }
+    }
+}
+
+/// One validated request.
+struct Op {
+    key: LockKey,
+    token: Token,
+    ttl_ms: Option<u32>,
+    release: bool,
+}
+
+/// What a finished store call reports back to the session.
+struct Done {
+    op: Op,
+    result: Result<Option<u32>, LockError>,
+}
+
+type InFlight = FuturesUnordered<Pin<Box<dyn std::future::Future<Output = Done> + Send>>>;
+
+struct Session<S: LockStore> {
+    core: Arc<Core<S>>,
+    tx: mpsc::Sender<Result<pb::KeepAliveResponse, Status>>,
+    /// Locks this stream keeps alive, with the token each was attached with.
+    attached: HashMap<LockKey, Token>,
+    /// Keys with a store call in flight, and the requests queued behind it.
+    queued: HashMap<LockKey, VecDeque<Op>>,
+    _slot: StreamSlot<S>,
+}
+
+/// Why the session loop stopped.
+enum End {
+    /// The client ended the stream: release what is attached.
+    Client,
+    /// The server ended it with this status: release nothing.
+    Server(Status),
+}
+
+impl<S: LockStore> Session<S> {
+    async fn run(mut self, mut inbound: Streaming<pb::KeepAliveRequest>) {
+        let mut inflight: InFlight = FuturesUnordered::new();
+        let shutdown = self.core.shutdown.clone();
+        let mut inbound_open = true;
+        let end = loop {
+            if !inbound_open && inflight.is_empty() {
+                break End::Client;
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    break End::Server(LockError::ShuttingDown.into());
+                }
+                Some(done) = inflight.next(), if !inflight.is_empty() => {
+                    if let Err(status) = self.finish(done, &mut inflight).await {
+                        break End::Server(status);
+                    }
+                }
+                message = inbound.message(), if inbound_open => match message {
+                    Ok(Some(req)) => {
+                        if let Err(status) = self.accept(req, &mut inflight).await {
+                            break End::Server(status);
+                        }
+                    }
+                    // Half-close: answer what is in flight, then release.
+                    Ok(None) => inbound_open = false,
+                    // Cancel, reset, or a dead connection.
+                    Err(_) => {
+                        inbound_open = false;
+                        if shutdown.is_cancelled() {
+                            break End::Server(LockError::ShuttingDown.into());
+                        }
+                    }
+                },
+            }
+        };
+        match end {
+            End::Client => self.release_all().await,
+            End::Server(status) => {
+                tracing::debug!(attached = self.attached.len(), code = ?status.code(), "stream ended by the server; locks kept until their TTL");
+                let _ = self.tx.send(Err(status)).await;
+            }
+        }
+    }
+
+    /// Validates one request and starts it, or queues it behind a call in
+    /// flight for the same key. Invalid requests are answered `alive = false`
+    /// and change nothing.
+    async fn accept(&mut self, req: pb::KeepAliveRequest, inflight: &mut InFlight) -> Result<(), Status> {
+        let limits = &self.core.limits.fields;
+        let parsed = limits
+            .key(req.key.clone())
+            .and_then(|key| Ok((key, Token::parse(req.token)?)))
+            .and_then(|(key, token)| {
+                let ttl_ms = if req.release { None } else { limits.renew_ttl(req.ttl_ms)? };
+                Ok(Op { key, token, ttl_ms, release: req.release })
+            });
+        let op = match parsed {
+            Ok(op) => op,
+            Err(e) => {
+                tracing::debug!(rpc = "KeepAlive", error = %e, "invalid request answered alive=false");
+                return self.respond(req.key, None).await;
+            }
+        };
+        if !op.release && !self.attached.contains_key(&op.key) && !self.queued.contains_key(&op.key) {
+            let tracked = self.attached.len()
+                + self.queued.keys().filter(|k| !self.attached.contains_key(*k)).count();
+            if tracked >= self.core.limits.max_locks_per_stream {
+                return Err(LockError::ResourceExhausted(format!(
+                    "this stream already keeps {tracked} locks alive (--max-locks-per-stream)"
+                ))
+                .into());
+            }
+        }
+        match self.queued.get_mut(&op.key) {
+            Some(queue) => queue.push_back(op),
+            None => {
+                self.queued.insert(op.key.clone(), VecDeque::new());
+                inflight.push(self.call(op));
+            }
+        }
+        Ok(())
+    }
+
+    /// The store call for one op.
+    fn call(&self, op: Op) -> Pin<Box<dyn std::future::Future<Output = Done> + Send>> {
+        let store = self.core.store.clone();
+        async move {
+            let start = Instant::now();
+            let result = if op.release {
+                store.release(&op.key, &op.token).await.map(|_| None)
+            } else {
+                store.renew(&op.key, &op.token, op.ttl_ms).await
+            };
+            tracing::debug!(
+                rpc = "KeepAlive",
+                key = op.key.as_str(),
+                outcome = match &result {
+                    Ok(Some(_)) => "alive",
+                    Ok(None) if op.release => "released",
+                    Ok(None) => "lost",
+                    Err(e) => e.kind(),
+                },
+                latency_us = start.elapsed().as_micros() as u64
+            );
+            Done { op, result }
+        }
+        .boxed()
+    }
+
+    /// Applies a finished call, answers it, and starts the next one queued
+    /// for the same key.
+    async fn finish(&mut self, done: Done, inflight: &mut InFlight) -> Result<(), Status> {
+        let Done { op, result } = done;
+        let ttl = match result {
+            Ok(ttl) => ttl,
+            Err(e) => {
+                tracing::warn!(rpc = "KeepAlive", key = op.key.as_str(), error = %e, "store error; ending the stream without releasing");
+                return Err(e.into());
+            }
+        };
+        match ttl {
+            Some(_) => {
+                self.attached.insert(op.key.clone(), op.token);
+            }
+            None => {
+                if self.attached.get(&op.key) == Some(&op.token) {
+                    self.attached.remove(&op.key);
+                }
+            }
+        }
+        if let Some(queue) = self.queued.get_mut(&op.key) {
+            match queue.pop_front() {
+                Some(next) => inflight.push(self.call(next)),
+                None => {
+                    self.queued.remove(&op.key);
+                }
+            }
+        }
+        self.respond(op.key.into_string(), ttl).await
+    }
+
+    async fn respond(&self, key: String, ttl: Option<u32>) -> Result<(), Status> {
+        let response = pb::KeepAliveResponse {
+            key,
+            alive: ttl.is_some(),
+            ttl_ms: ttl.unwrap_or(0),
+        };
+        // A client that went away can no longer read; its locks are still
+        // released when its inbound side ends.
+        let _ = self.tx.send(Ok(response)).await;
+        Ok(())
+    }
+
+    /// The client is gone: release every attached lock its token still
+    /// holds, concurrently; waiters hear of each release from the store.
+    async fn release_all(&mut self) {
+        if self.attached.is_empty() {
+            return;
+        }
+        let locks: Vec<(LockKey, Token)> = self.attached.drain().collect();
+        let store = self.core.store.clone();
+        let results = futures_util::future::join_all(locks.iter().map(|(key, token)| {
+            let store = store.clone();
+            async move {
+                match store.release(key, token).await {
+                    // One retry covers a blip; after that the TTL frees it.
+                    Err(LockError::Unavailable(_)) => store.release(key, token).await,
+                    other => other,
+                }
+            }
+        }))
+        .await;
+        let mut released = 0;
+        for ((key, _), result) in locks.iter().zip(results) {
+            match result {
+                Ok(true) => released += 1,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(key = key.as_str(), error = %e, "could not release on stream end; the lock expires with its TTL"),
+            }
+        }
+        tracing::debug!(attached = locks.len(), released, "stream ended by the client; locks released");
+    }
+}

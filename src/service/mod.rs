@@ -1,0 +1,223 @@
+//! The gRPC face of Leasehold: thin handlers that validate and convert a
+//! request (`convert`), call the store, and map the error. The two RPCs with
+//! behaviour of their own have their own modules: waiting Acquire
+//! (`waiting`) and KeepAlive streams (`keepalive`).
+
+pub mod convert;
+mod deadline;
+mod keepalive;
+mod waiting;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::lock::{AcquireOutcome, AcquireSpec, Limits, LockError, LockKey, Token};
+use crate::pb;
+use crate::store::LockStore;
+use crate::wait::WaitQueues;
+
+/// What the service enforces besides per-field limits.
+#[derive(Debug, Clone)]
+pub struct ServiceLimits {
+    /// Per-field bounds.
+    pub fields: Limits,
+    /// Concurrent KeepAlive streams on one client connection.
+    pub max_streams_per_connection: usize,
+    /// Locks attached to one KeepAlive stream.
+    pub max_locks_per_stream: usize,
+}
+
+impl Default for ServiceLimits {
+    fn default() -> Self {
+        Self {
+            fields: Limits::default(),
+            max_streams_per_connection: 100,
+            max_locks_per_stream: 10_000,
+        }
+    }
+}
+
+/// The `leasehold.v1.LockService` implementation over any store.
+pub struct LockServiceImpl<S> {
+    core: Arc<Core<S>>,
+}
+
+impl<S> Clone for LockServiceImpl<S> {
+    fn clone(&self) -> Self {
+        Self {
+            core: self.core.clone(),
+        }
+    }
+}
+
+/// State shared by all calls of one server.
+struct Core<S> {
+    store: Arc<S>,
+    limits: ServiceLimits,
+    waiters: Arc<WaitQueues>,
+    /// Cancelled when the server begins a graceful shutdown: streams end
+    /// with UNAVAILABLE without releasing, waits end with UNAVAILABLE.
+    shutdown: CancellationToken,
+    /// Open KeepAlive streams per client connection.
+    streams: Mutex<HashMap<SocketAddr, usize>>,
+}
+
+impl<S: LockStore> LockServiceImpl<S> {
+    /// A service over `store`, whose releases wake `waiters`.
+    pub fn new(
+        store: Arc<S>,
+        waiters: Arc<WaitQueues>,
+        limits: ServiceLimits,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            core: Arc::new(Core {
+                store,
+                limits,
+                waiters,
+                shutdown,
+                streams: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+}
+
+impl<S: LockStore> Core<S> {
+    /// One store attempt that cannot leave an orphan lease behind: if the
+    /// call is dropped mid-flight (client cancel) or fails ambiguously
+    /// (timeout: the grant may have happened), the token is released in the
+    /// background. Releasing a token that never held the lock changes
+    /// nothing, so the undo is always safe.
+    async fn attempt(&self, spec: &AcquireSpec) -> Result<AcquireOutcome, LockError> {
+        let mut undo = UndoGrant {
+            store: Some(self.store.clone()),
+            key: spec.key.clone(),
+            token: spec.token.clone(),
+        };
+        let result = self.store.acquire(spec).await;
+        if !matches!(result, Err(LockError::Unavailable(_))) {
+            undo.store = None;
+        }
+        result
+    }
+}
+
+/// Releases a token in the background when dropped while armed.
+struct UndoGrant<S: LockStore> {
+    store: Option<Arc<S>>,
+    key: LockKey,
+    token: Token,
+}
+
+impl<S: LockStore> Drop for UndoGrant<S> {
+    fn drop(&mut self) {
+        let Some(store) = self.store.take() else { return };
+        let (key, token) = (self.key.clone(), self.token.clone());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(
+                async move {
+                    if let Err(e) = store.release(&key, &token).await {
+                        tracing::warn!(error = %e, "could not undo an unconfirmed grant; it expires with its TTL");
+                    }
+                }
+                .instrument(tracing::debug_span!("undo-grant")),
+            );
+        }
+    }
+}
+
+/// Logs the outcome of a call at debug, and store failures at warn.
+fn log_result<T>(rpc: &'static str, key: &str, start: std::time::Instant, result: &Result<T, LockError>, outcome: impl FnOnce(&T) -> &'static str) {
+    let latency_us = start.elapsed().as_micros() as u64;
+    match result {
+        Ok(v) => tracing::debug!(rpc, key, outcome = outcome(v), latency_us),
+        Err(e @ (LockError::Unavailable(_) | LockError::Internal(_))) => {
+            tracing::warn!(rpc, key, error = %e, latency_us, "store error")
+        }
+        Err(e) => tracing::debug!(rpc, key, outcome = e.kind(), latency_us),
+    }
+}
+
+type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<pb::KeepAliveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
+    async fn acquire(
+        &self,
+        request: Request<pb::AcquireRequest>,
+    ) -> Result<Response<pb::AcquireResponse>, Status> {
+        let start = std::time::Instant::now();
+        let deadline = deadline::of(request.metadata());
+        let call = convert::acquire_request(request.into_inner(), &self.core.limits.fields)?;
+        let key = call.spec.key.clone();
+        let result = if call.wait_ms == 0 {
+            self.core.attempt(&call.spec).await
+        } else {
+            let wait = Duration::from_millis(call.wait_ms.into());
+            self.core.acquire_waiting(&call.spec, wait, deadline).await
+        };
+        log_result("Acquire", key.as_str(), start, &result, |o| match o {
+            AcquireOutcome::Acquired(_) => "acquired",
+            AcquireOutcome::Held { .. } => "held",
+        });
+        Ok(Response::new(convert::acquire_response(&key, result?)))
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let start = std::time::Instant::now();
+        let req = request.into_inner();
+        let (key, token) = convert::key_and_token(req.key, req.token, &self.core.limits.fields)?;
+        let result = self.core.store.release(&key, &token).await;
+        log_result("Release", key.as_str(), start, &result, |r| if *r { "released" } else { "not_held" });
+        Ok(Response::new(pb::ReleaseResponse { released: result? }))
+    }
+
+    async fn renew(
+        &self,
+        request: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        let start = std::time::Instant::now();
+        let req = request.into_inner();
+        let (key, token) = convert::key_and_token(req.key, req.token, &self.core.limits.fields)?;
+        let ttl = self.core.limits.fields.renew_ttl(req.ttl_ms)?;
+        let result = self.core.store.renew(&key, &token, ttl).await;
+        log_result("Renew", key.as_str(), start, &result, |r| if r.is_some() { "renewed" } else { "lost" });
+        let ttl = result?;
+        Ok(Response::new(pb::RenewResponse {
+            renewed: ttl.is_some(),
+            ttl_ms: ttl.unwrap_or(0),
+        }))
+    }
+
+    type KeepAliveStream = KeepAliveStream;
+
+    async fn keep_alive(
+        &self,
+        request: Request<Streaming<pb::KeepAliveRequest>>,
+    ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        let stream = keepalive::start(self.core.clone(), request)?;
+        Ok(Response::new(stream))
+    }
+
+    async fn describe(
+        &self,
+        request: Request<pb::DescribeRequest>,
+    ) -> Result<Response<pb::DescribeResponse>, Status> {
+        let start = std::time::Instant::now();
+        let key = self.core.limits.fields.key(request.into_inner().key)?;
+        let result = self.core.store.describe(&key).await;
+        log_result("Describe", key.as_str(), start, &result, |i| if i.is_some() { "held" } else { "free" });
+        Ok(Response::new(convert::describe_response(result?)))
+    }
+}

@@ -1,0 +1,118 @@
+//! Acquire with `wait_ms > 0`: the call waits in the server, woken by
+//! (1) a release notification for the key (one waiter per release, see
+//! `crate::wait`), (2) the holder's TTL deadline, for locks that expire
+//! instead of being released, or (3) a capped exponential backoff with full
+//! jitter, the fallback for a lost notification. It ends at `wait_ms` with
+//! `acquired = false`, or at the caller's gRPC deadline with
+//! DEADLINE_EXCEEDED, whichever comes first.
+
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use super::Core;
+use crate::lock::{AcquireOutcome, AcquireSpec, LockError};
+use crate::store::LockStore;
+
+/// First fallback retry, before jitter.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Longest fallback retry interval, before jitter.
+const BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// Only the first few waiters of a key on this server also wake at the
+/// holder's TTL deadline; the rest would only stampede the store at expiry.
+const TTL_WATCHERS: usize = 2;
+
+/// Exponential backoff with full jitter (AWS architecture blog, "Exponential
+/// Backoff And Jitter"): sleep a uniform time in [0, min(cap, base * 2^n)].
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub(crate) fn new(base: Duration, cap: Duration) -> Self {
+        Self {
+            base,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.cap);
+        self.attempt = self.attempt.saturating_add(1);
+        let ms = ceiling.as_millis() as u64;
+        Duration::from_millis(rand::rng().random_range(0..=ms))
+    }
+}
+
+impl<S: LockStore> Core<S> {
+    pub(super) async fn acquire_waiting(
+        &self,
+        spec: &AcquireSpec,
+        wait: Duration,
+        deadline: Option<Instant>,
+    ) -> Result<AcquireOutcome, LockError> {
+        let wait_end = Instant::now() + wait;
+        let (end, by_deadline) = match deadline {
+            Some(d) if d < wait_end => (d, true),
+            _ => (wait_end, false),
+        };
+        // Join the queue and subscribe *before* the first check, so a
+        // release between the check and the wait cannot be missed.
+        let waiter = self.waiters.register(spec.key.as_str())?;
+        self.store.watch(&spec.key).await?;
+        let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
+        loop {
+            let retry_after_ms = match self.attempt(spec).await? {
+                AcquireOutcome::Acquired(grant) => {
+                    waiter.acquired();
+                    return Ok(AcquireOutcome::Acquired(grant));
+                }
+                AcquireOutcome::Held { retry_after_ms } => retry_after_ms,
+            };
+            waiter.rearm();
+            let now = Instant::now();
+            if now >= end {
+                return if by_deadline {
+                    Err(LockError::DeadlineExceeded(
+                        "the lock was still held at the call's deadline".into(),
+                    ))
+                } else {
+                    Ok(AcquireOutcome::Held { retry_after_ms })
+                };
+            }
+            let mut wake_at = now + backoff.next_delay();
+            if waiter.position() < TTL_WATCHERS {
+                let expiry = now + Duration::from_millis(u64::from(retry_after_ms) + 1);
+                wake_at = wake_at.min(expiry);
+            }
+            tokio::select! {
+                _ = waiter.woken() => {}
+                _ = tokio::time::sleep_until(wake_at.min(end).into()) => {}
+                _ = self.shutdown.cancelled() => return Err(LockError::ShuttingDown),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        for _ in 0..100 {
+            assert!(b.next_delay() <= Duration::from_secs(2));
+        }
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        assert!(b.next_delay() <= Duration::from_millis(100));
+        assert!(b.next_delay() <= Duration::from_millis(200));
+    }
+}

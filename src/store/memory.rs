@@ -1,0 +1,223 @@
+//! The embedded in-memory store: one process, nothing durable. It is what
+//! `leasehold serve` runs without `--redis-url`, and it honours the same
+//! contract as Redis (TTL expiry, fencing, request ids, wake-ups).
+//!
+//! State is sharded over a fixed number of `std` mutexes held only for a
+//! map lookup, never across an `.await`.
+
+use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use super::{LockStore, monotonic_unix_micros};
+use crate::lock::{AcquireOutcome, AcquireSpec, Grant, LockError, LockInfo, LockKey, Metadata, Token};
+use crate::task::TaskGuard;
+use crate::wait::WaitQueues;
+
+const SHARDS: usize = 64;
+/// How often expired leases are dropped and their waiters woken.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
+
+/// The in-memory [`LockStore`].
+#[derive(Debug)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+    _sweeper: TaskGuard,
+}
+
+#[derive(Debug)]
+struct Inner {
+    shards: Box<[Mutex<HashMap<String, Slot>>]>,
+    hasher: RandomState,
+    waiters: Arc<WaitQueues>,
+}
+
+/// One key's state. The fencing counter outlives the lease; the slot is
+/// dropped once the monotonic clock has passed its last fencing token, since
+/// from then on the clock floor alone keeps tokens increasing.
+#[derive(Debug)]
+struct Slot {
+    fence: u64,
+    lease: Option<Held>,
+}
+
+#[derive(Debug)]
+struct Held {
+    token: Token,
+    owner: String,
+    metadata: Metadata,
+    ttl_ms: u32,
+    request_id: Option<String>,
+    expires_at: Instant,
+}
+
+impl Held {
+    fn live(&self, now: Instant) -> bool {
+        self.expires_at > now
+    }
+    fn remaining_ms(&self, now: Instant) -> u32 {
+        let ms = self.expires_at.saturating_duration_since(now).as_millis();
+        crate::lock::remaining_ms(ms.min(i64::MAX as u128) as i64)
+    }
+}
+
+impl MemoryStore {
+    /// A new empty store that wakes `waiters` on release and expiry. Must be
+    /// called inside a tokio runtime (it starts its expiry sweeper).
+    pub fn new(waiters: Arc<WaitQueues>) -> Self {
+        let inner = Arc::new(Inner {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            waiters,
+        });
+        let weak = Arc::downgrade(&inner);
+        let sweeper = TaskGuard::spawn("memory-sweeper", sweep(weak));
+        Self {
+            inner,
+            _sweeper: sweeper,
+        }
+    }
+}
+
+impl Inner {
+    fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<String, Slot>> {
+        let i = (self.hasher.hash_one(key) as usize) % SHARDS;
+        // Every critical section leaves the map consistent, so a poisoned
+        // lock (a panic elsewhere) is still safe to use.
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+async fn sweep(inner: Weak<Inner>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let now = Instant::now();
+        let now_us = monotonic_unix_micros();
+        let mut expired = Vec::new();
+        for shard in inner.shards.iter() {
+            let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
+            map.retain(|key, slot| {
+                if slot.lease.as_ref().is_some_and(|h| !h.live(now)) {
+                    slot.lease = None;
+                    expired.push(key.clone());
+                }
+                slot.lease.is_some() || slot.fence >= now_us
+            });
+        }
+        for key in expired {
+            inner.waiters.released(&key);
+        }
+    }
+}
+
+impl LockStore for MemoryStore {
+    async fn acquire(&self, spec: &AcquireSpec) -> Result<AcquireOutcome, LockError> {
+        let now = Instant::now();
+        let mut map = self.inner.shard(spec.key.as_str());
+        let slot = map
+            .entry(spec.key.as_str().to_owned())
+            .or_insert(Slot { fence: 0, lease: None });
+        if let Some(held) = slot.lease.as_ref().filter(|h| h.live(now)) {
+            let same_request = spec.request_id.is_some() && held.request_id == spec.request_id;
+            if same_request || held.token == spec.token {
+                return Ok(AcquireOutcome::Acquired(Grant {
+                    token: held.token.clone(),
+                    fencing_token: slot.fence,
+                    ttl_ms: held.ttl_ms,
+                }));
+            }
+            return Ok(AcquireOutcome::Held {
+                retry_after_ms: held.remaining_ms(now),
+            });
+        }
+        let fence = (slot.fence + 1).max(monotonic_unix_micros());
+        slot.fence = fence;
+        slot.lease = Some(Held {
+            token: spec.token.clone(),
+            owner: spec.owner.clone(),
+            metadata: spec.metadata.clone(),
+            ttl_ms: spec.ttl_ms,
+            request_id: spec.request_id.clone(),
+            expires_at: now + Duration::from_millis(spec.ttl_ms.into()),
+        });
+        Ok(AcquireOutcome::Acquired(Grant {
+            token: spec.token.clone(),
+            fencing_token: fence,
+            ttl_ms: spec.ttl_ms,
+        }))
+    }
+
+    async fn release(&self, key: &LockKey, token: &Token) -> Result<bool, LockError> {
+        let now = Instant::now();
+        let released = {
+            let mut map = self.inner.shard(key.as_str());
+            match map.get_mut(key.as_str()) {
+                Some(slot) if slot.lease.as_ref().is_some_and(|h| h.token == *token) => {
+                    let live = slot.lease.take().is_some_and(|h| h.live(now));
+                    // Expired-but-not-swept counts as lost, but it is freed
+                    // all the same, and waiters hear of it either way.
+                    Some(live)
+                }
+                _ => None,
+            }
+        };
+        if released.is_some() {
+            self.inner.waiters.released(key.as_str());
+        }
+        Ok(released.unwrap_or(false))
+    }
+
+    async fn renew(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl_ms: Option<u32>,
+    ) -> Result<Option<u32>, LockError> {
+        let now = Instant::now();
+        let mut map = self.inner.shard(key.as_str());
+        let Some(held) = map
+            .get_mut(key.as_str())
+            .and_then(|slot| slot.lease.as_mut())
+            .filter(|h| h.live(now) && h.token == *token)
+        else {
+            return Ok(None);
+        };
+        if let Some(ttl) = ttl_ms {
+            held.ttl_ms = ttl;
+        }
+        held.expires_at = now + Duration::from_millis(held.ttl_ms.into());
+        Ok(Some(held.ttl_ms))
+    }
+
+    async fn describe(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError> {
+        let now = Instant::now();
+        let map = self.inner.shard(key.as_str());
+        Ok(map.get(key.as_str()).and_then(|slot| {
+            let held = slot.lease.as_ref().filter(|h| h.live(now))?;
+            Some(LockInfo {
+                owner: held.owner.clone(),
+                fencing_token: slot.fence,
+                ttl_ms: held.remaining_ms(now),
+                metadata: held.metadata.clone(),
+            })
+        }))
+    }
+
+    async fn watch(&self, _key: &LockKey) -> Result<(), LockError> {
+        // Releases are delivered in-process; nothing to subscribe to.
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), LockError> {
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+}

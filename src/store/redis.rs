@@ -1,0 +1,577 @@
+//! The Redis store (fred): single node, Sentinel or Redis Cluster, chosen by
+//! the URL scheme. Each operation is one Lua script run with `EVALSHA`
+//! (reloaded on `NOSCRIPT`) on the node owning the lock's hash slot, so
+//! every check-and-set is atomic there and costs one round trip.
+//!
+//! Key layout, all in one hash slot per lock (DESIGN §3):
+//! `<prefix>{<tag>}:lock` (hash: token, fence, ttl, owner, meta, rid),
+//! `<prefix>{<tag>}:fence` (counter, outlives the lock, expires after days),
+//! and the sharded pub/sub channel `<prefix>{<tag>}:released`.
+//! `<tag>` is the lock key with `%`, `{` and `}` percent-escaped, so a key
+//! holding braces can never move its Redis keys to different slots.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fred::clients::{Pool, SubscriberClient};
+use fred::prelude::*;
+use fred::types::config::UnresponsiveConfig;
+use fred::types::scripts::Script;
+use futures_util::future::join_all;
+
+use super::LockStore;
+use crate::lock::{
+    AcquireOutcome, AcquireSpec, Grant, LockError, LockInfo, LockKey, Metadata, Token,
+    remaining_ms,
+};
+use crate::task::TaskGuard;
+use crate::wait::WaitQueues;
+
+/// How long an unused fencing counter lives. The TIME floor covers its loss,
+/// so this only bounds the memory of lock names never used again.
+const COUNTER_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// A release channel nobody on this server has waited on for this long is
+/// unsubscribed.
+const SUBSCRIPTION_IDLE: Duration = Duration::from_secs(30);
+
+/// How to reach Redis.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://`, `rediss://`, `redis-cluster://` or `redis-sentinel://`.
+    pub url: String,
+    /// Prefix of every Redis key and channel; must not contain braces.
+    pub prefix: String,
+    /// Connections in the command pool.
+    pub pool_size: usize,
+    /// Upper bound on every Redis call; past it the call is UNAVAILABLE.
+    pub timeout: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            prefix: "leasehold:".into(),
+            pool_size: 4,
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The Redis [`LockStore`].
+pub struct RedisStore {
+    pool: Pool,
+    subscriber: SubscriberClient,
+    scripts: Scripts,
+    prefix: String,
+    timeout: Duration,
+    /// Release channels subscribed, with when a waiter last needed each.
+    watched: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Serialises SSUBSCRIBE/SUNSUBSCRIBE so an unsubscribe of an idle
+    /// channel cannot overtake a new waiter's subscribe.
+    subscribing: Arc<tokio::sync::Mutex<()>>,
+    _tasks: Vec<TaskGuard>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Scripts {
+    acquire: Script,
+    release: Script,
+    renew: Script,
+    describe: Script,
+}
+
+/// The Redis names of one lock: its record, its fencing counter and its
+/// release channel, all with the same hash tag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    /// The lock record (a hash).
+    pub lock: String,
+    /// The fencing counter.
+    pub fence: String,
+    /// The sharded pub/sub channel releases are published on.
+    pub channel: String,
+}
+
+impl Names {
+    /// The names of `key` under `prefix`.
+    pub fn of(prefix: &str, key: &LockKey) -> Self {
+        let base = format!("{prefix}{{{}}}", escape_tag(key.as_str()));
+        Self {
+            lock: format!("{base}:lock"),
+            fence: format!("{base}:fence"),
+            channel: format!("{base}:released"),
+        }
+    }
+}
+
+impl RedisStore {
+    /// Builds the clients and starts connecting. If Redis is not reachable
+    /// yet, this still succeeds: calls fail with UNAVAILABLE (and health says
+    /// NOT_SERVING) until fred's reconnect loop gets through.
+    pub async fn connect(config: &RedisConfig, waiters: Arc<WaitQueues>) -> Result<Self, String> {
+        if config.prefix.contains(['{', '}']) {
+            return Err(format!(
+                "key prefix {:?} must not contain '{{' or '}}': they would change the hash slot",
+                config.prefix
+            ));
+        }
+        let fred_config =
+            Config::from_url(&config.url).map_err(|e| format!("--redis-url: {}", e.details()))?;
+        let timeout = config.timeout;
+        let mut builder = Builder::from_config(fred_config);
+        builder
+            .with_connection_config(|c| {
+                c.connection_timeout = timeout;
+                c.internal_command_timeout = timeout;
+                // A command is resent at most once after a dropped connection;
+                // acquire is idempotent per token, so a resend is safe.
+                c.max_command_attempts = 2;
+                c.unresponsive = UnresponsiveConfig {
+                    max_timeout: Some(timeout),
+                    interval: Duration::from_millis(500).min(timeout),
+                };
+            })
+            .with_performance_config(|p| {
+                p.default_command_timeout = timeout;
+                p.broadcast_channel_capacity = 4096;
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 50, 1000, 2));
+        let pool = builder
+            .build_pool(config.pool_size.max(1))
+            .map_err(|e| format!("redis pool: {}", e.details()))?;
+        let subscriber = builder
+            .build_subscriber_client()
+            .map_err(|e| format!("redis subscriber: {}", e.details()))?;
+
+        // The connection tasks run for the life of the clients; fred ends
+        // them on quit. Waiting for the first connection is bounded.
+        let _pool_task = pool.connect();
+        let _sub_task = subscriber.connect();
+        let connected = tokio::time::timeout(timeout, async {
+            pool.wait_for_connect().await?;
+            subscriber.wait_for_connect().await
+        })
+        .await;
+        match connected {
+            Ok(Ok(())) => tracing::info!("connected to Redis"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "Redis not reachable yet; retrying in the background"),
+            Err(_) => tracing::warn!("Redis not reachable within the store timeout; retrying in the background"),
+        }
+
+        let watched = Arc::new(Mutex::new(HashMap::new()));
+        let subscribing = Arc::new(tokio::sync::Mutex::new(()));
+        let prefix = config.prefix.clone();
+        let tasks = vec![
+            TaskGuard::spawn(
+                "redis-resubscribe",
+                {
+                    let handle = subscriber.manage_subscriptions();
+                    async move {
+                        let _ = handle.await;
+                    }
+                },
+            ),
+            TaskGuard::spawn(
+                "redis-release-listener",
+                listen(subscriber.clone(), prefix.clone(), waiters.clone()),
+            ),
+            TaskGuard::spawn(
+                "redis-subscription-reaper",
+                reap(
+                    subscriber.clone(),
+                    prefix.clone(),
+                    watched.clone(),
+                    subscribing.clone(),
+                    waiters.clone(),
+                ),
+            ),
+        ];
+
+        Ok(Self {
+            pool,
+            subscriber,
+            scripts: Scripts {
+                acquire: Script::from_lua(include_str!("scripts/acquire.lua")),
+                release: Script::from_lua(include_str!("scripts/release.lua")),
+                renew: Script::from_lua(include_str!("scripts/renew.lua")),
+                describe: Script::from_lua(include_str!("scripts/describe.lua")),
+            },
+            prefix,
+            timeout,
+            watched,
+            subscribing,
+            _tasks: tasks,
+        })
+    }
+
+    fn names(&self, key: &LockKey) -> Names {
+        Names::of(&self.prefix, key)
+    }
+
+    /// A pooled client with a live connection. While fred is reconnecting
+    /// every call fails at once with UNAVAILABLE instead of queueing until
+    /// the store timeout: a client can retry elsewhere immediately.
+    fn connected(&self) -> Result<&Client, LockError> {
+        let client = self.pool.next_connected();
+        if client.is_connected() {
+            Ok(client)
+        } else {
+            Err(LockError::Unavailable("not connected to Redis (reconnecting)".into()))
+        }
+    }
+
+    /// Runs one script with the store timeout.
+    async fn eval(&self, script: &Script, keys: Vec<String>, args: Vec<String>) -> Result<Value, LockError> {
+        let client = self.connected()?;
+        bounded(self.timeout, script.evalsha_with_reload(client, keys, args)).await
+    }
+
+}
+
+/// Awaits a fred call for at most `timeout`, mapping every failure to a
+/// domain error.
+async fn bounded<T>(
+    timeout: Duration,
+    fut: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, LockError> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(map_error(&e)),
+        Err(_) => Err(LockError::Unavailable(format!(
+            "no reply from Redis within {timeout:?}"
+        ))),
+    }
+}
+
+/// Maps a fred error to what a client can act on.
+fn map_error(e: &Error) -> LockError {
+    let details = e.details();
+    match e.kind() {
+        // Connection loss, failover, timeouts, back-pressure: retryable.
+        ErrorKind::IO
+        | ErrorKind::Timeout
+        | ErrorKind::Canceled
+        | ErrorKind::Cluster
+        | ErrorKind::Routing
+        | ErrorKind::Backpressure
+        | ErrorKind::Sentinel
+        | ErrorKind::Tls => LockError::Unavailable(format!("{:?}: {details}", e.kind())),
+        // Credentials refused: retryable once an operator fixes them.
+        ErrorKind::Auth => LockError::Unavailable(format!("Redis refused our credentials: {details}")),
+        // Transient server states during failover or load: retryable.
+        _ if ["LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY", "BUSY"]
+            .iter()
+            .any(|p| details.starts_with(p)) =>
+        {
+            LockError::Unavailable(details.to_string())
+        }
+        // Anything else is a reply we did not expect: a bug.
+        _ => LockError::Internal(format!("Redis: {details}")),
+    }
+}
+
+/// Escapes `%`, `{` and `}` so the tag has no braces and stays injective.
+fn escape_tag(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for c in key.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '{' => out.push_str("%7B"),
+            '}' => out.push_str("%7D"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn unescape_tag(tag: &str) -> String {
+    tag.replace("%7B", "{")
+        .replace("%7D", "}")
+        .replace("%25", "%")
+}
+
+/// The lock key of a release channel name, if it is one of ours.
+fn key_of_channel<'a>(prefix: &str, channel: &'a str) -> Option<&'a str> {
+    channel
+        .strip_prefix(prefix)?
+        .strip_prefix('{')?
+        .strip_suffix("}:released")
+}
+
+/// Delivers release notifications to this server's waiters.
+async fn listen(subscriber: SubscriberClient, prefix: String, waiters: Arc<WaitQueues>) {
+    let mut rx = subscriber.message_rx();
+    loop {
+        match rx.recv().await {
+            Ok(message) => {
+                if let Some(tag) = key_of_channel(&prefix, &message.channel) {
+                    waiters.released(&unescape_tag(tag));
+                }
+            }
+            // Missed messages are covered by the waiters' backoff retries.
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "release notifications dropped; waiters fall back to retries");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Unsubscribes release channels nobody here waits on any more.
+async fn reap(
+    subscriber: SubscriberClient,
+    prefix: String,
+    watched: Arc<Mutex<HashMap<String, Instant>>>,
+    subscribing: Arc<tokio::sync::Mutex<()>>,
+    waiters: Arc<WaitQueues>,
+) {
+    let mut tick = tokio::time::interval(SUBSCRIPTION_IDLE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let _serial = subscribing.lock().await;
+        let idle: Vec<String> = {
+            let mut map = watched.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            let idle: Vec<String> = map
+                .iter()
+                .filter(|(channel, last)| {
+                    now.duration_since(**last) > SUBSCRIPTION_IDLE
+                        && key_of_channel(&prefix, channel)
+                            .is_none_or(|tag| !waiters.has_waiters(&unescape_tag(tag)))
+                })
+                .map(|(c, _)| c.clone())
+                .collect();
+            for c in &idle {
+                map.remove(c);
+            }
+            idle
+        };
+        for channel in idle {
+            if let Err(e) = subscriber.sunsubscribe(channel).await {
+                tracing::debug!(error = %e, "SUNSUBSCRIBE failed; the channel stays subscribed");
+            }
+        }
+    }
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Integer(i) => Some(*i),
+        Value::Double(d) => Some(*d as i64),
+        Value::String(s) => s.parse().ok(),
+        Value::Bytes(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.to_string()),
+        Value::Bytes(b) => String::from_utf8(b.to_vec()).ok(),
+        Value::Integer(i) => Some(i.to_string()),
+        Value::Null => Some(String::new()),
+        _ => None,
+    }
+}
+
+fn array(v: Value) -> Result<Vec<Value>, LockError> {
+    match v {
+        Value::Array(items) => Ok(items),
+        other => Err(unexpected(&other)),
+    }
+}
+
+fn unexpected(v: &Value) -> LockError {
+    LockError::Internal(format!("unexpected script reply of kind {}", v.kind()))
+}
+
+fn ttl_u32(v: i64) -> u32 {
+    v.clamp(0, i64::from(u32::MAX)) as u32
+}
+
+impl LockStore for RedisStore {
+    async fn acquire(&self, spec: &AcquireSpec) -> Result<AcquireOutcome, LockError> {
+        let n = self.names(&spec.key);
+        let reply = self
+            .eval(
+                &self.scripts.acquire,
+                vec![n.lock, n.fence],
+                vec![
+                    spec.token.expose().to_owned(),
+                    spec.ttl_ms.to_string(),
+                    spec.owner.clone(),
+                    spec.metadata.encode(),
+                    spec.request_id.clone().unwrap_or_default(),
+                    COUNTER_TTL.as_millis().to_string(),
+                ],
+            )
+            .await?;
+        let items = array(reply)?;
+        match items.first().and_then(int) {
+            Some(1) if items.len() == 4 => {
+                let token = text(&items[1]).ok_or_else(|| unexpected(&items[1]))?;
+                let fence = int(&items[2]).ok_or_else(|| unexpected(&items[2]))?;
+                let ttl = int(&items[3]).ok_or_else(|| unexpected(&items[3]))?;
+                Ok(AcquireOutcome::Acquired(Grant {
+                    token: Token::parse(token)?,
+                    fencing_token: u64::try_from(fence).map_err(|_| unexpected(&items[2]))?,
+                    ttl_ms: ttl_u32(ttl),
+                }))
+            }
+            Some(0) if items.len() == 2 => {
+                let pttl = int(&items[1]).ok_or_else(|| unexpected(&items[1]))?;
+                Ok(AcquireOutcome::Held {
+                    retry_after_ms: remaining_ms(pttl),
+                })
+            }
+            _ => Err(LockError::Internal("malformed acquire reply".into())),
+        }
+    }
+
+    async fn release(&self, key: &LockKey, token: &Token) -> Result<bool, LockError> {
+        let n = self.names(key);
+        let reply = self
+            .eval(
+                &self.scripts.release,
+                vec![n.lock],
+                vec![token.expose().to_owned(), n.channel],
+            )
+            .await?;
+        Ok(int(&reply).ok_or_else(|| unexpected(&reply))? == 1)
+    }
+
+    async fn renew(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl_ms: Option<u32>,
+    ) -> Result<Option<u32>, LockError> {
+        let n = self.names(key);
+        let reply = self
+            .eval(
+                &self.scripts.renew,
+                vec![n.lock],
+                vec![token.expose().to_owned(), ttl_ms.unwrap_or(0).to_string()],
+            )
+            .await?;
+        let ttl = int(&reply).ok_or_else(|| unexpected(&reply))?;
+        Ok((ttl >= 0).then(|| ttl_u32(ttl)))
+    }
+
+    async fn describe(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError> {
+        let n = self.names(key);
+        let items = array(self.eval(&self.scripts.describe, vec![n.lock], vec![]).await?)?;
+        match items.first().and_then(int) {
+            Some(0) => Ok(None),
+            Some(1) if items.len() == 5 => {
+                let owner = text(&items[1]).ok_or_else(|| unexpected(&items[1]))?;
+                let fence = int(&items[2]).ok_or_else(|| unexpected(&items[2]))?;
+                let pttl = int(&items[3]).ok_or_else(|| unexpected(&items[3]))?;
+                let meta = text(&items[4]).ok_or_else(|| unexpected(&items[4]))?;
+                Ok(Some(LockInfo {
+                    owner,
+                    fencing_token: u64::try_from(fence).map_err(|_| unexpected(&items[2]))?,
+                    ttl_ms: remaining_ms(pttl),
+                    metadata: Metadata::decode(&meta)
+                        .ok_or_else(|| LockError::Internal("corrupt metadata in Redis".into()))?,
+                }))
+            }
+            _ => Err(LockError::Internal("malformed describe reply".into())),
+        }
+    }
+
+    async fn watch(&self, key: &LockKey) -> Result<(), LockError> {
+        let channel = self.names(key).channel;
+        let touch = |map: &mut HashMap<String, Instant>| {
+            map.get_mut(&channel).map(|t| *t = Instant::now()).is_some()
+        };
+        if touch(&mut self.watched.lock().unwrap_or_else(|e| e.into_inner())) {
+            return Ok(());
+        }
+        if !self.subscriber.is_connected() {
+            return Err(LockError::Unavailable(
+                "release subscriptions not connected to Redis (reconnecting)".into(),
+            ));
+        }
+        let _serial = self.subscribing.lock().await;
+        if touch(&mut self.watched.lock().unwrap_or_else(|e| e.into_inner())) {
+            return Ok(());
+        }
+        bounded(self.timeout, self.subscriber.ssubscribe(channel.clone())).await?;
+        self.watched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(channel, Instant::now());
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), LockError> {
+        let client = self.connected()?;
+        // On a cluster, every primary must answer: a lock on a slot whose
+        // primary is down cannot be served.
+        let primaries = if client.is_clustered() {
+            client
+                .cached_cluster_state()
+                .map(|s| s.unique_primary_nodes())
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        if primaries.is_empty() {
+            return bounded(self.timeout, client.ping::<()>(None)).await;
+        }
+        let pings = primaries
+            .into_iter()
+            .map(|server| async move {
+                bounded(self.timeout, client.with_cluster_node(server).ping::<()>(None)).await
+            });
+        join_all(pings).await.into_iter().collect::<Result<Vec<()>, _>>()?;
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        let pool = self.pool.clone();
+        let subscriber = self.subscriber.clone();
+        // Close connections in the background; nothing waits for it.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = pool.quit().await;
+                let _ = subscriber.quit().await;
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_have_no_braces_and_round_trip() {
+        for key in ["plain", "{a}", "}{", "a%7Bb", "%", "ü{x}/y"] {
+            let tag = escape_tag(key);
+            assert!(!tag.contains(['{', '}']), "{tag}");
+            assert_eq!(unescape_tag(&tag), key);
+        }
+        assert_ne!(escape_tag("{"), escape_tag("%7B"));
+        let ch = format!("p:{{{}}}:released", escape_tag("a}b"));
+        assert_eq!(key_of_channel("p:", &ch).map(unescape_tag), Some("a}b".into()));
+    }
+}
