@@ -1,0 +1,537 @@
+//! Shared test harness: real `redis-server` processes (a single node and a
+//! 3-master/3-replica cluster) on free loopback ports, and real Leasehold
+//! servers on 127.0.0.1:0, talked to over gRPC.
+//!
+//! Child processes are started through `setpriv --pdeathsig KILL` from one
+//! long-lived thread, so they die with the test process even if it is
+//! killed; every wait is bounded and waits on a real signal (a log line, a
+//! `CLUSTER INFO` state, a health status).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use leasehold::pb;
+use leasehold::pb::lock_service_client::LockServiceClient;
+use leasehold::server::{self, ServerConfig};
+use leasehold::store::{MemoryStore, RedisConfig, RedisNames, RedisStore};
+use leasehold::wait::WaitQueues;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
+
+/// Something that must finish within `within`, checked every few ms.
+#[track_caller]
+pub fn wait_until(what: &str, within: Duration, mut ready: impl FnMut() -> bool) {
+    let end = Instant::now() + within;
+    while !ready() {
+        assert!(Instant::now() < end, "timed out after {within:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+type SpawnJob = (Command, std_mpsc::Sender<std::io::Result<Child>>);
+
+/// Spawns `cmd` so that it is SIGKILLed when this test process dies.
+pub fn spawn_tied(cmd: Command) -> Child {
+    static KEEPER: OnceLock<Mutex<std_mpsc::Sender<SpawnJob>>> = OnceLock::new();
+    let keeper = KEEPER.get_or_init(|| {
+        let (tx, rx) = std_mpsc::channel::<SpawnJob>();
+        // PR_SET_PDEATHSIG fires when the *thread* that forked the child
+        // exits, so all children are forked by this thread, which lives as
+        // long as the process.
+        std::thread::Builder::new()
+            .name("child-keeper".into())
+            .spawn(move || {
+                for (cmd, reply) in rx {
+                    let mut cmd = cmd;
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("spawn keeper thread");
+        Mutex::new(tx)
+    });
+    let program = cmd.get_program().to_owned();
+    let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+    let mut tied = Command::new("setpriv");
+    tied.arg("--pdeathsig").arg("KILL").arg("--").arg(program).args(args);
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => tied.env(k, v),
+            None => tied.env_remove(k),
+        };
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        tied.current_dir(dir);
+    }
+    tied.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let (tx, rx) = std_mpsc::channel();
+    keeper
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((tied, tx))
+        .expect("keeper alive");
+    rx.recv().expect("keeper replied").expect("spawn child")
+}
+
+/// Reads a child's output in the background; lets a test wait for a line.
+pub struct Output {
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Output {
+    pub fn capture(child: &mut Child) -> Self {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take();
+        let err = child.stderr.take();
+        for reader in [out.map(|o| Box::new(o) as Box<dyn std::io::Read + Send>), err.map(|e| Box::new(e) as _)]
+            .into_iter()
+            .flatten()
+        {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(reader).lines().map_while(Result::ok) {
+                    lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                }
+            });
+        }
+        Self { lines }
+    }
+
+    /// Waits until a line containing `needle` appeared; returns it.
+    #[track_caller]
+    pub fn wait_for(&self, needle: &str, within: Duration) -> String {
+        let mut found = None;
+        wait_until(&format!("output line containing {needle:?}"), within, || {
+            found = self.find(needle);
+            found.is_some()
+        });
+        found.unwrap_or_default()
+    }
+
+    pub fn find(&self, needle: &str) -> Option<String> {
+        self.lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|l| l.contains(needle))
+            .cloned()
+    }
+
+    pub fn all(&self) -> Vec<String> {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// One `redis-server` on a free port, stopped on drop.
+pub struct RedisServer {
+    pub port: u16,
+    dir: PathBuf,
+    extra: Vec<String>,
+    child: Option<Child>,
+    pub output: Option<Output>,
+}
+
+impl RedisServer {
+    /// Starts a plain, non-persistent redis-server.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts one with extra `--flag value` arguments.
+    pub fn start_with(extra: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("leasehold-redis-")
+            .tempdir()
+            .expect("tempdir")
+            .keep();
+        let mut server = Self {
+            port: 0,
+            dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            output: None,
+        };
+        for _ in 0..5 {
+            server.port = free_port();
+            if server.launch() {
+                return server;
+            }
+        }
+        panic!("could not start redis-server on a free port");
+    }
+
+    fn launch(&mut self) -> bool {
+        let mut cmd = Command::new("redis-server");
+        cmd.current_dir(&self.dir)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--logfile", ""])
+            .args(&self.extra);
+        let mut child = spawn_tied(cmd);
+        let output = Output::capture(&mut child);
+        let end = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < end {
+            if output.find("Ready to accept connections").is_some() {
+                self.child = Some(child);
+                self.output = Some(output);
+                return true;
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                return false; // e.g. the port was taken meanwhile
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        false
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// SIGKILLs the server (no persistence: its data is gone).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        assert!(self.launch(), "redis-server did not restart on port {}", self.port);
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Runs `redis-cli` against this server and returns its trimmed stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        redis_cli(self.port, args)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `redis-cli -p port -c args...`, trimmed stdout.
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-c"])
+        .args(args)
+        .output()
+        .expect("run redis-cli");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A 3-master / 3-replica Redis Cluster on free ports.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start() -> Self {
+        let nodes: Vec<RedisServer> = (0..6)
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        let addrs: Vec<String> = nodes.iter().map(|n| n.addr()).collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster create");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("All 16384 slots covered"),
+            "cluster create failed: {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = Self { nodes };
+        cluster.wait_healthy();
+        cluster
+    }
+
+    /// Every node reports `cluster_state:ok` and knows all six nodes.
+    pub fn wait_healthy(&self) {
+        wait_until("cluster_state:ok on every node", Duration::from_secs(30), || {
+            self.nodes.iter().all(|n| {
+                let info = n.cli(&["cluster", "info"]);
+                info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:6")
+            })
+        });
+    }
+
+    pub fn url(&self) -> String {
+        let rest: Vec<String> = self.nodes[1..].iter().map(|n| format!("node={}", n.addr())).collect();
+        format!("redis-cluster://{}?{}", self.nodes[0].addr(), rest.join("&"))
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        self.nodes[0].cli(args)
+    }
+}
+
+/// Which store a test server runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    Redis,
+    Cluster,
+}
+
+/// One single-node Redis shared by every test of a test binary.
+pub fn shared_redis() -> &'static RedisServer {
+    static REDIS: OnceLock<RedisServer> = OnceLock::new();
+    REDIS.get_or_init(RedisServer::start)
+}
+
+/// One Redis Cluster shared by every test of a test binary.
+pub fn shared_cluster() -> &'static RedisCluster {
+    static CLUSTER: OnceLock<RedisCluster> = OnceLock::new();
+    CLUSTER.get_or_init(RedisCluster::start)
+}
+
+/// A unique key prefix, so tests sharing a Redis never see each other.
+pub fn unique_prefix() -> String {
+    format!("t{}:", rand_suffix())
+}
+
+pub fn rand_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        Instant::now().elapsed().as_nanos() ^ (std::ptr::addr_of!(N) as u128)
+    )
+}
+
+/// A Leasehold server running inside the test's runtime.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub backend: Backend,
+    pub prefix: String,
+    pub redis_url: Option<String>,
+    pub waiters: Arc<WaitQueues>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+pub fn test_config() -> ServerConfig {
+    let mut config = ServerConfig::default();
+    config.health_interval = Duration::from_millis(100);
+    config.store_timeout = Duration::from_millis(1000);
+    config.shutdown_grace = Duration::from_secs(5);
+    config
+}
+
+impl TestServer {
+    pub async fn start(backend: Backend) -> Self {
+        Self::start_with(backend, test_config()).await
+    }
+
+    pub async fn start_with(backend: Backend, config: ServerConfig) -> Self {
+        let redis_url = match backend {
+            Backend::Memory => None,
+            Backend::Redis => Some(tokio::task::spawn_blocking(|| shared_redis().url()).await.expect("redis")),
+            Backend::Cluster => Some(tokio::task::spawn_blocking(|| shared_cluster().url()).await.expect("cluster")),
+        };
+        Self::start_on(backend, redis_url, unique_prefix(), config).await
+    }
+
+    /// A server on a given Redis URL and key prefix (a second server on the
+    /// same locks, or a server on a Redis the test controls).
+    pub async fn start_on(backend: Backend, redis_url: Option<String>, prefix: String, config: ServerConfig) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let waiters = WaitQueues::new(10_000);
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let shutdown = async move {
+            let _ = stop_rx.await;
+        };
+        let task = match &redis_url {
+            None => {
+                let store = Arc::new(MemoryStore::new(waiters.clone()));
+                let w = waiters.clone();
+                tokio::spawn(async move {
+                    server::run(store, w, config, listener, shutdown).await.expect("server");
+                })
+            }
+            Some(url) => {
+                let redis = RedisConfig {
+                    url: url.clone(),
+                    prefix: prefix.clone(),
+                    pool_size: 2,
+                    timeout: config.store_timeout,
+                };
+                let store = Arc::new(RedisStore::connect(&redis, waiters.clone()).await.expect("redis store"));
+                let w = waiters.clone();
+                tokio::spawn(async move {
+                    server::run(store, w, config, listener, shutdown).await.expect("server");
+                })
+            }
+        };
+        let server = Self {
+            addr,
+            backend,
+            prefix,
+            redis_url,
+            waiters,
+            stop: Some(stop_tx),
+            task: Some(task),
+        };
+        if backend != Backend::Memory {
+            server.wait_health("SERVING", Duration::from_secs(20)).await;
+        }
+        server
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> LockServiceClient<Channel> {
+        LockServiceClient::connect(self.endpoint()).await.expect("connect")
+    }
+
+    pub async fn health(&self) -> HealthClient<Channel> {
+        let channel = Channel::from_shared(self.endpoint())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect health");
+        HealthClient::new(channel)
+    }
+
+    /// Waits (on the Health Watch stream) until the lock service reports
+    /// `status` ("SERVING" / "NOT_SERVING").
+    pub async fn wait_health(&self, status: &str, within: Duration) {
+        let mut health = self.health().await;
+        let watch = async {
+            let mut stream = health
+                .watch(tonic_health::pb::HealthCheckRequest {
+                    service: pb::SERVICE_NAME.to_string(),
+                })
+                .await
+                .expect("health watch")
+                .into_inner();
+            while let Some(Ok(msg)) = tokio_stream::StreamExt::next(&mut stream).await {
+                if msg.status().as_str_name() == status {
+                    return;
+                }
+            }
+            panic!("health stream ended before {status}");
+        };
+        tokio::time::timeout(within, watch)
+            .await
+            .unwrap_or_else(|_| panic!("health did not become {status} within {within:?}"));
+    }
+
+    /// Graceful shutdown; waits for the server task to end.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(15), task)
+                .await
+                .expect("server stopped in time")
+                .expect("server task");
+        }
+    }
+
+    /// The Redis names of a lock under this server's prefix.
+    pub fn names(&self, key: &str) -> RedisNames {
+        RedisNames::of(&self.prefix, &leasehold::lock::LockKey::parse(key, 4096).expect("key"))
+    }
+
+    /// Deletes the lock's fencing counter from Redis (no-op for memory,
+    /// which has no counter key to lose).
+    pub fn lose_fence_counter(&self, key: &str) {
+        let names = self.names(key);
+        match self.backend {
+            Backend::Memory => {}
+            Backend::Redis => {
+                assert_eq!(shared_redis().cli(&["DEL", &names.fence]), "1");
+            }
+            Backend::Cluster => {
+                assert_eq!(shared_cluster().cli(&["DEL", &names.fence]), "1");
+            }
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Shorthand requests.
+pub fn acquire(key: &str, ttl_ms: u32) -> pb::AcquireRequest {
+    pb::AcquireRequest {
+        key: key.into(),
+        ttl_ms,
+        ..Default::default()
+    }
+}
+
+pub fn release(key: &str, token: &str) -> pb::ReleaseRequest {
+    pb::ReleaseRequest {
+        key: key.into(),
+        token: token.into(),
+    }
+}
+
+pub fn describe(key: &str) -> pb::DescribeRequest {
+    pb::DescribeRequest { key: key.into() }
+}
+
+/// Acquires and unwraps the lease, failing the test if not acquired.
+#[track_caller]
+pub fn lease_of(resp: pb::AcquireResponse) -> pb::Lease {
+    assert!(resp.acquired, "expected acquired, got {resp:?}");
+    resp.lease.expect("lease set when acquired")
+}
