@@ -90,12 +90,17 @@ pub async fn run<S: LockStore>(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let signal = {
         let stopping = stopping.clone();
-        let reporter = reporter.clone();
+        let mut reporter = reporter.clone();
         async move {
             shutdown.await;
             tracing::info!("shutting down: NOT_SERVING, ending streams without releasing their locks");
             set_health(&reporter, ServingStatus::NotServing).await;
             stopping.cancel();
+            // Health Watch streams never end by themselves and would hold up
+            // the graceful shutdown: dropping the statuses ends them, right
+            // after they delivered NOT_SERVING.
+            reporter.clear_service_status("").await;
+            reporter.clear_service_status(pb::SERVICE_NAME).await;
         }
     };
     let serve = tonic::transport::Server::builder()

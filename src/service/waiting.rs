@@ -40,6 +40,11 @@ impl Backoff {
         }
     }
 
+    /// How many delays were handed out so far.
+    pub(crate) fn attempts(&self) -> u32 {
+        self.attempt
+    }
+
     pub(crate) fn next_delay(&mut self) -> Duration {
         let ceiling = self
             .base
@@ -77,6 +82,9 @@ impl<S: LockStore> Core<S> {
                 AcquireOutcome::Held { retry_after_ms } => retry_after_ms,
             };
             waiter.rearm();
+            if backoff.attempts() == 0 {
+                tracing::debug!(rpc = "Acquire", key = spec.key.as_str(), "waiting for the holder");
+            }
             let now = Instant::now();
             if now >= end {
                 return if by_deadline {

@@ -1,0 +1,67 @@
+//! Redis going away under a running server: calls fail fast with
+//! UNAVAILABLE, health goes NOT_SERVING, and everything recovers by itself
+//! when Redis is back, without restarting Leasehold.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tonic::Code;
+
+fn outage_config() -> leasehold::server::ServerConfig {
+    let mut config = test_config();
+    config.store_timeout = Duration::from_millis(800);
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted() {
+    let mut redis = tokio::task::block_in_place(RedisServer::start);
+    let server = TestServer::start_on(Backend::Redis, Some(redis.url()), unique_prefix(), outage_config()).await;
+    let mut c = server.client().await;
+    let before = lease_of(c.acquire(acquire("o", 60_000)).await.unwrap().into_inner());
+
+    tokio::task::block_in_place(|| redis.kill());
+    for _ in 0..3 {
+        let start = Instant::now();
+        let err = c.acquire(acquire("o2", 1_000)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        // Within the store timeout (800 ms), with margin for a loaded box.
+        assert!(start.elapsed() < Duration::from_millis(2_000), "took {:?}", start.elapsed());
+    }
+    let err = c.describe(describe("o")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    server.wait_health("NOT_SERVING", Duration::from_secs(10)).await;
+
+    // Back, empty (no persistence): the lock and its counter are gone.
+    tokio::task::block_in_place(|| redis.restart());
+    server.wait_health("SERVING", Duration::from_secs(20)).await;
+    let after = lease_of(c.acquire(acquire("o", 1_000)).await.unwrap().into_inner());
+    assert!(
+        after.fencing_token > before.fencing_token,
+        "fencing must survive a Redis restart without persistence: {} then {}",
+        before.fencing_token,
+        after.fencing_token
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_redis_is_unavailable_not_a_hang() {
+    let redis = tokio::task::block_in_place(RedisServer::start);
+    let server = TestServer::start_on(Backend::Redis, Some(redis.url()), unique_prefix(), outage_config()).await;
+    let mut c = server.client().await;
+    lease_of(c.acquire(acquire("frozen", 5_000)).await.unwrap().into_inner());
+    let pid = redis.pid().expect("running").to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let start = Instant::now();
+    let err = c.acquire(acquire("frozen2", 1_000)).await.unwrap_err();
+    let took = start.elapsed();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(took < Duration::from_millis(2_500), "took {took:?}");
+    server.wait_health("NOT_SERVING", Duration::from_secs(10)).await;
+    assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    server.wait_health("SERVING", Duration::from_secs(20)).await;
+    let d = c.describe(describe("frozen")).await.unwrap().into_inner();
+    assert!(d.held);
+}
