@@ -38,6 +38,9 @@ pub struct ServerConfig {
     pub keepalive_timeout: Duration,
     /// How long a graceful shutdown may take before the server exits anyway.
     pub shutdown_grace: Duration,
+    /// Waiting Acquire calls allowed at once; whoever builds the
+    /// [`WaitQueues`] shared with the store sizes them with this.
+    pub max_waiters: usize,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +52,7 @@ impl Default for ServerConfig {
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
+            max_waiters: 10_000,
         }
     }
 }
@@ -106,6 +110,7 @@ pub async fn run<S: LockStore>(
     let serve = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .layer(crate::service::delivery::DeliveryLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

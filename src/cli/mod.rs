@@ -13,9 +13,9 @@ pub struct Cli {
     /// Log format.
     #[arg(long, global = true, env = "LEASEHOLD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// What to do.
+    /// What to do; without a subcommand, `serve` with its defaults.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 /// Log output format.
@@ -55,7 +55,19 @@ pub fn init_tracing(format: LogFormat) {
 
 /// Runs a parsed command line; the process exit code is the result.
 pub async fn run(cli: Cli) -> i32 {
-    match cli.command {
+    // `leasehold` alone serves, every flag at its default or LEASEHOLD_* value.
+    let command = match cli.command {
+        Some(command) => command,
+        None => match Cli::try_parse_from(["leasehold", "serve"]).map(|c| c.command) {
+            Ok(Some(command)) => command,
+            Ok(None) => return 2,
+            Err(e) => {
+                eprintln!("{e}");
+                return 2;
+            }
+        },
+    };
+    match command {
         Command::Serve(args) => match serve::run(args).await {
             Ok(()) => 0,
             Err(e) => {

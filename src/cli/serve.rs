@@ -110,6 +110,7 @@ impl ServeArgs {
             keepalive_interval: self.keepalive_interval,
             keepalive_timeout: self.keepalive_timeout,
             shutdown_grace: self.shutdown_grace,
+            max_waiters: self.max_waiters,
         })
     }
 }
@@ -137,7 +138,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let waiters = WaitQueues::new(args.max_waiters);
+    let waiters = WaitQueues::new(config.max_waiters);
     let result = match &args.redis_url {
         None => {
             tracing::warn!(

@@ -5,6 +5,7 @@
 
 pub mod convert;
 mod deadline;
+pub mod delivery;
 mod keepalive;
 mod waiting;
 
@@ -119,19 +120,25 @@ struct UndoGrant<S: LockStore> {
 
 impl<S: LockStore> Drop for UndoGrant<S> {
     fn drop(&mut self) {
-        let Some(store) = self.store.take() else { return };
-        let (key, token) = (self.key.clone(), self.token.clone());
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(
-                async move {
-                    if let Err(e) = store.release(&key, &token).await {
-                        tracing::warn!(error = %e, "could not undo an unconfirmed grant; it expires with its TTL");
-                    }
-                }
-                .instrument(tracing::debug_span!("undo-grant")),
-            );
+        if let Some(store) = self.store.take() {
+            undo_grant(store, self.key.clone(), self.token.clone());
         }
     }
+}
+
+/// Releases, in the background, a grant its client may never have seen.
+fn undo_grant<S: LockStore>(store: Arc<S>, key: LockKey, token: Token) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+    rt.spawn(
+        async move {
+            match store.release(&key, &token).await {
+                Ok(true) => tracing::debug!(key = key.as_str(), "released a grant its client never received"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(key = key.as_str(), error = %e, "could not undo an undelivered grant; it expires with its TTL"),
+            }
+        }
+        .instrument(tracing::debug_span!("undo-grant")),
+    );
 }
 
 /// Logs the outcome of a call at debug, and store failures at warn.
@@ -168,7 +175,19 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
             AcquireOutcome::Acquired(_) => "acquired",
             AcquireOutcome::Held { .. } => "held",
         });
-        Ok(Response::new(convert::acquire_response(&key, result?)))
+        let outcome = result?;
+        let guard = match &outcome {
+            AcquireOutcome::Acquired(grant) => {
+                let (store, key, token) = (self.core.store.clone(), key.clone(), grant.token.clone());
+                Some(delivery::DeliveryGuard::new(move || undo_grant(store, key, token)))
+            }
+            AcquireOutcome::Held { .. } => None,
+        };
+        let mut response = Response::new(convert::acquire_response(&key, outcome));
+        if let Some(guard) = guard {
+            response.extensions_mut().insert(guard);
+        }
+        Ok(response)
     }
 
     async fn release(

@@ -384,7 +384,7 @@ impl TestServer {
     pub async fn start_on(backend: Backend, redis_url: Option<String>, prefix: String, config: ServerConfig) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let waiters = WaitQueues::new(10_000);
+        let waiters = WaitQueues::new(config.max_waiters);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let shutdown = async move {
             let _ = stop_rx.await;
