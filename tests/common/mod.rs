@@ -535,3 +535,59 @@ pub fn lease_of(resp: pb::AcquireResponse) -> pb::Lease {
     assert!(resp.acquired, "expected acquired, got {resp:?}");
     resp.lease.expect("lease set when acquired")
 }
+
+/// A client's KeepAlive stream, driven request by request.
+pub struct KeepAliveSession {
+    tx: Option<tokio::sync::mpsc::Sender<pb::KeepAliveRequest>>,
+    pub rx: tonic::Streaming<pb::KeepAliveResponse>,
+}
+
+impl KeepAliveSession {
+    pub async fn open(c: &mut LockServiceClient<Channel>) -> Result<Self, tonic::Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let response = c.keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
+        Ok(Self {
+            tx: Some(tx),
+            rx: response.into_inner(),
+        })
+    }
+
+    /// Sends one request without waiting for its answer.
+    pub async fn push(&mut self, key: &str, token: &str, ttl_ms: u32, release: bool) {
+        let req = pb::KeepAliveRequest {
+            key: key.into(),
+            token: token.into(),
+            ttl_ms,
+            release,
+        };
+        self.tx.as_ref().expect("open").send(req).await.expect("stream open");
+    }
+
+    /// The next response, or the status that ended the stream.
+    pub async fn next(&mut self) -> Result<Option<pb::KeepAliveResponse>, tonic::Status> {
+        tokio::time::timeout(Duration::from_secs(10), self.rx.message())
+            .await
+            .expect("a KeepAlive response within 10 s")
+    }
+
+    /// Renews (attaches) one lock and returns the answer.
+    pub async fn renew(&mut self, key: &str, token: &str, ttl_ms: u32) -> pb::KeepAliveResponse {
+        self.push(key, token, ttl_ms, false).await;
+        self.next().await.expect("no error").expect("a response")
+    }
+
+    /// Half-closes: the client's side of the stream ends.
+    pub fn half_close(&mut self) {
+        self.tx = None;
+    }
+}
+
+/// Acquire with server-side waiting.
+pub fn acquire_wait(key: &str, ttl_ms: u32, wait_ms: u32) -> pb::AcquireRequest {
+    pb::AcquireRequest {
+        key: key.into(),
+        ttl_ms,
+        wait_ms,
+        ..Default::default()
+    }
+}
