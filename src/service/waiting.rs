@@ -21,6 +21,10 @@ const BACKOFF_CAP: Duration = Duration::from_secs(2);
 /// Only the first few waiters of a key on this server also wake at the
 /// holder's TTL deadline; the rest would only stampede the store at expiry.
 const TTL_WATCHERS: usize = 2;
+/// A waiting Acquire stops trying this long before the caller's deadline
+/// (a tenth of the time left, within these bounds).
+const DEADLINE_MARGIN_MIN: Duration = Duration::from_millis(5);
+const DEADLINE_MARGIN_MAX: Duration = Duration::from_millis(100);
 
 /// Exponential backoff with full jitter (AWS architecture blog, "Exponential
 /// Backoff And Jitter"): sleep a uniform time in [0, min(cap, base * 2^n)].
@@ -63,10 +67,22 @@ impl<S: LockStore> Core<S> {
         wait: Duration,
         deadline: Option<Instant>,
     ) -> Result<AcquireOutcome, LockError> {
-        let wait_end = Instant::now() + wait;
+        let now = Instant::now();
+        let wait_end = now + wait;
+        // Stop granting a little before the caller's deadline, so that a
+        // grant still has time to reach a caller who is about to give up:
+        // a reply that arrives after the deadline is thrown away by the
+        // client, and the server could not tell.
         let (end, by_deadline) = match deadline {
-            Some(d) if d < wait_end => (d, true),
-            _ => (wait_end, false),
+            Some(d) => {
+                let margin = (d.saturating_duration_since(now) / 10).clamp(DEADLINE_MARGIN_MIN, DEADLINE_MARGIN_MAX);
+                let d = d.checked_sub(margin).unwrap_or(now);
+                if d < wait_end { (d, true) } else { (wait_end, false) }
+            }
+            None => (wait_end, false),
+        };
+        let past_deadline = || {
+            LockError::DeadlineExceeded("the lock was still held at the call's deadline".into())
         };
         // Join the queue and subscribe *before* the first check, so a
         // release between the check and the wait cannot be missed.
@@ -74,6 +90,9 @@ impl<S: LockStore> Core<S> {
         self.store.watch(&spec.key).await?;
         let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
         loop {
+            if by_deadline && Instant::now() >= end {
+                return Err(past_deadline());
+            }
             let retry_after_ms = match self.attempt(spec).await? {
                 AcquireOutcome::Acquired(grant) => {
                     waiter.acquired();
@@ -88,9 +107,7 @@ impl<S: LockStore> Core<S> {
             let now = Instant::now();
             if now >= end {
                 return if by_deadline {
-                    Err(LockError::DeadlineExceeded(
-                        "the lock was still held at the call's deadline".into(),
-                    ))
+                    Err(past_deadline())
                 } else {
                     Ok(AcquireOutcome::Held { retry_after_ms })
                 };
