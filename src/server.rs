@@ -73,7 +73,12 @@ pub async fn run<S: LockStore>(
     set_health(&reporter, ServingStatus::NotServing).await;
     let _health_task = TaskGuard::spawn(
         "health",
-        watch_store(store.clone(), reporter.clone(), config.clone(), stopping.clone()),
+        watch_store(
+            store.clone(),
+            reporter.clone(),
+            config.clone(),
+            stopping.clone(),
+        ),
     );
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -97,7 +102,9 @@ pub async fn run<S: LockStore>(
         let mut reporter = reporter.clone();
         async move {
             shutdown.await;
-            tracing::info!("shutting down: NOT_SERVING, ending streams without releasing their locks");
+            tracing::info!(
+                "shutting down: NOT_SERVING, ending streams without releasing their locks"
+            );
             set_health(&reporter, ServingStatus::NotServing).await;
             stopping.cancel();
             // Health Watch streams never end by themselves and would hold up
@@ -161,7 +168,10 @@ async fn watch_store<S: LockStore>(
             }
             Err(_) => {
                 if current != Some(false) {
-                    tracing::warn!(store = store.name(), "store health check timed out: NOT_SERVING");
+                    tracing::warn!(
+                        store = store.name(),
+                        "store health check timed out: NOT_SERVING"
+                    );
                 }
                 false
             }
@@ -170,7 +180,11 @@ async fn watch_store<S: LockStore>(
             if ok {
                 tracing::info!(store = store.name(), "store reachable: SERVING");
             }
-            let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+            let status = if ok {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
             set_health(&reporter, status).await;
             current = Some(ok);
         }

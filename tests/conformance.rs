@@ -45,7 +45,12 @@ conformance!(
 async fn acquire_grants_a_lease(backend: Backend) {
     let server = TestServer::start(backend).await;
     let mut c = server.client().await;
-    let lease = lease_of(c.acquire(acquire("job/a", 5_000)).await.unwrap().into_inner());
+    let lease = lease_of(
+        c.acquire(acquire("job/a", 5_000))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
     assert_eq!(lease.key, "job/a");
     assert_eq!(lease.ttl_ms, 5_000);
     assert_eq!(lease.token.len(), 32);
@@ -61,8 +66,17 @@ async fn acquire_grants_a_lease(backend: Backend) {
 async fn conflict_is_not_an_error(backend: Backend) {
     let server = TestServer::start(backend).await;
     let mut c = server.client().await;
-    lease_of(c.acquire(acquire("busy", 10_000)).await.unwrap().into_inner());
-    let second = c.acquire(acquire("busy", 10_000)).await.unwrap().into_inner();
+    lease_of(
+        c.acquire(acquire("busy", 10_000))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let second = c
+        .acquire(acquire("busy", 10_000))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!second.acquired);
     assert!(second.lease.is_none());
     assert!(
@@ -70,17 +84,33 @@ async fn conflict_is_not_an_error(backend: Backend) {
         "retry_after_ms = {}",
         second.retry_after_ms
     );
-    assert!(second.retry_after_ms > 5_000, "holder's remaining TTL, got {}", second.retry_after_ms);
+    assert!(
+        second.retry_after_ms > 5_000,
+        "holder's remaining TTL, got {}",
+        second.retry_after_ms
+    );
 }
 
 async fn release_frees_the_lock(backend: Backend) {
     let server = TestServer::start(backend).await;
     let mut c = server.client().await;
     let lease = lease_of(c.acquire(acquire("r", 10_000)).await.unwrap().into_inner());
-    assert!(c.release(release("r", &lease.token)).await.unwrap().into_inner().released);
+    assert!(
+        c.release(release("r", &lease.token))
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    );
     assert!(!c.describe(describe("r")).await.unwrap().into_inner().held);
     // A second release with the same token: no longer held.
-    assert!(!c.release(release("r", &lease.token)).await.unwrap().into_inner().released);
+    assert!(
+        !c.release(release("r", &lease.token))
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    );
     let again = lease_of(c.acquire(acquire("r", 10_000)).await.unwrap().into_inner());
     assert_ne!(again.token, lease.token);
     assert!(again.fencing_token > lease.fencing_token);
@@ -117,7 +147,11 @@ async fn describe_never_reveals_the_token(backend: Backend) {
         key: "d".into(),
         ttl_ms: 10_000,
         owner: "host-1 pid 42".into(),
-        metadata: [("job".to_string(), "nightly".to_string()), ("ü".to_string(), "∑".to_string())].into(),
+        metadata: [
+            ("job".to_string(), "nightly".to_string()),
+            ("ü".to_string(), "∑".to_string()),
+        ]
+        .into(),
         ..Default::default()
     };
     let lease = lease_of(c.acquire(req).await.unwrap().into_inner());
@@ -130,7 +164,9 @@ async fn describe_never_reveals_the_token(backend: Backend) {
     assert_eq!(d.metadata.get("ü").map(String::as_str), Some("∑"));
     let bytes = d.encode_to_vec();
     assert!(
-        !bytes.windows(lease.token.len()).any(|w| w == lease.token.as_bytes()),
+        !bytes
+            .windows(lease.token.len())
+            .any(|w| w == lease.token.as_bytes()),
         "Describe must never carry the token"
     );
     let free = c.describe(describe("nobody")).await.unwrap().into_inner();
@@ -141,7 +177,13 @@ async fn leases_expire(backend: Backend) {
     let server = TestServer::start(backend).await;
     let mut c = server.client().await;
     let first = lease_of(c.acquire(acquire("e", 200)).await.unwrap().into_inner());
-    assert!(!c.acquire(acquire("e", 200)).await.unwrap().into_inner().acquired);
+    assert!(
+        !c.acquire(acquire("e", 200))
+            .await
+            .unwrap()
+            .into_inner()
+            .acquired
+    );
     // Expiry is the behaviour under test: wait past the TTL, with margin.
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(!c.describe(describe("e")).await.unwrap().into_inner().held);
@@ -149,12 +191,22 @@ async fn leases_expire(backend: Backend) {
     assert!(second.fencing_token > first.fencing_token);
     // The expired holder can neither renew nor release.
     let r = c
-        .renew(pb::RenewRequest { key: "e".into(), token: first.token.clone(), ttl_ms: 0 })
+        .renew(pb::RenewRequest {
+            key: "e".into(),
+            token: first.token.clone(),
+            ttl_ms: 0,
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(!r.renewed);
-    assert!(!c.release(release("e", &first.token)).await.unwrap().into_inner().released);
+    assert!(
+        !c.release(release("e", &first.token))
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    );
     assert!(c.describe(describe("e")).await.unwrap().into_inner().held);
 }
 
@@ -164,9 +216,19 @@ async fn wrong_token_changes_nothing(backend: Backend) {
     let lease = lease_of(c.acquire(acquire("w", 10_000)).await.unwrap().into_inner());
     let before = c.describe(describe("w")).await.unwrap().into_inner();
     let wrong = "0".repeat(32);
-    assert!(!c.release(release("w", &wrong)).await.unwrap().into_inner().released);
+    assert!(
+        !c.release(release("w", &wrong))
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    );
     let r = c
-        .renew(pb::RenewRequest { key: "w".into(), token: wrong.clone(), ttl_ms: 60_000 })
+        .renew(pb::RenewRequest {
+            key: "w".into(),
+            token: wrong.clone(),
+            ttl_ms: 60_000,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -175,9 +237,18 @@ async fn wrong_token_changes_nothing(backend: Backend) {
     let after = c.describe(describe("w")).await.unwrap().into_inner();
     assert!(after.held);
     assert_eq!(after.fencing_token, before.fencing_token);
-    assert!(after.ttl_ms <= before.ttl_ms, "a wrong-token renew must not extend the TTL");
+    assert!(
+        after.ttl_ms <= before.ttl_ms,
+        "a wrong-token renew must not extend the TTL"
+    );
     // The holder still holds it.
-    assert!(c.release(release("w", &lease.token)).await.unwrap().into_inner().released);
+    assert!(
+        c.release(release("w", &lease.token))
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    );
 }
 
 async fn fencing_increases_across_expiry_and_counter_loss(backend: Backend) {
@@ -186,15 +257,31 @@ async fn fencing_increases_across_expiry_and_counter_loss(backend: Backend) {
     let mut last = 0;
     for round in 0..6 {
         let lease = lease_of(c.acquire(acquire("f", 150)).await.unwrap().into_inner());
-        assert!(lease.fencing_token > last, "round {round}: {} after {last}", lease.fencing_token);
+        assert!(
+            lease.fencing_token > last,
+            "round {round}: {} after {last}",
+            lease.fencing_token
+        );
         last = lease.fencing_token;
         match round % 3 {
-            0 => assert!(c.release(release("f", &lease.token)).await.unwrap().into_inner().released),
+            0 => assert!(
+                c.release(release("f", &lease.token))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .released
+            ),
             // Let it expire instead of releasing it.
             1 => tokio::time::sleep(Duration::from_millis(350)).await,
             // Release it and lose the counter key as an eviction would.
             _ => {
-                assert!(c.release(release("f", &lease.token)).await.unwrap().into_inner().released);
+                assert!(
+                    c.release(release("f", &lease.token))
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .released
+                );
                 tokio::task::block_in_place(|| server.lose_fence_counter("f"));
             }
         }
@@ -215,12 +302,25 @@ async fn request_id_makes_acquire_idempotent(backend: Backend) {
     let retry = lease_of(c.acquire(req()).await.unwrap().into_inner());
     assert_eq!(retry, first, "a retry returns the same lease unchanged");
     let d = c.describe(describe("idem")).await.unwrap().into_inner();
-    assert!(d.ttl_ms < 9_900, "a retry must not extend the lease: {}", d.ttl_ms);
+    assert!(
+        d.ttl_ms < 9_900,
+        "a retry must not extend the lease: {}",
+        d.ttl_ms
+    );
     // Another request id is contention.
-    let other = pb::AcquireRequest { request_id: "req-8".into(), ..req() };
+    let other = pb::AcquireRequest {
+        request_id: "req-8".into(),
+        ..req()
+    };
     assert!(!c.acquire(other).await.unwrap().into_inner().acquired);
     // Once released, the same request id is a fresh Acquire.
-    assert!(c.release(release("idem", &first.token)).await.unwrap().into_inner().released);
+    assert!(
+        c.release(release("idem", &first.token))
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    );
     let fresh = lease_of(c.acquire(req()).await.unwrap().into_inner());
     assert_ne!(fresh.token, first.token);
     assert!(fresh.fencing_token > first.fencing_token);
@@ -230,35 +330,127 @@ async fn request_id_makes_acquire_idempotent(backend: Backend) {
 fn assert_invalid(result: Result<impl std::fmt::Debug, tonic::Status>, field: &str) {
     let err = result.expect_err("expected INVALID_ARGUMENT");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert!(err.message().starts_with(field), "message should name {field}: {}", err.message());
+    assert!(
+        err.message().starts_with(field),
+        "message should name {field}: {}",
+        err.message()
+    );
 }
 
 async fn validation_errors_name_the_field(backend: Backend) {
     let server = TestServer::start(backend).await;
     let mut c = server.client().await;
     let base = || acquire("v", 1_000);
-    for (key, why) in [("", "empty"), ("a\nb", "C0"), ("a\u{7f}", "DEL"), ("a\u{85}", "C1")] {
-        let r = c.acquire(pb::AcquireRequest { key: key.into(), ..base() }).await;
+    for (key, why) in [
+        ("", "empty"),
+        ("a\nb", "C0"),
+        ("a\u{7f}", "DEL"),
+        ("a\u{85}", "C1"),
+    ] {
+        let r = c
+            .acquire(pb::AcquireRequest {
+                key: key.into(),
+                ..base()
+            })
+            .await;
         assert_invalid(r, "key");
         let _ = why;
     }
-    assert_invalid(c.acquire(pb::AcquireRequest { key: "k".repeat(513), ..base() }).await, "key");
-    assert!(c.acquire(pb::AcquireRequest { key: "k".repeat(512), ..base() }).await.is_ok());
-    assert_invalid(c.acquire(pb::AcquireRequest { ttl_ms: 99, ..base() }).await, "ttl_ms");
-    assert_invalid(c.acquire(pb::AcquireRequest { ttl_ms: 3_600_001, ..base() }).await, "ttl_ms");
-    let err = c.acquire(pb::AcquireRequest { ttl_ms: 99, ..base() }).await.unwrap_err();
-    assert!(err.message().contains("100") && err.message().contains("3600000"), "names the bounds: {}", err.message());
-    assert_invalid(c.acquire(pb::AcquireRequest { wait_ms: 300_001, ..base() }).await, "wait_ms");
-    assert_invalid(c.acquire(pb::AcquireRequest { owner: "o".repeat(257), ..base() }).await, "owner");
+    assert_invalid(
+        c.acquire(pb::AcquireRequest {
+            key: "k".repeat(513),
+            ..base()
+        })
+        .await,
+        "key",
+    );
+    assert!(
+        c.acquire(pb::AcquireRequest {
+            key: "k".repeat(512),
+            ..base()
+        })
+        .await
+        .is_ok()
+    );
+    assert_invalid(
+        c.acquire(pb::AcquireRequest {
+            ttl_ms: 99,
+            ..base()
+        })
+        .await,
+        "ttl_ms",
+    );
+    assert_invalid(
+        c.acquire(pb::AcquireRequest {
+            ttl_ms: 3_600_001,
+            ..base()
+        })
+        .await,
+        "ttl_ms",
+    );
+    let err = c
+        .acquire(pb::AcquireRequest {
+            ttl_ms: 99,
+            ..base()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("100") && err.message().contains("3600000"),
+        "names the bounds: {}",
+        err.message()
+    );
+    assert_invalid(
+        c.acquire(pb::AcquireRequest {
+            wait_ms: 300_001,
+            ..base()
+        })
+        .await,
+        "wait_ms",
+    );
+    assert_invalid(
+        c.acquire(pb::AcquireRequest {
+            owner: "o".repeat(257),
+            ..base()
+        })
+        .await,
+        "owner",
+    );
     let many = (0..17).map(|i| (format!("k{i}"), String::new())).collect();
-    assert_invalid(c.acquire(pb::AcquireRequest { metadata: many, ..base() }).await, "metadata");
+    assert_invalid(
+        c.acquire(pb::AcquireRequest {
+            metadata: many,
+            ..base()
+        })
+        .await,
+        "metadata",
+    );
     let big = [("k".to_string(), "v".repeat(4096))].into();
-    assert_invalid(c.acquire(pb::AcquireRequest { metadata: big, ..base() }).await, "metadata");
-    assert_invalid(c.acquire(pb::AcquireRequest { request_id: "r".repeat(129), ..base() }).await, "request_id");
+    assert_invalid(
+        c.acquire(pb::AcquireRequest {
+            metadata: big,
+            ..base()
+        })
+        .await,
+        "metadata",
+    );
+    assert_invalid(
+        c.acquire(pb::AcquireRequest {
+            request_id: "r".repeat(129),
+            ..base()
+        })
+        .await,
+        "request_id",
+    );
     assert_invalid(c.release(release("v", "")).await, "token");
     assert_invalid(c.release(release("", "x")).await, "key");
     assert_invalid(
-        c.renew(pb::RenewRequest { key: "v".into(), token: String::new(), ttl_ms: 0 }).await,
+        c.renew(pb::RenewRequest {
+            key: "v".into(),
+            token: String::new(),
+            ttl_ms: 0,
+        })
+        .await,
         "token",
     );
     assert_invalid(c.describe(describe("")).await, "key");
@@ -270,7 +462,19 @@ async fn validation_errors_name_the_field(backend: Backend) {
 async fn brace_and_unicode_keys(backend: Backend) {
     let server = TestServer::start(backend).await;
     let mut c = server.client().await;
-    let keys = ["{", "}", "{}", "a{b}c", "}{x", "{a}", "%7Ba%7D", "%", "ünïcødé/κλειδί", "😀 lock", "a b\tc"];
+    let keys = [
+        "{",
+        "}",
+        "{}",
+        "a{b}c",
+        "}{x",
+        "{a}",
+        "%7Ba%7D",
+        "%",
+        "ünïcødé/κλειδί",
+        "😀 lock",
+        "a b\tc",
+    ];
     let keys: Vec<&str> = keys.into_iter().filter(|k| !k.contains('\t')).collect();
     let mut leases = Vec::new();
     for key in &keys {
@@ -284,7 +488,14 @@ async fn brace_and_unicode_keys(backend: Backend) {
         assert!(d.held, "{key:?}");
     }
     for (key, lease) in keys.iter().zip(&leases) {
-        assert!(c.release(release(key, &lease.token)).await.unwrap().into_inner().released, "{key:?}");
+        assert!(
+            c.release(release(key, &lease.token))
+                .await
+                .unwrap()
+                .into_inner()
+                .released,
+            "{key:?}"
+        );
         assert!(!c.describe(describe(key)).await.unwrap().into_inner().held);
     }
     if backend == Backend::Cluster {

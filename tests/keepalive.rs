@@ -81,8 +81,18 @@ async fn hold_with_waiter(
     server: &TestServer,
     holder: &mut LockServiceClient<Channel>,
     key: &str,
-) -> (KeepAliveSession, pb::Lease, tokio::task::JoinHandle<(pb::AcquireResponse, Instant)>) {
-    let lease = lease_of(holder.acquire(acquire(key, 30_000)).await.unwrap().into_inner());
+) -> (
+    KeepAliveSession,
+    pb::Lease,
+    tokio::task::JoinHandle<(pb::AcquireResponse, Instant)>,
+) {
+    let lease = lease_of(
+        holder
+            .acquire(acquire(key, 30_000))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
     let mut s = KeepAliveSession::open(holder).await.unwrap();
     assert!(s.renew(key, &lease.token, 0).await.alive);
     let mut waiter = server.client().await;
@@ -100,7 +110,11 @@ async fn hold_with_waiter(
 async fn wait_for_waiter(server: &TestServer) {
     let waiters = server.waiters.clone();
     tokio::task::block_in_place(|| {
-        wait_until("a waiter queued on the server", Duration::from_secs(10), || !waiters.is_empty())
+        wait_until(
+            "a waiter queued on the server",
+            Duration::from_secs(10),
+            || !waiters.is_empty(),
+        )
     });
 }
 
@@ -110,7 +124,10 @@ fn assert_handed_over(result: (pb::AcquireResponse, Instant), ended: Instant, ol
     let lease = lease_of(resp);
     assert!(lease.fencing_token > old.fencing_token);
     let took = at.saturating_duration_since(ended);
-    assert!(took < Duration::from_secs(1), "the waiter got the lock {took:?} after the stream ended");
+    assert!(
+        took < Duration::from_secs(1),
+        "the waiter got the lock {took:?} after the stream ended"
+    );
 }
 
 async fn half_close_releases_and_wakes_a_waiter(backend: Backend) {
@@ -119,7 +136,10 @@ async fn half_close_releases_and_wakes_a_waiter(backend: Backend) {
     let (mut s, lease, waiter) = hold_with_waiter(&server, &mut c, "hc").await;
     let ended = Instant::now();
     s.half_close();
-    assert!(s.next().await.unwrap().is_none(), "the server ends its side after releasing");
+    assert!(
+        s.next().await.unwrap().is_none(),
+        "the server ends its side after releasing"
+    );
     assert_handed_over(waiter.await.unwrap(), ended, &lease);
 }
 
@@ -131,12 +151,19 @@ async fn cancel_releases_and_wakes_a_waiter(backend: Backend) {
     // Dropping the call cancels it (RST_STREAM); the connection stays up.
     drop(s);
     assert_handed_over(waiter.await.unwrap(), ended, &lease);
-    assert!(c.describe(describe("cancel")).await.is_ok(), "same connection still usable");
+    assert!(
+        c.describe(describe("cancel")).await.is_ok(),
+        "same connection still usable"
+    );
 }
 
 async fn dropped_connection_releases_and_wakes_a_waiter(backend: Backend) {
     let server = TestServer::start(backend).await;
-    let channel = Channel::from_shared(server.endpoint()).unwrap().connect().await.unwrap();
+    let channel = Channel::from_shared(server.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut c = LockServiceClient::new(channel);
     let (s, lease, waiter) = hold_with_waiter(&server, &mut c, "conn").await;
     let ended = Instant::now();
@@ -148,8 +175,18 @@ async fn dropped_connection_releases_and_wakes_a_waiter(backend: Backend) {
 /// Starts this test binary again as a lock-holding client process.
 fn holder_process(server: &TestServer, key: &str) -> (std::process::Child, Output) {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "holder_process_main", "--ignored", "--nocapture", "--test-threads", "1"])
-        .env("LEASEHOLD_TEST_HOLDER", format!("{}|{key}", server.endpoint()));
+    cmd.args([
+        "--exact",
+        "holder_process_main",
+        "--ignored",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ])
+    .env(
+        "LEASEHOLD_TEST_HOLDER",
+        format!("{}|{key}", server.endpoint()),
+    );
     let mut child = spawn_tied(cmd);
     let output = Output::capture(&mut child);
     output.wait_for("HOLDING", Duration::from_secs(20));
@@ -163,9 +200,13 @@ fn holder_process(server: &TestServer, key: &str) -> (std::process::Child, Outpu
 #[tokio::test]
 #[ignore = "helper process started by other tests"]
 async fn holder_process_main() {
-    let Ok(spec) = std::env::var("LEASEHOLD_TEST_HOLDER") else { return };
+    let Ok(spec) = std::env::var("LEASEHOLD_TEST_HOLDER") else {
+        return;
+    };
     let (endpoint, key) = spec.split_once('|').expect("endpoint|key");
-    let mut c = LockServiceClient::connect(endpoint.to_string()).await.unwrap();
+    let mut c = LockServiceClient::connect(endpoint.to_string())
+        .await
+        .unwrap();
     let lease = lease_of(c.acquire(acquire(key, 10_000)).await.unwrap().into_inner());
     let mut s = KeepAliveSession::open(&mut c).await.unwrap();
     assert!(s.renew(key, &lease.token, 0).await.alive);
@@ -177,7 +218,13 @@ async fn holder_process_main() {
 }
 
 fn signal(child: &std::process::Child, sig: &str) {
-    assert!(Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
 }
 
 async fn killed_client_process_releases_within_a_second(backend: Backend) {
@@ -185,7 +232,11 @@ async fn killed_client_process_releases_within_a_second(backend: Backend) {
     let (mut child, _out) = tokio::task::block_in_place(|| holder_process(&server, "sigkill"));
     let mut waiter = server.client().await;
     let task = tokio::spawn(async move {
-        let r = waiter.acquire(acquire_wait("sigkill", 30_000, 20_000)).await.unwrap().into_inner();
+        let r = waiter
+            .acquire(acquire_wait("sigkill", 30_000, 20_000))
+            .await
+            .unwrap()
+            .into_inner();
         (r, Instant::now())
     });
     wait_for_waiter(&server).await;
@@ -195,7 +246,10 @@ async fn killed_client_process_releases_within_a_second(backend: Backend) {
     let (resp, at) = task.await.unwrap();
     assert!(resp.acquired, "{resp:?}");
     let took = at.saturating_duration_since(killed);
-    assert!(took < Duration::from_secs(1), "waiter got the lock {took:?} after SIGKILL");
+    assert!(
+        took < Duration::from_secs(1),
+        "waiter got the lock {took:?} after SIGKILL"
+    );
 }
 
 async fn frozen_client_is_detected_by_http2_pings(backend: Backend) {
@@ -206,7 +260,11 @@ async fn frozen_client_is_detected_by_http2_pings(backend: Backend) {
     let (mut child, _out) = tokio::task::block_in_place(|| holder_process(&server, "sigstop"));
     let mut waiter = server.client().await;
     let task = tokio::spawn(async move {
-        let r = waiter.acquire(acquire_wait("sigstop", 30_000, 20_000)).await.unwrap().into_inner();
+        let r = waiter
+            .acquire(acquire_wait("sigstop", 30_000, 20_000))
+            .await
+            .unwrap()
+            .into_inner();
         (r, Instant::now())
     });
     wait_for_waiter(&server).await;
@@ -220,36 +278,76 @@ async fn frozen_client_is_detected_by_http2_pings(backend: Backend) {
     // holder's 10 s TTL (renewed every second) could run out; generous
     // margin for a busy box.
     let took = at.saturating_duration_since(frozen);
-    assert!(took < Duration::from_secs(5), "frozen client detected after {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "frozen client detected after {took:?}"
+    );
 }
 
 async fn release_over_the_stream(backend: Backend) {
     let server = TestServer::start(backend).await;
     let mut c = server.client().await;
-    let a = lease_of(c.acquire(acquire("rel-a", 30_000)).await.unwrap().into_inner());
-    let b = lease_of(c.acquire(acquire("rel-b", 30_000)).await.unwrap().into_inner());
+    let a = lease_of(
+        c.acquire(acquire("rel-a", 30_000))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let b = lease_of(
+        c.acquire(acquire("rel-b", 30_000))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
     let mut s = KeepAliveSession::open(&mut c).await.unwrap();
     assert!(s.renew("rel-a", &a.token, 0).await.alive);
     assert!(s.renew("rel-b", &b.token, 0).await.alive);
     s.push("rel-a", &a.token, 0, true).await;
     let r = s.next().await.unwrap().unwrap();
     assert_eq!((r.key.as_str(), r.alive), ("rel-a", false));
-    assert!(!c.describe(describe("rel-a")).await.unwrap().into_inner().held);
+    assert!(
+        !c.describe(describe("rel-a"))
+            .await
+            .unwrap()
+            .into_inner()
+            .held
+    );
     // Someone else takes rel-a; ending the stream releases only rel-b.
-    let a2 = lease_of(c.acquire(acquire("rel-a", 30_000)).await.unwrap().into_inner());
+    let a2 = lease_of(
+        c.acquire(acquire("rel-a", 30_000))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
     s.half_close();
     assert!(s.next().await.unwrap().is_none());
     let d = c.describe(describe("rel-a")).await.unwrap().into_inner();
     assert!(d.held && d.fencing_token == a2.fencing_token);
-    assert!(!c.describe(describe("rel-b")).await.unwrap().into_inner().held);
+    assert!(
+        !c.describe(describe("rel-b"))
+            .await
+            .unwrap()
+            .into_inner()
+            .held
+    );
 }
 
 async fn invalid_requests_answer_alive_false_and_the_stream_goes_on(backend: Backend) {
     let server = TestServer::start(backend).await;
     let mut c = server.client().await;
-    let lease = lease_of(c.acquire(acquire("inv", 30_000)).await.unwrap().into_inner());
+    let lease = lease_of(
+        c.acquire(acquire("inv", 30_000))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
     let mut s = KeepAliveSession::open(&mut c).await.unwrap();
-    for (key, token, ttl) in [("", "t", 0), ("inv", "", 0), ("bad\u{1}", "t", 0), ("inv", &lease.token, 5)] {
+    for (key, token, ttl) in [
+        ("", "t", 0),
+        ("inv", "", 0),
+        ("bad\u{1}", "t", 0),
+        ("inv", &lease.token, 5),
+    ] {
         s.push(key, token, ttl, false).await;
         let r = s.next().await.unwrap().unwrap();
         assert_eq!(r.key, key);
@@ -273,7 +371,15 @@ async fn server_shutdown_keeps_attached_locks(backend: Backend) {
     let second = if backend == Backend::Memory {
         None
     } else {
-        Some(TestServer::start_on(backend, server.redis_url.clone(), server.prefix.clone(), test_config()).await)
+        Some(
+            TestServer::start_on(
+                backend,
+                server.redis_url.clone(),
+                server.prefix.clone(),
+                test_config(),
+            )
+            .await,
+        )
     };
     server.stop().await;
     let err = s.next().await.expect_err("the stream ends with a status");
@@ -300,14 +406,25 @@ async fn stream_limits_are_resource_exhausted(backend: Backend) {
     let mut c = server.client().await;
     let mut leases = Vec::new();
     for i in 0..3 {
-        leases.push(lease_of(c.acquire(acquire(&format!("lim{i}"), 30_000)).await.unwrap().into_inner()));
+        leases.push(lease_of(
+            c.acquire(acquire(&format!("lim{i}"), 30_000))
+                .await
+                .unwrap()
+                .into_inner(),
+        ));
     }
     let mut s1 = KeepAliveSession::open(&mut c).await.unwrap();
     let _s2 = KeepAliveSession::open(&mut c).await.unwrap();
     let third = KeepAliveSession::open(&mut c).await;
     assert_eq!(third.err().map(|e| e.code()), Some(Code::ResourceExhausted));
     // Another connection has its own allowance.
-    let mut other = LockServiceClient::new(Channel::from_shared(server.endpoint()).unwrap().connect().await.unwrap());
+    let mut other = LockServiceClient::new(
+        Channel::from_shared(server.endpoint())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
     assert!(KeepAliveSession::open(&mut other).await.is_ok());
     // Two locks per stream; the third ends the stream, releasing nothing.
     assert!(s1.renew("lim0", &leases[0].token, 0).await.alive);
@@ -316,6 +433,12 @@ async fn stream_limits_are_resource_exhausted(backend: Backend) {
     let err = s1.next().await.expect_err("limit ends the stream");
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     for i in 0..3 {
-        assert!(c.describe(describe(&format!("lim{i}"))).await.unwrap().into_inner().held);
+        assert!(
+            c.describe(describe(&format!("lim{i}")))
+                .await
+                .unwrap()
+                .into_inner()
+                .held
+        );
     }
 }

@@ -18,7 +18,13 @@ fn outage_config() -> leasehold::server::ServerConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_and_restarted() {
     let mut redis = tokio::task::block_in_place(RedisServer::start);
-    let server = TestServer::start_on(Backend::Redis, Some(redis.url()), unique_prefix(), outage_config()).await;
+    let server = TestServer::start_on(
+        Backend::Redis,
+        Some(redis.url()),
+        unique_prefix(),
+        outage_config(),
+    )
+    .await;
     let mut c = server.client().await;
     let before = lease_of(c.acquire(acquire("o", 60_000)).await.unwrap().into_inner());
 
@@ -28,11 +34,17 @@ async fn redis_killed_and_restarted() {
         let err = c.acquire(acquire("o2", 1_000)).await.unwrap_err();
         assert_eq!(err.code(), Code::Unavailable, "{err:?}");
         // Within the store timeout (800 ms), with margin for a loaded box.
-        assert!(start.elapsed() < Duration::from_millis(2_000), "took {:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_millis(2_000),
+            "took {:?}",
+            start.elapsed()
+        );
     }
     let err = c.describe(describe("o")).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
-    server.wait_health("NOT_SERVING", Duration::from_secs(10)).await;
+    server
+        .wait_health("NOT_SERVING", Duration::from_secs(10))
+        .await;
 
     // Back, empty (no persistence): the lock and its counter are gone.
     tokio::task::block_in_place(|| redis.restart());
@@ -49,18 +61,43 @@ async fn redis_killed_and_restarted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_redis_is_unavailable_not_a_hang() {
     let redis = tokio::task::block_in_place(RedisServer::start);
-    let server = TestServer::start_on(Backend::Redis, Some(redis.url()), unique_prefix(), outage_config()).await;
+    let server = TestServer::start_on(
+        Backend::Redis,
+        Some(redis.url()),
+        unique_prefix(),
+        outage_config(),
+    )
+    .await;
     let mut c = server.client().await;
-    lease_of(c.acquire(acquire("frozen", 5_000)).await.unwrap().into_inner());
+    lease_of(
+        c.acquire(acquire("frozen", 5_000))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
     let pid = redis.pid().expect("running").to_string();
-    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let start = Instant::now();
     let err = c.acquire(acquire("frozen2", 1_000)).await.unwrap_err();
     let took = start.elapsed();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(took < Duration::from_millis(2_500), "took {took:?}");
-    server.wait_health("NOT_SERVING", Duration::from_secs(10)).await;
-    assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    server
+        .wait_health("NOT_SERVING", Duration::from_secs(10))
+        .await;
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     server.wait_health("SERVING", Duration::from_secs(20)).await;
     let d = c.describe(describe("frozen")).await.unwrap().into_inner();
     assert!(d.held);

@@ -67,7 +67,11 @@ pub struct ServeArgs {
     #[arg(long, env = "LEASEHOLD_KEEPALIVE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: Duration,
     /// Concurrent KeepAlive streams one client connection may open.
-    #[arg(long, env = "LEASEHOLD_MAX_STREAMS_PER_CONNECTION", default_value_t = 100)]
+    #[arg(
+        long,
+        env = "LEASEHOLD_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 100
+    )]
     pub max_streams_per_connection: usize,
     /// Locks one KeepAlive stream may keep alive.
     #[arg(long, env = "LEASEHOLD_MAX_LOCKS_PER_STREAM", default_value_t = 10_000)]

@@ -108,7 +108,10 @@ impl Limits {
         if wait_ms > self.max_wait_ms {
             return Err(LockError::invalid(
                 "wait_ms",
-                format!("{wait_ms} is above the server's maximum {} ms", self.max_wait_ms),
+                format!(
+                    "{wait_ms} is above the server's maximum {} ms",
+                    self.max_wait_ms
+                ),
             ));
         }
         Ok(wait_ms)
@@ -119,7 +122,11 @@ impl Limits {
         if owner.len() > self.max_owner_bytes {
             return Err(LockError::invalid(
                 "owner",
-                format!("is {} bytes, the limit is {}", owner.len(), self.max_owner_bytes),
+                format!(
+                    "is {} bytes, the limit is {}",
+                    owner.len(),
+                    self.max_owner_bytes
+                ),
             ));
         }
         Ok(owner)
@@ -184,7 +191,12 @@ mod tests {
         let l = Limits::default();
         assert_eq!(l.ttl(0), Ok(30_000));
         assert_eq!(l.ttl(100), Ok(100));
-        assert!(l.ttl(99).unwrap_err().to_string().contains("[100, 3600000]"));
+        assert!(
+            l.ttl(99)
+                .unwrap_err()
+                .to_string()
+                .contains("[100, 3600000]")
+        );
         assert!(l.ttl(3_600_001).is_err());
         assert_eq!(l.renew_ttl(0), Ok(None));
         assert_eq!(l.renew_ttl(500), Ok(Some(500)));
@@ -196,7 +208,12 @@ mod tests {
     fn metadata_bounds() {
         let l = Limits::default();
         let many: Vec<_> = (0..17).map(|i| (i.to_string(), String::new())).collect();
-        assert!(l.metadata(many).unwrap_err().to_string().contains("17 entries"));
+        assert!(
+            l.metadata(many)
+                .unwrap_err()
+                .to_string()
+                .contains("17 entries")
+        );
         let big = vec![("k".to_string(), "v".repeat(4096))];
         assert!(l.metadata(big).is_err());
     }

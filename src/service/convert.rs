@@ -50,7 +50,11 @@ pub fn acquire_response(key: &LockKey, outcome: AcquireOutcome) -> pb::AcquireRe
 }
 
 /// Validates a key and token pair (Release, Renew, KeepAlive).
-pub fn key_and_token(key: String, token: String, limits: &Limits) -> Result<(LockKey, Token), LockError> {
+pub fn key_and_token(
+    key: String,
+    token: String,
+    limits: &Limits,
+) -> Result<(LockKey, Token), LockError> {
     Ok((limits.key(key)?, Token::parse(token)?))
 }
 

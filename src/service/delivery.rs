@@ -85,7 +85,13 @@ where
                 None => response,
                 Some(guard) => {
                     let (parts, body) = response.into_parts();
-                    http::Response::from_parts(parts, Body::new(GuardedBody { inner: body, guard: Some(guard) }))
+                    http::Response::from_parts(
+                        parts,
+                        Body::new(GuardedBody {
+                            inner: body,
+                            guard: Some(guard),
+                        }),
+                    )
                 }
             })
         })

@@ -46,7 +46,11 @@ pub(super) fn start<S: LockStore>(
         queued: HashMap::new(),
         _slot: slot,
     };
-    tokio::spawn(session.run(inbound).instrument(tracing::debug_span!("keepalive")));
+    tokio::spawn(
+        session
+            .run(inbound)
+            .instrument(tracing::debug_span!("keepalive")),
+    );
     Ok(Box::pin(ReceiverStream::new(rx)))
 }
 
@@ -170,14 +174,27 @@ impl<S: LockStore> Session<S> {
     /// Validates one request and starts it, or queues it behind a call in
     /// flight for the same key. Invalid requests are answered `alive = false`
     /// and change nothing.
-    async fn accept(&mut self, req: pb::KeepAliveRequest, inflight: &mut InFlight) -> Result<(), Status> {
+    async fn accept(
+        &mut self,
+        req: pb::KeepAliveRequest,
+        inflight: &mut InFlight,
+    ) -> Result<(), Status> {
         let limits = &self.core.limits.fields;
         let parsed = limits
             .key(req.key.clone())
             .and_then(|key| Ok((key, Token::parse(req.token)?)))
             .and_then(|(key, token)| {
-                let ttl_ms = if req.release { None } else { limits.renew_ttl(req.ttl_ms)? };
-                Ok(Op { key, token, ttl_ms, release: req.release })
+                let ttl_ms = if req.release {
+                    None
+                } else {
+                    limits.renew_ttl(req.ttl_ms)?
+                };
+                Ok(Op {
+                    key,
+                    token,
+                    ttl_ms,
+                    release: req.release,
+                })
             });
         let op = match parsed {
             Ok(op) => op,
@@ -186,9 +203,14 @@ impl<S: LockStore> Session<S> {
                 return self.respond(req.key, None).await;
             }
         };
-        if !op.release && !self.attached.contains_key(&op.key) && !self.queued.contains_key(&op.key) {
+        if !op.release && !self.attached.contains_key(&op.key) && !self.queued.contains_key(&op.key)
+        {
             let tracked = self.attached.len()
-                + self.queued.keys().filter(|k| !self.attached.contains_key(*k)).count();
+                + self
+                    .queued
+                    .keys()
+                    .filter(|k| !self.attached.contains_key(*k))
+                    .count();
             if tracked >= self.core.limits.max_locks_per_stream {
                 return Err(LockError::ResourceExhausted(format!(
                     "this stream already keeps {tracked} locks alive (--max-locks-per-stream)"
@@ -300,9 +322,15 @@ impl<S: LockStore> Session<S> {
             match result {
                 Ok(true) => released += 1,
                 Ok(false) => {}
-                Err(e) => tracing::warn!(key = key.as_str(), error = %e, "could not release on stream end; the lock expires with its TTL"),
+                Err(e) => {
+                    tracing::warn!(key = key.as_str(), error = %e, "could not release on stream end; the lock expires with its TTL")
+                }
             }
         }
-        tracing::debug!(attached = locks.len(), released, "stream ended by the client; locks released");
+        tracing::debug!(
+            attached = locks.len(),
+            released,
+            "stream ended by the client; locks released"
+        );
     }
 }

@@ -128,7 +128,9 @@ impl<S: LockStore> Drop for UndoGrant<S> {
 
 /// Releases, in the background, a grant its client may never have seen.
 fn undo_grant<S: LockStore>(store: Arc<S>, key: LockKey, token: Token) {
-    let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
     rt.spawn(
         async move {
             match store.release(&key, &token).await {
@@ -142,7 +144,13 @@ fn undo_grant<S: LockStore>(store: Arc<S>, key: LockKey, token: Token) {
 }
 
 /// Logs the outcome of a call at debug, and store failures at warn.
-fn log_result<T>(rpc: &'static str, key: &str, start: std::time::Instant, result: &Result<T, LockError>, outcome: impl FnOnce(&T) -> &'static str) {
+fn log_result<T>(
+    rpc: &'static str,
+    key: &str,
+    start: std::time::Instant,
+    result: &Result<T, LockError>,
+    outcome: impl FnOnce(&T) -> &'static str,
+) {
     let latency_us = start.elapsed().as_micros() as u64;
     match result {
         Ok(v) => tracing::debug!(rpc, key, outcome = outcome(v), latency_us),
@@ -178,8 +186,11 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
         let outcome = result?;
         let guard = match &outcome {
             AcquireOutcome::Acquired(grant) => {
-                let (store, key, token) = (self.core.store.clone(), key.clone(), grant.token.clone());
-                Some(delivery::DeliveryGuard::new(move || undo_grant(store, key, token)))
+                let (store, key, token) =
+                    (self.core.store.clone(), key.clone(), grant.token.clone());
+                Some(delivery::DeliveryGuard::new(move || {
+                    undo_grant(store, key, token)
+                }))
             }
             AcquireOutcome::Held { .. } => None,
         };
@@ -198,7 +209,9 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
         let req = request.into_inner();
         let (key, token) = convert::key_and_token(req.key, req.token, &self.core.limits.fields)?;
         let result = self.core.store.release(&key, &token).await;
-        log_result("Release", key.as_str(), start, &result, |r| if *r { "released" } else { "not_held" });
+        log_result("Release", key.as_str(), start, &result, |r| {
+            if *r { "released" } else { "not_held" }
+        });
         Ok(Response::new(pb::ReleaseResponse { released: result? }))
     }
 
@@ -211,7 +224,9 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
         let (key, token) = convert::key_and_token(req.key, req.token, &self.core.limits.fields)?;
         let ttl = self.core.limits.fields.renew_ttl(req.ttl_ms)?;
         let result = self.core.store.renew(&key, &token, ttl).await;
-        log_result("Renew", key.as_str(), start, &result, |r| if r.is_some() { "renewed" } else { "lost" });
+        log_result("Renew", key.as_str(), start, &result, |r| {
+            if r.is_some() { "renewed" } else { "lost" }
+        });
         let ttl = result?;
         Ok(Response::new(pb::RenewResponse {
             renewed: ttl.is_some(),
@@ -236,7 +251,9 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
         let start = std::time::Instant::now();
         let key = self.core.limits.fields.key(request.into_inner().key)?;
         let result = self.core.store.describe(&key).await;
-        log_result("Describe", key.as_str(), start, &result, |i| if i.is_some() { "held" } else { "free" });
+        log_result("Describe", key.as_str(), start, &result, |i| {
+            if i.is_some() { "held" } else { "free" }
+        });
         Ok(Response::new(convert::describe_response(result?)))
     }
 }

@@ -75,15 +75,19 @@ impl<S: LockStore> Core<S> {
         // client, and the server could not tell.
         let (end, by_deadline) = match deadline {
             Some(d) => {
-                let margin = (d.saturating_duration_since(now) / 10).clamp(DEADLINE_MARGIN_MIN, DEADLINE_MARGIN_MAX);
+                let margin = (d.saturating_duration_since(now) / 10)
+                    .clamp(DEADLINE_MARGIN_MIN, DEADLINE_MARGIN_MAX);
                 let d = d.checked_sub(margin).unwrap_or(now);
-                if d < wait_end { (d, true) } else { (wait_end, false) }
+                if d < wait_end {
+                    (d, true)
+                } else {
+                    (wait_end, false)
+                }
             }
             None => (wait_end, false),
         };
-        let past_deadline = || {
-            LockError::DeadlineExceeded("the lock was still held at the call's deadline".into())
-        };
+        let past_deadline =
+            || LockError::DeadlineExceeded("the lock was still held at the call's deadline".into());
         // Join the queue and subscribe *before* the first check, so a
         // release between the check and the wait cannot be missed.
         let waiter = self.waiters.register(spec.key.as_str())?;
@@ -102,7 +106,11 @@ impl<S: LockStore> Core<S> {
             };
             waiter.rearm();
             if backoff.attempts() == 0 {
-                tracing::debug!(rpc = "Acquire", key = spec.key.as_str(), "waiting for the holder");
+                tracing::debug!(
+                    rpc = "Acquire",
+                    key = spec.key.as_str(),
+                    "waiting for the holder"
+                );
             }
             let now = Instant::now();
             if now >= end {

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use super::{LockStore, monotonic_unix_micros};
-use crate::lock::{AcquireOutcome, AcquireSpec, Grant, LockError, LockInfo, LockKey, Metadata, Token};
+use crate::lock::{
+    AcquireOutcome, AcquireSpec, Grant, LockError, LockInfo, LockKey, Metadata, Token,
+};
 use crate::task::TaskGuard;
 use crate::wait::WaitQueues;
 
@@ -119,9 +121,10 @@ impl LockStore for MemoryStore {
     async fn acquire(&self, spec: &AcquireSpec) -> Result<AcquireOutcome, LockError> {
         let now = Instant::now();
         let mut map = self.inner.shard(spec.key.as_str());
-        let slot = map
-            .entry(spec.key.as_str().to_owned())
-            .or_insert(Slot { fence: 0, lease: None });
+        let slot = map.entry(spec.key.as_str().to_owned()).or_insert(Slot {
+            fence: 0,
+            lease: None,
+        });
         if let Some(held) = slot.lease.as_ref().filter(|h| h.live(now)) {
             let same_request = spec.request_id.is_some() && held.request_id == spec.request_id;
             if same_request || held.token == spec.token {

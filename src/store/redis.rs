@@ -22,8 +22,7 @@ use futures_util::future::join_all;
 
 use super::LockStore;
 use crate::lock::{
-    AcquireOutcome, AcquireSpec, Grant, LockError, LockInfo, LockKey, Metadata, Token,
-    remaining_ms,
+    AcquireOutcome, AcquireSpec, Grant, LockError, LockInfo, LockKey, Metadata, Token, remaining_ms,
 };
 use crate::task::TaskGuard;
 use crate::wait::WaitQueues;
@@ -164,23 +163,24 @@ impl RedisStore {
         .await;
         match connected {
             Ok(Ok(())) => tracing::info!("connected to Redis"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "Redis not reachable yet; retrying in the background"),
-            Err(_) => tracing::warn!("Redis not reachable within the store timeout; retrying in the background"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "Redis not reachable yet; retrying in the background")
+            }
+            Err(_) => tracing::warn!(
+                "Redis not reachable within the store timeout; retrying in the background"
+            ),
         }
 
         let watched = Arc::new(Mutex::new(HashMap::new()));
         let subscribing = Arc::new(tokio::sync::Mutex::new(()));
         let prefix = config.prefix.clone();
         let tasks = vec![
-            TaskGuard::spawn(
-                "redis-resubscribe",
-                {
-                    let handle = subscriber.manage_subscriptions();
-                    async move {
-                        let _ = handle.await;
-                    }
-                },
-            ),
+            TaskGuard::spawn("redis-resubscribe", {
+                let handle = subscriber.manage_subscriptions();
+                async move {
+                    let _ = handle.await;
+                }
+            }),
             TaskGuard::spawn(
                 "redis-release-listener",
                 listen(subscriber.clone(), prefix.clone(), waiters.clone()),
@@ -226,16 +226,22 @@ impl RedisStore {
         if client.is_connected() {
             Ok(client)
         } else {
-            Err(LockError::Unavailable("not connected to Redis (reconnecting)".into()))
+            Err(LockError::Unavailable(
+                "not connected to Redis (reconnecting)".into(),
+            ))
         }
     }
 
     /// Runs one script with the store timeout.
-    async fn eval(&self, script: &Script, keys: Vec<String>, args: Vec<String>) -> Result<Value, LockError> {
+    async fn eval(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Value, LockError> {
         let client = self.connected()?;
         bounded(self.timeout, script.evalsha_with_reload(client, keys, args)).await
     }
-
 }
 
 /// Awaits a fred call for at most `timeout`, mapping every failure to a
@@ -267,11 +273,20 @@ fn map_error(e: &Error) -> LockError {
         | ErrorKind::Sentinel
         | ErrorKind::Tls => LockError::Unavailable(format!("{:?}: {details}", e.kind())),
         // Credentials refused: retryable once an operator fixes them.
-        ErrorKind::Auth => LockError::Unavailable(format!("Redis refused our credentials: {details}")),
+        ErrorKind::Auth => {
+            LockError::Unavailable(format!("Redis refused our credentials: {details}"))
+        }
         // Transient server states during failover or load: retryable.
-        _ if ["LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY", "BUSY"]
-            .iter()
-            .any(|p| details.starts_with(p)) =>
+        _ if [
+            "LOADING",
+            "MASTERDOWN",
+            "TRYAGAIN",
+            "CLUSTERDOWN",
+            "READONLY",
+            "BUSY",
+        ]
+        .iter()
+        .any(|p| details.starts_with(p)) =>
         {
             LockError::Unavailable(details.to_string())
         }
@@ -320,7 +335,10 @@ async fn listen(subscriber: SubscriberClient, prefix: String, waiters: Arc<WaitQ
             }
             // Missed messages are covered by the waiters' backoff retries.
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(missed = n, "release notifications dropped; waiters fall back to retries");
+                tracing::warn!(
+                    missed = n,
+                    "release notifications dropped; waiters fall back to retries"
+                );
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
@@ -471,7 +489,10 @@ impl LockStore for RedisStore {
 
     async fn describe(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError> {
         let n = self.names(key);
-        let items = array(self.eval(&self.scripts.describe, vec![n.lock], vec![]).await?)?;
+        let items = array(
+            self.eval(&self.scripts.describe, vec![n.lock], vec![])
+                .await?,
+        )?;
         match items.first().and_then(int) {
             Some(0) => Ok(None),
             Some(1) if items.len() == 5 => {
@@ -531,12 +552,17 @@ impl LockStore for RedisStore {
         if primaries.is_empty() {
             return bounded(self.timeout, client.ping::<()>(None)).await;
         }
-        let pings = primaries
+        let pings = primaries.into_iter().map(|server| async move {
+            bounded(
+                self.timeout,
+                client.with_cluster_node(server).ping::<()>(None),
+            )
+            .await
+        });
+        join_all(pings)
+            .await
             .into_iter()
-            .map(|server| async move {
-                bounded(self.timeout, client.with_cluster_node(server).ping::<()>(None)).await
-            });
-        join_all(pings).await.into_iter().collect::<Result<Vec<()>, _>>()?;
+            .collect::<Result<Vec<()>, _>>()?;
         Ok(())
     }
 
@@ -572,6 +598,9 @@ mod tests {
         }
         assert_ne!(escape_tag("{"), escape_tag("%7B"));
         let ch = format!("p:{{{}}}:released", escape_tag("a}b"));
-        assert_eq!(key_of_channel("p:", &ch).map(unescape_tag), Some("a}b".into()));
+        assert_eq!(
+            key_of_channel("p:", &ch).map(unescape_tag),
+            Some("a}b".into())
+        );
     }
 }

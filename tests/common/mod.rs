@@ -31,7 +31,10 @@ use tonic_health::pb::health_client::HealthClient;
 pub fn wait_until(what: &str, within: Duration, mut ready: impl FnMut() -> bool) {
     let end = Instant::now() + within;
     while !ready() {
-        assert!(Instant::now() < end, "timed out after {within:?} waiting for {what}");
+        assert!(
+            Instant::now() < end,
+            "timed out after {within:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -68,7 +71,11 @@ pub fn spawn_tied(cmd: Command) -> Child {
     let program = cmd.get_program().to_owned();
     let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
     let mut tied = Command::new("setpriv");
-    tied.arg("--pdeathsig").arg("KILL").arg("--").arg(program).args(args);
+    tied.arg("--pdeathsig")
+        .arg("KILL")
+        .arg("--")
+        .arg(program)
+        .args(args);
     for (k, v) in cmd.get_envs() {
         match v {
             Some(v) => tied.env(k, v),
@@ -78,7 +85,9 @@ pub fn spawn_tied(cmd: Command) -> Child {
     if let Some(dir) = cmd.get_current_dir() {
         tied.current_dir(dir);
     }
-    tied.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    tied.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let (tx, rx) = std_mpsc::channel();
     keeper
         .lock()
@@ -98,9 +107,12 @@ impl Output {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let out = child.stdout.take();
         let err = child.stderr.take();
-        for reader in [out.map(|o| Box::new(o) as Box<dyn std::io::Read + Send>), err.map(|e| Box::new(e) as _)]
-            .into_iter()
-            .flatten()
+        for reader in [
+            out.map(|o| Box::new(o) as Box<dyn std::io::Read + Send>),
+            err.map(|e| Box::new(e) as _),
+        ]
+        .into_iter()
+        .flatten()
         {
             let lines = lines.clone();
             std::thread::spawn(move || {
@@ -116,10 +128,14 @@ impl Output {
     #[track_caller]
     pub fn wait_for(&self, needle: &str, within: Duration) -> String {
         let mut found = None;
-        wait_until(&format!("output line containing {needle:?}"), within, || {
-            found = self.find(needle);
-            found.is_some()
-        });
+        wait_until(
+            &format!("output line containing {needle:?}"),
+            within,
+            || {
+                found = self.find(needle);
+                found.is_some()
+            },
+        );
         found.unwrap_or_default()
     }
 
@@ -222,7 +238,11 @@ impl RedisServer {
     /// Starts it again on the same port, empty.
     pub fn restart(&mut self) {
         self.kill();
-        assert!(self.launch(), "redis-server did not restart on port {}", self.port);
+        assert!(
+            self.launch(),
+            "redis-server did not restart on port {}",
+            self.port
+        );
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -292,17 +312,28 @@ impl RedisCluster {
 
     /// Every node reports `cluster_state:ok` and knows all six nodes.
     pub fn wait_healthy(&self) {
-        wait_until("cluster_state:ok on every node", Duration::from_secs(30), || {
-            self.nodes.iter().all(|n| {
-                let info = n.cli(&["cluster", "info"]);
-                info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:6")
-            })
-        });
+        wait_until(
+            "cluster_state:ok on every node",
+            Duration::from_secs(30),
+            || {
+                self.nodes.iter().all(|n| {
+                    let info = n.cli(&["cluster", "info"]);
+                    info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:6")
+                })
+            },
+        );
     }
 
     pub fn url(&self) -> String {
-        let rest: Vec<String> = self.nodes[1..].iter().map(|n| format!("node={}", n.addr())).collect();
-        format!("redis-cluster://{}?{}", self.nodes[0].addr(), rest.join("&"))
+        let rest: Vec<String> = self.nodes[1..]
+            .iter()
+            .map(|n| format!("node={}", n.addr()))
+            .collect();
+        format!(
+            "redis-cluster://{}?{}",
+            self.nodes[0].addr(),
+            rest.join("&")
+        )
     }
 
     pub fn cli(&self, args: &[&str]) -> String {
@@ -358,11 +389,12 @@ pub struct TestServer {
 }
 
 pub fn test_config() -> ServerConfig {
-    let mut config = ServerConfig::default();
-    config.health_interval = Duration::from_millis(100);
-    config.store_timeout = Duration::from_millis(1000);
-    config.shutdown_grace = Duration::from_secs(5);
-    config
+    ServerConfig {
+        health_interval: Duration::from_millis(100),
+        store_timeout: Duration::from_millis(1000),
+        shutdown_grace: Duration::from_secs(5),
+        ..ServerConfig::default()
+    }
 }
 
 impl TestServer {
@@ -373,16 +405,31 @@ impl TestServer {
     pub async fn start_with(backend: Backend, config: ServerConfig) -> Self {
         let redis_url = match backend {
             Backend::Memory => None,
-            Backend::Redis => Some(tokio::task::spawn_blocking(|| shared_redis().url()).await.expect("redis")),
-            Backend::Cluster => Some(tokio::task::spawn_blocking(|| shared_cluster().url()).await.expect("cluster")),
+            Backend::Redis => Some(
+                tokio::task::spawn_blocking(|| shared_redis().url())
+                    .await
+                    .expect("redis"),
+            ),
+            Backend::Cluster => Some(
+                tokio::task::spawn_blocking(|| shared_cluster().url())
+                    .await
+                    .expect("cluster"),
+            ),
         };
         Self::start_on(backend, redis_url, unique_prefix(), config).await
     }
 
     /// A server on a given Redis URL and key prefix (a second server on the
     /// same locks, or a server on a Redis the test controls).
-    pub async fn start_on(backend: Backend, redis_url: Option<String>, prefix: String, config: ServerConfig) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    pub async fn start_on(
+        backend: Backend,
+        redis_url: Option<String>,
+        prefix: String,
+        config: ServerConfig,
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let waiters = WaitQueues::new(config.max_waiters);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -394,7 +441,9 @@ impl TestServer {
                 let store = Arc::new(MemoryStore::new(waiters.clone()));
                 let w = waiters.clone();
                 tokio::spawn(async move {
-                    server::run(store, w, config, listener, shutdown).await.expect("server");
+                    server::run(store, w, config, listener, shutdown)
+                        .await
+                        .expect("server");
                 })
             }
             Some(url) => {
@@ -404,10 +453,16 @@ impl TestServer {
                     pool_size: 2,
                     timeout: config.store_timeout,
                 };
-                let store = Arc::new(RedisStore::connect(&redis, waiters.clone()).await.expect("redis store"));
+                let store = Arc::new(
+                    RedisStore::connect(&redis, waiters.clone())
+                        .await
+                        .expect("redis store"),
+                );
                 let w = waiters.clone();
                 tokio::spawn(async move {
-                    server::run(store, w, config, listener, shutdown).await.expect("server");
+                    server::run(store, w, config, listener, shutdown)
+                        .await
+                        .expect("server");
                 })
             }
         };
@@ -431,7 +486,9 @@ impl TestServer {
     }
 
     pub async fn client(&self) -> LockServiceClient<Channel> {
-        LockServiceClient::connect(self.endpoint()).await.expect("connect")
+        LockServiceClient::connect(self.endpoint())
+            .await
+            .expect("connect")
     }
 
     pub async fn health(&self) -> HealthClient<Channel> {
@@ -482,7 +539,10 @@ impl TestServer {
 
     /// The Redis names of a lock under this server's prefix.
     pub fn names(&self, key: &str) -> RedisNames {
-        RedisNames::of(&self.prefix, &leasehold::lock::LockKey::parse(key, 4096).expect("key"))
+        RedisNames::of(
+            &self.prefix,
+            &leasehold::lock::LockKey::parse(key, 4096).expect("key"),
+        )
     }
 
     /// Deletes the lock's fencing counter from Redis (no-op for memory,
@@ -545,7 +605,9 @@ pub struct KeepAliveSession {
 impl KeepAliveSession {
     pub async fn open(c: &mut LockServiceClient<Channel>) -> Result<Self, tonic::Status> {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let response = c.keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
+        let response = c
+            .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?;
         Ok(Self {
             tx: Some(tx),
             rx: response.into_inner(),
@@ -560,7 +622,12 @@ impl KeepAliveSession {
             ttl_ms,
             release,
         };
-        self.tx.as_ref().expect("open").send(req).await.expect("stream open");
+        self.tx
+            .as_ref()
+            .expect("open")
+            .send(req)
+            .await
+            .expect("stream open");
     }
 
     /// The next response, or the status that ended the stream.
