@@ -11,8 +11,10 @@
 //! - [`service`]: the gRPC handlers, KeepAlive sessions and server-side waiting.
 //! - [`server`]: assembles tonic with health, reflection, limits and shutdown.
 //! - [`cli`]: the `leasehold` subcommands.
+//! - [`bench`]: the load generator and its baselines (`leasehold bench`).
 //! - [`task`]: owned background tasks.
 
+pub mod bench;
 pub mod cli;
 pub mod lock;
 pub mod pb;

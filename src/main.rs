@@ -2,10 +2,20 @@
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() {
+/// mimalloc instead of glibc malloc: the RPC path allocates many small,
+/// short-lived buffers, and the profile showed malloc/free near the top.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() {
     let cli = leasehold::cli::Cli::parse();
     leasehold::cli::init_tracing(cli.log_format);
-    let code = leasehold::cli::run(cli).await;
+    let code = match leasehold::cli::runtime(&cli) {
+        Ok(runtime) => runtime.block_on(leasehold::cli::run(cli)),
+        Err(e) => {
+            eprintln!("leasehold: cannot start the async runtime: {e}");
+            1
+        }
+    };
     std::process::exit(code);
 }

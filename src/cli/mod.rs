@@ -13,6 +13,10 @@ pub struct Cli {
     /// Log format.
     #[arg(long, global = true, env = "LEASEHOLD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Runtime worker threads: 0 runs everything on one thread (least CPU
+    /// per call), N on N threads; default: one per CPU.
+    #[arg(long, global = true, env = "LEASEHOLD_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     /// What to do; without a subcommand, `serve` with its defaults.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -32,6 +36,14 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the lock server.
     Serve(serve::ServeArgs),
+    /// Measure Leasehold against the gRPC floor and direct Redis.
+    Bench(crate::bench::BenchArgs),
+    /// The bare tonic server `bench` compares against (internal).
+    #[command(hide = true)]
+    BenchFloor(crate::bench::FloorArgs),
+    /// A lock holder for `bench crash` to kill (internal).
+    #[command(hide = true)]
+    BenchCrashHolder(crate::bench::CrashHolderArgs),
 }
 
 /// Sets up tracing: `LEASEHOLD_LOG` (or `RUST_LOG`) as an EnvFilter,
@@ -53,6 +65,22 @@ pub fn init_tracing(format: LogFormat) {
     };
 }
 
+/// Builds the tokio runtime the command line asked for.
+pub fn runtime(cli: &Cli) -> std::io::Result<tokio::runtime::Runtime> {
+    match cli.worker_threads {
+        Some(0) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    }
+}
+
 /// Runs a parsed command line; the process exit code is the result.
 pub async fn run(cli: Cli) -> i32 {
     // `leasehold` alone serves, every flag at its default or LEASEHOLD_* value.
@@ -67,13 +95,20 @@ pub async fn run(cli: Cli) -> i32 {
             }
         },
     };
-    match command {
-        Command::Serve(args) => match serve::run(args).await {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("leasehold serve: {e}");
-                1
-            }
-        },
+    let (name, result) = match command {
+        Command::Serve(args) => ("serve", serve::run(args).await),
+        Command::Bench(args) => ("bench", crate::bench::run(args).await),
+        Command::BenchFloor(args) => ("bench-floor", crate::bench::run_floor(args).await),
+        Command::BenchCrashHolder(args) => (
+            "bench-crash-holder",
+            crate::bench::run_crash_holder(args).await,
+        ),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("leasehold {name}: {e}");
+            1
+        }
     }
 }

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use fred::clients::{Pool, SubscriberClient};
 use fred::prelude::*;
-use fred::types::config::UnresponsiveConfig;
 use fred::types::scripts::Script;
+use fred::types::{ClusterHash, CustomCommand};
 use futures_util::future::join_all;
 
 use super::LockStore;
@@ -135,13 +135,13 @@ impl RedisStore {
                 // A command is resent at most once after a dropped connection;
                 // acquire is idempotent per token, so a resend is safe.
                 c.max_command_attempts = 2;
-                c.unresponsive = UnresponsiveConfig {
-                    max_timeout: Some(timeout),
-                    interval: Duration::from_millis(500).min(timeout),
-                };
             })
             .with_performance_config(|p| {
-                p.default_command_timeout = timeout;
+                // No per-command timer inside fred: every call is already
+                // bounded by `bounded()`, and a second timer per command
+                // (plus fred's "unresponsive" timer per router loop) showed
+                // up in the profile.
+                p.default_command_timeout = Duration::ZERO;
                 p.broadcast_channel_capacity = 4096;
             })
             .set_policy(ReconnectPolicy::new_exponential(0, 50, 1000, 2));
@@ -240,7 +240,26 @@ impl RedisStore {
         args: Vec<String>,
     ) -> Result<Value, LockError> {
         let client = self.connected()?;
-        bounded(self.timeout, script.evalsha_with_reload(client, keys, args)).await
+        let mut argv = Vec::with_capacity(2 + keys.len() + args.len());
+        argv.push(Value::String(script.sha1().clone()));
+        argv.push(Value::Integer(keys.len() as i64));
+        argv.extend(keys.into_iter().map(Value::from));
+        argv.extend(args.into_iter().map(Value::from));
+        bounded(self.timeout, evalsha(client, script, argv)).await
+    }
+}
+
+/// `EVALSHA` with prebuilt arguments (`sha, numkeys, keys..., args...`),
+/// loading the script where Redis lacks it (`NOSCRIPT`: a restarted or
+/// newly promoted node). Argument 2, the first key, routes it on a cluster.
+async fn evalsha(client: &Client, script: &Script, argv: Vec<Value>) -> Result<Value, Error> {
+    let cmd = || CustomCommand::new_static("EVALSHA", ClusterHash::Offset(2), false);
+    match client.custom(cmd(), argv.clone()).await {
+        Err(e) if e.details().starts_with("NOSCRIPT") => {
+            script.load(client).await?;
+            client.custom(cmd(), argv).await
+        }
+        result => result,
     }
 }
 

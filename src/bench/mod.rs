@@ -1,0 +1,580 @@
+//! `leasehold bench`: the load generator. It measures Leasehold side by side
+//! with two baselines in the same run — a bare tonic server answering the
+//! same RPCs from a HashMap (the gRPC floor) and fred talking straight to
+//! Redis — and reports ratios, because absolute numbers on a shared machine
+//! mean little. See documentation/benchmarks.md.
+
+mod floor;
+mod load;
+mod spawn;
+mod stats;
+
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use serde_json::{Value, json};
+
+use load::{Cycles, Hot, KeepAlive};
+use spawn::Spawned;
+use stats::{Latency, ProcSample, round3};
+
+pub use floor::serve as serve_floor;
+
+/// Which measurement to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// Acquire (wait 0) + Release over many keys.
+    Cycles,
+    /// Many workers on one key with server-side waiting.
+    Hot,
+    /// Streams keeping locks alive at TTL/3.
+    Keepalive,
+    /// A holder SIGKILLed while a waiter waits.
+    Crash,
+    /// Only the baselines: the gRPC floor and direct Redis.
+    Baseline,
+    /// Everything, one after the other.
+    All,
+}
+
+/// Which store spawned servers use for keepalive and crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreChoice {
+    /// A redis-server (spawned, or --redis-url).
+    Redis,
+    /// The embedded memory store.
+    Memory,
+}
+
+/// Flags of `leasehold bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// The scenario.
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// Start redis-server (unless --redis-url), Leasehold servers and the
+    /// floor on free loopback ports, and compare them in one run.
+    #[arg(long)]
+    pub spawn: bool,
+    /// Server to load when not spawning.
+    #[arg(
+        long,
+        env = "LEASEHOLD_ENDPOINT",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub endpoint: String,
+    /// Redis for spawned servers and for the direct-Redis baseline.
+    #[arg(long, env = "LEASEHOLD_BENCH_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Concurrent workers (cycles, hot).
+    #[arg(long, default_value_t = 64)]
+    pub workers: usize,
+    /// Distinct keys (cycles).
+    #[arg(long, default_value_t = 100_000)]
+    pub keys: u64,
+    /// How long each measurement runs (after a warm-up of a fifth of it, at most 2 s).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// HTTP/2 connections the workers share (cycles, hot).
+    #[arg(long, default_value_t = 8)]
+    pub connections: usize,
+    /// KeepAlive streams (keepalive).
+    #[arg(long, default_value_t = 1_000)]
+    pub streams: usize,
+    /// Locks per stream (keepalive).
+    #[arg(long, default_value_t = 1)]
+    pub locks_per_stream: usize,
+    /// Streams per HTTP/2 connection (keepalive).
+    #[arg(long, default_value_t = 100)]
+    pub streams_per_connection: usize,
+    /// Lock TTL (keepalive); renewals go out at a third of it.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    /// Rounds (crash).
+    #[arg(long, default_value_t = 100)]
+    pub rounds: usize,
+    /// Store of spawned servers for keepalive and crash.
+    #[arg(long, value_enum, default_value_t = StoreChoice::Redis)]
+    pub store: StoreChoice,
+    /// Server process to read CPU and RSS from when not spawning.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Extra flags for spawned Leasehold servers (repeatable, e.g.
+    /// `--server-arg=--pool-size=8`).
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    pub server_args: Vec<String>,
+    /// One JSON line per scenario instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of the hidden `bench-floor` subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct FloorArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: std::net::SocketAddr,
+}
+
+/// Flags of the hidden `bench-crash-holder` subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct CrashHolderArgs {
+    /// Server to hold the lock on.
+    #[arg(long)]
+    pub endpoint: String,
+    /// Lock to hold.
+    #[arg(long)]
+    pub key: String,
+}
+
+/// Runs the floor server until killed.
+pub async fn run_floor(args: FloorArgs) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(%addr, "listening (gRPC floor)");
+    serve_floor(listener).await.map_err(|e| e.to_string())
+}
+
+/// Takes a lock, keeps it alive on a stream, prints HOLDING, and waits to
+/// be killed (at most five minutes).
+pub async fn run_crash_holder(args: CrashHolderArgs) -> Result<(), String> {
+    use crate::pb;
+    let mut client =
+        crate::pb::lock_service_client::LockServiceClient::connect(args.endpoint.clone())
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", args.endpoint))?;
+    let req = pb::AcquireRequest {
+        key: args.key.clone(),
+        ttl_ms: 30_000,
+        wait_ms: 30_000,
+        ..Default::default()
+    };
+    let lease = client
+        .acquire(req)
+        .await
+        .map_err(|e| e.message().to_string())?
+        .into_inner()
+        .lease
+        .ok_or("not acquired")?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut stream = client
+        .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|e| e.message().to_string())?
+        .into_inner();
+    tx.send(pb::KeepAliveRequest {
+        key: args.key,
+        token: lease.token,
+        ttl_ms: 0,
+        release: false,
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    match stream.message().await {
+        Ok(Some(r)) if r.alive => println!("HOLDING {}", lease.fencing_token),
+        other => return Err(format!("could not attach: {other:?}")),
+    }
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    Ok(())
+}
+
+/// Runs `leasehold bench`.
+pub async fn run(args: BenchArgs) -> Result<(), String> {
+    let scenarios = match args.scenario {
+        Scenario::All => vec![
+            Scenario::Cycles,
+            Scenario::Hot,
+            Scenario::Keepalive,
+            Scenario::Crash,
+        ],
+        s => vec![s],
+    };
+    // One redis-server for the whole run, when spawning without a URL.
+    let needs_redis = args.spawn || matches!(args.scenario, Scenario::Baseline);
+    let spawned_redis = if needs_redis && args.redis_url.is_none() {
+        Some(spawn::redis_server().await?)
+    } else {
+        None
+    };
+    let redis_url = args.redis_url.clone().or_else(|| {
+        spawned_redis
+            .as_ref()
+            .map(|r| format!("redis://{}", r.addr))
+    });
+    for scenario in scenarios {
+        let report = match scenario {
+            Scenario::Cycles => cycles(&args, redis_url.as_deref()).await?,
+            Scenario::Hot => hot(&args, redis_url.as_deref()).await?,
+            Scenario::Keepalive => keepalive(&args, redis_url.as_deref()).await?,
+            Scenario::Crash => crash(&args, redis_url.as_deref()).await?,
+            Scenario::Baseline => baseline(&args, redis_url.as_deref()).await?,
+            Scenario::All => unreachable!("expanded above"),
+        };
+        if args.json {
+            println!("{report}");
+        } else {
+            print_report(&report);
+        }
+    }
+    if let Some(redis) = spawned_redis {
+        redis.kill().await;
+    }
+    Ok(())
+}
+
+fn warmup(d: Duration) -> Duration {
+    (d / 5).min(Duration::from_secs(2))
+}
+
+fn machine() -> Value {
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "os": std::env::consts::OS,
+    })
+}
+
+/// Measures the cycles loop against one server, with its CPU if known.
+async fn cycles_against(
+    args: &BenchArgs,
+    endpoint: &str,
+    pid: Option<u32>,
+) -> Result<(Cycles, Option<ProcSample>, Option<ProcSample>), String> {
+    let channels = load::connect(endpoint, args.connections).await?;
+    load::cycles_grpc(&channels, args.workers, args.keys, warmup(args.duration)).await;
+    let before = pid.and_then(ProcSample::read);
+    let result = load::cycles_grpc(&channels, args.workers, args.keys, args.duration).await;
+    let after = pid.and_then(ProcSample::read);
+    Ok((result, before, after))
+}
+
+fn cycles_row(name: &str, c: &Cycles, cpu: Option<(ProcSample, ProcSample)>) -> Value {
+    let rpcs = (c.cycles * 2 + c.contended) as f64;
+    let cpu_us = cpu.map(|(b, a)| round3((a.cpu - b.cpu).as_secs_f64() * 1e6 / rpcs.max(1.0)));
+    json!({
+        "target": name,
+        "cycles_per_s": c.rate().round(),
+        "acquire": c.acquire.json(),
+        "release": c.release.json(),
+        "contended": c.contended,
+        "errors": c.errors,
+        "server_cpu_us_per_rpc": cpu_us,
+    })
+}
+
+fn pair(b: Option<ProcSample>, a: Option<ProcSample>) -> Option<(ProcSample, ProcSample)> {
+    Some((b?, a?))
+}
+
+fn ratio(a: f64, b: f64) -> Value {
+    if b > 0.0 {
+        json!(round3(a / b))
+    } else {
+        Value::Null
+    }
+}
+
+async fn cycles(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, String> {
+    let mut rows = Vec::new();
+    if !args.spawn {
+        let (c, b, a) = cycles_against(args, &args.endpoint, args.server_pid).await?;
+        rows.push(cycles_row(&args.endpoint, &c, pair(b, a)));
+        return Ok(
+            json!({"scenario": "cycles", "workers": args.workers, "keys": args.keys, "duration_s": args.duration.as_secs_f64(), "rows": rows, "machine": machine()}),
+        );
+    }
+    let floor = spawn::floor().await?;
+    let (f, b, a) = cycles_against(args, &floor.endpoint(), Some(floor.pid)).await?;
+    floor.kill().await;
+    let floor_cpu = pair(b, a);
+    rows.push(cycles_row("grpc floor (tonic + HashMap)", &f, floor_cpu));
+
+    let mem = spawn::leasehold(None, &args.server_args).await?;
+    let (m, b, a) = cycles_against(args, &mem.endpoint(), Some(mem.pid)).await?;
+    mem.kill().await;
+    rows.push(cycles_row("leasehold, memory store", &m, pair(b, a)));
+
+    let url = redis_url.ok_or("cycles --spawn needs Redis")?;
+    let red = spawn::leasehold(Some(url), &args.server_args).await?;
+    let (r, b, a) = cycles_against(args, &red.endpoint(), Some(red.pid)).await?;
+    red.kill().await;
+    let redis_cpu = pair(b, a);
+    rows.push(cycles_row("leasehold, redis store", &r, redis_cpu));
+
+    let pool = load::redis_pool(url, args.connections).await?;
+    load::cycles_redis(&pool, args.workers, args.keys, warmup(args.duration)).await;
+    let d = load::cycles_redis(&pool, args.workers, args.keys, args.duration).await;
+    rows.push(cycles_row(
+        "direct redis (fred, SET NX PX + CAS delete)",
+        &d,
+        None,
+    ));
+
+    let cpu_per_rpc = |c: &Cycles, s: Option<(ProcSample, ProcSample)>| {
+        s.map(|(b, a)| {
+            (a.cpu - b.cpu).as_secs_f64() / ((c.cycles * 2 + c.contended) as f64).max(1.0)
+        })
+        .unwrap_or(0.0)
+    };
+    Ok(json!({
+        "scenario": "cycles",
+        "workers": args.workers, "keys": args.keys, "duration_s": args.duration.as_secs_f64(),
+        "rows": rows,
+        "ratios": {
+            "memory_over_floor": ratio(m.rate(), f.rate()),
+            "redis_over_memory": ratio(r.rate(), m.rate()),
+            "redis_over_floor": ratio(r.rate(), f.rate()),
+            "redis_over_direct_redis": ratio(r.rate(), d.rate()),
+            "redis_cpu_per_rpc_over_floor": ratio(cpu_per_rpc(&r, redis_cpu), cpu_per_rpc(&f, floor_cpu)),
+        },
+        "machine": machine(),
+    }))
+}
+
+fn hot_row(name: &str, h: &Hot, cpu: Option<(ProcSample, ProcSample)>) -> Value {
+    let cores =
+        cpu.map(|(b, a)| round3((a.cpu - b.cpu).as_secs_f64() / h.elapsed.as_secs_f64().max(1e-9)));
+    json!({
+        "target": name,
+        "handoffs_per_s": h.rate().round(),
+        "wait": h.wait.json(),
+        "fairness_max_over_min": if h.fairness().is_finite() { json!(round3(h.fairness())) } else { Value::Null },
+        "timeouts": h.timeouts,
+        "errors": h.errors,
+        "server_cpu_cores": cores,
+    })
+}
+
+async fn hot_against(
+    args: &BenchArgs,
+    endpoint: &str,
+    pid: Option<u32>,
+) -> Result<(Hot, Option<(ProcSample, ProcSample)>), String> {
+    let channels = load::connect(endpoint, args.connections).await?;
+    load::hot_grpc(&channels, args.workers, warmup(args.duration)).await;
+    let before = pid.and_then(ProcSample::read);
+    let h = load::hot_grpc(&channels, args.workers, args.duration).await;
+    let after = pid.and_then(ProcSample::read);
+    Ok((h, pair(before, after)))
+}
+
+async fn hot(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, String> {
+    let mut rows = Vec::new();
+    if !args.spawn {
+        let (h, cpu) = hot_against(args, &args.endpoint, args.server_pid).await?;
+        rows.push(hot_row(&args.endpoint, &h, cpu));
+        return Ok(
+            json!({"scenario": "hot", "workers": args.workers, "duration_s": args.duration.as_secs_f64(), "rows": rows, "machine": machine()}),
+        );
+    }
+    let mem = spawn::leasehold(None, &args.server_args).await?;
+    let (m, cpu) = hot_against(args, &mem.endpoint(), Some(mem.pid)).await?;
+    mem.kill().await;
+    rows.push(hot_row("leasehold, memory store", &m, cpu));
+    let url = redis_url.ok_or("hot --spawn needs Redis")?;
+    let red = spawn::leasehold(Some(url), &args.server_args).await?;
+    let (r, cpu) = hot_against(args, &red.endpoint(), Some(red.pid)).await?;
+    red.kill().await;
+    rows.push(hot_row("leasehold, redis store", &r, cpu));
+    let pool = load::redis_pool(url, args.connections).await?;
+    let d = load::hot_redis(&pool, args.workers, args.duration).await;
+    rows.push(hot_row("direct redis, polling with backoff", &d, None));
+    Ok(json!({
+        "scenario": "hot", "workers": args.workers, "duration_s": args.duration.as_secs_f64(),
+        "rows": rows,
+        "ratios": {
+            "redis_over_memory": ratio(r.rate(), m.rate()),
+            "redis_over_direct_redis_polling": ratio(r.rate(), d.rate()),
+        },
+        "machine": machine(),
+    }))
+}
+
+async fn server_for(
+    args: &BenchArgs,
+    redis_url: Option<&str>,
+) -> Result<(Option<Spawned>, String, Option<u32>), String> {
+    if !args.spawn {
+        return Ok((None, args.endpoint.clone(), args.server_pid));
+    }
+    let url = match args.store {
+        StoreChoice::Redis => Some(redis_url.ok_or("needs Redis")?),
+        StoreChoice::Memory => None,
+    };
+    let s = spawn::leasehold(url, &args.server_args).await?;
+    let (endpoint, pid) = (s.endpoint(), s.pid);
+    Ok((Some(s), endpoint, Some(pid)))
+}
+
+async fn keepalive(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, String> {
+    let (server, endpoint, pid) = server_for(args, redis_url).await?;
+    let ttl_ms = u32::try_from(args.ttl.as_millis()).map_err(|_| "--ttl too large")?;
+    let idle = pid.and_then(ProcSample::read);
+    let setup_start = Instant::now();
+    let setup = load::keepalive_setup(
+        &endpoint,
+        args.streams,
+        args.locks_per_stream,
+        ttl_ms,
+        args.streams_per_connection,
+    )
+    .await?;
+    let setup_s = setup_start.elapsed().as_secs_f64();
+    let setup_errors = setup.errors;
+    let before = pid.and_then(ProcSample::read);
+    let run = tokio::spawn(load::keepalive_run(setup, args.duration));
+    // RSS at its peak: sampled through the steady state.
+    let mut peak_rss = before.map(|s| s.rss).unwrap_or(0);
+    let sample_end = Instant::now() + args.duration;
+    while Instant::now() < sample_end {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Some(s) = pid.and_then(ProcSample::read) {
+            peak_rss = peak_rss.max(s.rss);
+        }
+    }
+    let after = pid.and_then(ProcSample::read);
+    let k: KeepAlive = run.await.map_err(|e| e.to_string())?;
+    if let Some(s) = server {
+        s.kill().await;
+    }
+    let cores = pair(before, after)
+        .map(|(b, a)| round3((a.cpu - b.cpu).as_secs_f64() / args.duration.as_secs_f64()));
+    Ok(json!({
+        "scenario": "keepalive",
+        "streams": args.streams, "locks_per_stream": args.locks_per_stream, "ttl_ms": ttl_ms,
+        "duration_s": args.duration.as_secs_f64(),
+        "locks": k.locks, "setup_s": round3(setup_s), "setup_errors": setup_errors,
+        "renewals_per_s": k.rate().round(),
+        "renew": k.renew.json(),
+        "lost_locks": k.lost,
+        "errors": k.errors,
+        "server_rss_idle_mib": idle.map(|s| round3(s.rss as f64 / 1048576.0)),
+        "server_rss_peak_mib": pid.map(|_| round3(peak_rss as f64 / 1048576.0)),
+        "server_cpu_cores": cores,
+        "store": format!("{:?}", args.store).to_lowercase(),
+        "machine": machine(),
+    }))
+}
+
+async fn crash(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, String> {
+    let (server, endpoint, _) = server_for(args, redis_url).await?;
+    let mut client = crate::pb::lock_service_client::LockServiceClient::connect(endpoint.clone())
+        .await
+        .map_err(|e| format!("cannot connect to {endpoint}: {e}"))?;
+    let key = format!("crash/{}", load::FastRng::new().next_u64());
+    let mut latency = Latency::default();
+    let mut failures = 0u64;
+    for _ in 0..args.rounds {
+        let holder = spawn::crash_holder(&endpoint, &key).await?;
+        let mut waiter = client.clone();
+        let req = crate::pb::AcquireRequest {
+            key: key.clone(),
+            ttl_ms: 30_000,
+            wait_ms: 10_000,
+            ..Default::default()
+        };
+        let waiting = tokio::spawn(async move {
+            let r = waiter.acquire(req).await;
+            (r, Instant::now())
+        });
+        // Let the waiter reach the server and queue before the crash.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let killed = Instant::now();
+        holder.kill().await;
+        let (result, at) = waiting.await.map_err(|e| e.to_string())?;
+        match result.ok().and_then(|r| r.into_inner().lease) {
+            Some(lease) => {
+                latency.record(at.saturating_duration_since(killed));
+                let _ = client
+                    .release(crate::pb::ReleaseRequest {
+                        key: key.clone(),
+                        token: lease.token,
+                    })
+                    .await;
+            }
+            None => failures += 1,
+        }
+    }
+    if let Some(s) = server {
+        s.kill().await;
+    }
+    Ok(json!({
+        "scenario": "crash", "rounds": args.rounds,
+        "kill_to_grant": latency.json(),
+        "failures": failures,
+        "store": format!("{:?}", args.store).to_lowercase(),
+        "machine": machine(),
+    }))
+}
+
+async fn baseline(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, String> {
+    let floor = spawn::floor().await?;
+    let (f, b, a) = cycles_against(args, &floor.endpoint(), Some(floor.pid)).await?;
+    floor.kill().await;
+    let url = redis_url.ok_or("baseline needs Redis")?;
+    let pool = load::redis_pool(url, args.connections).await?;
+    let d = load::cycles_redis(&pool, args.workers, args.keys, args.duration).await;
+    let h = load::hot_redis(&pool, args.workers, args.duration).await;
+    Ok(json!({
+        "scenario": "baseline",
+        "rows": [
+            cycles_row("grpc floor (tonic + HashMap)", &f, pair(b, a)),
+            cycles_row("direct redis (fred, SET NX PX + CAS delete)", &d, None),
+            hot_row("direct redis, polling with backoff", &h, None),
+        ],
+        "machine": machine(),
+    }))
+}
+
+fn print_report(report: &Value) {
+    let scenario = report["scenario"].as_str().unwrap_or("?");
+    println!("== {scenario} ==");
+    let ms = |v: &Value| format!("{:.3}", v.as_f64().unwrap_or(0.0));
+    match scenario {
+        "cycles" | "baseline" | "hot" => {
+            for row in report["rows"].as_array().into_iter().flatten() {
+                if row.get("cycles_per_s").is_some() {
+                    println!(
+                        "{:<46} {:>9} cycles/s  acquire p50/p99/p99.9 {}/{}/{} ms  release p50/p99 {}/{} ms  cpu {} µs/rpc  errors {}",
+                        row["target"].as_str().unwrap_or(""),
+                        row["cycles_per_s"],
+                        ms(&row["acquire"]["p50_ms"]),
+                        ms(&row["acquire"]["p99_ms"]),
+                        ms(&row["acquire"]["p999_ms"]),
+                        ms(&row["release"]["p50_ms"]),
+                        ms(&row["release"]["p99_ms"]),
+                        row["server_cpu_us_per_rpc"],
+                        row["errors"],
+                    );
+                } else {
+                    println!(
+                        "{:<46} {:>9} handoffs/s  wait p50/p99 {}/{} ms  fairness {}  cpu {} cores  timeouts {} errors {}",
+                        row["target"].as_str().unwrap_or(""),
+                        row["handoffs_per_s"],
+                        ms(&row["wait"]["p50_ms"]),
+                        ms(&row["wait"]["p99_ms"]),
+                        row["fairness_max_over_min"],
+                        row["server_cpu_cores"],
+                        row["timeouts"],
+                        row["errors"],
+                    );
+                }
+            }
+            if let Some(ratios) = report["ratios"].as_object() {
+                for (k, v) in ratios {
+                    println!("  {k:<36} {v}");
+                }
+            }
+        }
+        _ => {
+            if let Some(obj) = report.as_object() {
+                for (k, v) in obj {
+                    if k != "scenario" {
+                        println!("  {k:<24} {v}");
+                    }
+                }
+            }
+        }
+    }
+}
