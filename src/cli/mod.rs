@@ -1,6 +1,9 @@
 //! The `leasehold` command line: one binary, several subcommands. Each
 //! subcommand's flags also read a `LEASEHOLD_*` environment variable.
 
+pub mod connect;
+pub mod lock;
+pub mod ops;
 pub mod serve;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -32,6 +35,16 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the lock server.
     Serve(serve::ServeArgs),
+    /// Run a command while holding a lock: `leasehold lock NAME -- CMD ARGS...`.
+    Lock(lock::LockArgs),
+    /// Take a lock and print the lease (not kept alive: renew or release it).
+    Acquire(ops::AcquireArgs),
+    /// Give a lock back with its token.
+    Release(ops::ReleaseArgs),
+    /// Extend a lock's TTL with its token.
+    Renew(ops::RenewArgs),
+    /// Show who holds a lock.
+    Describe(ops::DescribeArgs),
 }
 
 /// Sets up tracing: `LEASEHOLD_LOG` (or `RUST_LOG`) as an EnvFilter,
@@ -75,5 +88,10 @@ pub async fn run(cli: Cli) -> i32 {
                 1
             }
         },
+        Command::Lock(args) => lock::run(args).await,
+        Command::Acquire(args) => ops::acquire(args).await,
+        Command::Release(args) => ops::release(args).await,
+        Command::Renew(args) => ops::renew(args).await,
+        Command::Describe(args) => ops::describe(args).await,
     }
 }
