@@ -324,6 +324,12 @@ impl Keeper {
         let Some(stream) = self.stream.as_mut() else {
             return;
         };
+        if stream.tx.is_closed() {
+            // The call is over (its end is on its way on the response
+            // side); do not spin on a stream that takes nothing.
+            self.broken("the stream closed".into());
+            return;
+        }
         for (key, entry) in &mut self.locks {
             if entry.in_flight.is_none() && entry.next_renew <= now {
                 let request = pb::KeepAliveRequest {
@@ -332,8 +338,6 @@ impl Keeper {
                     ttl_ms: 0,
                     release: false,
                 };
-                // A closed sender means the call is ending; its end arrives
-                // on the response side and triggers the reconnect.
                 if stream.tx.send(request).is_ok() {
                     entry.in_flight = Some(now);
                     stream

@@ -8,30 +8,42 @@
 //! [`LockBuilder`]; awaiting it gives a [`LockGuard`] with the lease's key,
 //! fencing token and TTL, and [`LockGuard::lost`] says when the lock is gone.
 //!
+//! The README's example, compiled:
+//!
 //! ```no_run
 //! use std::time::Duration;
-//! use leasehold::client::Client;
+//! use leasehold::client::{Client, Error};
 //!
-//! # async fn demo() -> Result<(), leasehold::client::Error> {
-//! // Two servers over one Redis: either can renew the lock.
-//! let client = Client::connect(["http://10.0.0.1:50051", "http://10.0.0.2:50051"]).await?;
+//! async fn nightly() -> Result<(), Error> {
+//!     // Several servers over one Redis: the client fails over between them and
+//!     // retries UNAVAILABLE with exponential backoff and full jitter (10 s by default).
+//!     let client = Client::connect(["http://10.0.0.1:50051", "http://10.0.0.2:50051"]).await?;
 //!
-//! // Run a job under the lock; it is released when the job ends, and the
-//! // job is stopped (with Err(Error::Lost)) if the lock is lost first.
-//! client
-//!     .with_lock("reports/nightly", |lease| async move {
-//!         println!("fencing token {}", lease.fencing_token);
-//!     })
-//!     .await?;
+//!     // Run work under a lock, released at the end. If the lock is lost first,
+//!     // the work is dropped at its next .await and the result is Err(Error::Lost).
+//!     client
+//!         .with_lock("reports/nightly", |lease| async move {
+//!             write_report(lease.fencing_token).await // fence your writes
+//!         })
+//!         .await?;
 //!
-//! // Or hold a guard: kept alive until released or dropped.
-//! let guard = client.lock("db/migrations").ttl(Duration::from_secs(10)).await?;
-//! tokio::select! {
-//!     reason = guard.lost() => eprintln!("lost: {reason}"),
-//!     _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+//!     // Or hold a guard: options, then await it.
+//!     let guard = client
+//!         .lock("db/migrations")
+//!         .ttl(Duration::from_secs(15))   // default: the server's (30 s)
+//!         .wait(Duration::from_secs(60))  // default: as long as it takes; ZERO tries once
+//!         .owner("deploy-42")
+//!         .metadata("commit", "abc123")
+//!         .await?;                        // Err(Error::NotAcquired { .. }) after the wait
+//!     tokio::select! {
+//!         reason = guard.lost() => eprintln!("lost {}: {reason}", guard.key()),
+//!         _ = migrate(guard.fencing_token()) => {}
+//!     }
+//!     guard.release().await?;             // Ok(false): it had been lost already
+//!     Ok(())
 //! }
-//! guard.release().await?;
-//! # Ok(()) }
+//! # async fn write_report(_: u64) {}
+//! # async fn migrate(_: u64) {}
 //! ```
 //!
 //! This module owns the client side only: it uses the generated
