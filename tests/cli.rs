@@ -365,7 +365,9 @@ async fn command_ignoring_sigterm_is_killed_after_the_grace_period() {
     let took = taken_at.elapsed();
     assert_eq!(code, 76);
     assert!(
-        took >= noticed + Duration::from_millis(900),
+        // SIGKILL comes --grace (1 s) after the SIGTERM, which the test
+        // noticed a little after it was sent.
+        took >= noticed + Duration::from_millis(700),
         "{took:?} vs {noticed:?}"
     );
     assert!(took < noticed + Duration::from_secs(5), "{took:?}");

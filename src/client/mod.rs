@@ -125,6 +125,18 @@ impl<S: AsRef<str>> IntoEndpoints for &[S] {
     }
 }
 
+impl<S: AsRef<str>> IntoEndpoints for &Vec<S> {
+    fn into_endpoints(self) -> Vec<String> {
+        self.as_slice().into_endpoints()
+    }
+}
+
+impl<S: AsRef<str>, const N: usize> IntoEndpoints for &[S; N] {
+    fn into_endpoints(self) -> Vec<String> {
+        self.as_slice().into_endpoints()
+    }
+}
+
 impl<S: AsRef<str>, const N: usize> IntoEndpoints for [S; N] {
     fn into_endpoints(self) -> Vec<String> {
         self.iter().flat_map(|s| split(s.as_ref())).collect()
@@ -418,5 +430,22 @@ impl Client {
     pub fn endpoints(&self) -> Vec<String> {
         let t = &self.inner.transport;
         (0..t.len()).map(|i| t.uri(i).to_string()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::IntoEndpoints;
+
+    #[test]
+    fn endpoints_come_in_many_shapes() {
+        let two = vec!["http://a:1".to_string(), "http://b:2".to_string()];
+        assert_eq!("http://a:1,http://b:2".into_endpoints(), two);
+        assert_eq!(" http://a:1 , http://b:2 ,".into_endpoints(), two);
+        assert_eq!((&two).into_endpoints(), two);
+        assert_eq!(two.as_slice().into_endpoints(), two);
+        assert_eq!(["http://a:1", "http://b:2"].into_endpoints(), two);
+        assert_eq!((&["http://a:1", "http://b:2"]).into_endpoints(), two);
+        assert_eq!(vec!["http://a:1,http://b:2"].into_endpoints(), two);
     }
 }
