@@ -359,7 +359,7 @@ async fn lost_lock_stops_the_command_with_sigterm() {
 async fn command_ignoring_sigterm_is_killed_after_the_grace_period() {
     let script = r#"trap '' TERM; echo started; i=0; while [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; echo not-stopped"#;
     let (mut cli, taken_at, _server) = lose_lock_while_running(script, "1s").await;
-    cli.wait_stderr("lost the lock", Duration::from_secs(5));
+    tokio::task::block_in_place(|| cli.wait_stderr("lost the lock", Duration::from_secs(5)));
     let noticed = taken_at.elapsed();
     let code = tokio::task::block_in_place(|| cli.wait(Duration::from_secs(10)));
     let took = taken_at.elapsed();
