@@ -10,12 +10,14 @@
 //! - [`wait`]: per-key queues of waiting Acquires and the wake-one rule.
 //! - [`service`]: the gRPC handlers, KeepAlive sessions and server-side waiting.
 //! - [`server`]: assembles tonic with health, reflection, limits and shutdown.
+//! - [`client`]: the Rust SDK: failover, lock guards kept alive over one stream.
 //! - [`cli`]: the `leasehold` subcommands.
 //! - [`bench`]: the load generator and its baselines (`leasehold bench`).
 //! - [`task`]: owned background tasks.
 
 pub mod bench;
 pub mod cli;
+pub mod client;
 pub mod lock;
 pub mod pb;
 pub mod server;

@@ -1,6 +1,9 @@
 //! The `leasehold` command line: one binary, several subcommands. Each
 //! subcommand's flags also read a `LEASEHOLD_*` environment variable.
 
+pub mod connect;
+pub mod lock;
+pub mod ops;
 pub mod serve;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -36,6 +39,16 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the lock server.
     Serve(serve::ServeArgs),
+    /// Run a command while holding a lock: `leasehold lock NAME -- CMD ARGS...`.
+    Lock(lock::LockArgs),
+    /// Take a lock and print the lease (not kept alive: renew or release it).
+    Acquire(ops::AcquireArgs),
+    /// Give a lock back with its token.
+    Release(ops::ReleaseArgs),
+    /// Extend a lock's TTL with its token.
+    Renew(ops::RenewArgs),
+    /// Show who holds a lock.
+    Describe(ops::DescribeArgs),
     /// Measure Leasehold against the gRPC floor and direct Redis.
     Bench(crate::bench::BenchArgs),
     /// The bare tonic server `bench` compares against (internal).
@@ -103,6 +116,11 @@ pub async fn run(cli: Cli) -> i32 {
             "bench-crash-holder",
             crate::bench::run_crash_holder(args).await,
         ),
+        Command::Lock(args) => return lock::run(args).await,
+        Command::Acquire(args) => return ops::acquire(args).await,
+        Command::Release(args) => return ops::release(args).await,
+        Command::Renew(args) => return ops::renew(args).await,
+        Command::Describe(args) => return ops::describe(args).await,
     };
     match result {
         Ok(()) => 0,

@@ -658,3 +658,132 @@ pub fn acquire_wait(key: &str, ttl_ms: u32, wait_ms: u32) -> pb::AcquireRequest 
         ..Default::default()
     }
 }
+
+/// A real `leasehold serve` process, for tests that kill, freeze or restart
+/// servers. Its address comes from its `listening addr=...` log line.
+pub struct ServerProcess {
+    child: Option<Child>,
+    pub output: Output,
+    pub addr: String,
+    args: Vec<String>,
+}
+
+impl ServerProcess {
+    /// `leasehold serve --listen 127.0.0.1:0 ARGS...`, ready to serve.
+    pub fn start(args: &[&str]) -> Self {
+        Self::start_at("127.0.0.1:0", args.iter().map(|s| s.to_string()).collect())
+    }
+
+    /// A server on Redis (`url`, `prefix`) with a short health interval.
+    pub fn on_redis(url: &str, prefix: &str) -> Self {
+        Self::start(&[
+            "--redis-url",
+            url,
+            "--key-prefix",
+            prefix,
+            "--health-interval",
+            "100ms",
+            "--shutdown-grace",
+            "5s",
+        ])
+    }
+
+    fn start_at(listen: &str, args: Vec<String>) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_leasehold"));
+        cmd.env("LEASEHOLD_LOG", "info")
+            .args(["--log-format", "text", "serve", "--listen", listen])
+            .args(&args);
+        let mut child = spawn_tied(cmd);
+        let output = Output::capture(&mut child);
+        let line = output.wait_for("listening", Duration::from_secs(20));
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .map(|a| a.trim_matches('"').to_string())
+            .unwrap_or_else(|| panic!("no addr in {line:?}"));
+        Self {
+            child: Some(child),
+            output,
+            addr,
+            args,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Sends a signal (`-TERM`, `-KILL`, `-STOP`, `-CONT`).
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig} failed");
+    }
+
+    /// Waits (bounded) for the process to exit; returns its status.
+    #[track_caller]
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let mut status = None;
+        wait_until("the server process to exit", within, || {
+            status = child.try_wait().expect("try_wait");
+            status.is_some()
+        });
+        self.child = None;
+        status.expect("exited")
+    }
+
+    /// SIGKILL: a crash, nothing released.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same address with the same flags.
+    pub fn restart(&mut self) {
+        self.kill();
+        let again = Self::start_at(&self.addr, self.args.clone());
+        assert_eq!(again.addr, self.addr);
+        *self = again;
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The Redis URL of the shared cluster (starting it if needed).
+pub fn cluster_url() -> String {
+    tokio::task::block_in_place(|| shared_cluster().url())
+}
+
+/// Deletes a lock's record from the store a server runs on, so that the
+/// lock is gone as if it had expired.
+pub fn force_expire(server: &TestServer, key: &str) {
+    force_expire_on(server.backend, &server.prefix, key);
+}
+
+/// [`force_expire`] for servers on `backend` under `prefix`.
+pub fn force_expire_on(backend: Backend, prefix: &str, key: &str) {
+    let names = RedisNames::of(
+        prefix,
+        &leasehold::lock::LockKey::parse(key, 4096).expect("key"),
+    );
+    let deleted = tokio::task::block_in_place(|| match backend {
+        Backend::Memory => panic!("the memory store cannot be reached from outside"),
+        Backend::Redis => shared_redis().cli(&["DEL", &names.lock]),
+        Backend::Cluster => shared_cluster().cli(&["DEL", &names.lock]),
+    });
+    assert_eq!(deleted, "1", "the lock record existed");
+}

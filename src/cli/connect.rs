@@ -1,0 +1,163 @@
+//! What every client subcommand shares: the flags that say which servers to
+//! talk to, the exit codes, and turning an SDK error into one line on
+//! stderr and its exit code.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::client::{Client, Error};
+
+/// Exit codes of the client subcommands (documented in the README).
+pub mod exit {
+    /// Released, renewed, described, or CMD exited 0.
+    pub const OK: i32 = 0;
+    /// Any other error (a limit hit, a deadline, a server bug).
+    pub const FAILURE: i32 = 1;
+    /// The command line itself is wrong (clap's own code, as for `serve`).
+    pub const USAGE: i32 = 2;
+    /// The server rejected an argument (invalid key, TTL out of bounds,
+    /// too much metadata) or an endpoint is malformed (EX_USAGE).
+    pub const INVALID: i32 = 64;
+    /// No server could be reached or all were unavailable (EX_UNAVAILABLE).
+    pub const UNAVAILABLE: i32 = 69;
+    /// The lock was not acquired within `--wait` (EX_TEMPFAIL).
+    pub const NOT_ACQUIRED: i32 = 75;
+    /// The lock was lost while CMD ran (CMD was stopped), or the token no
+    /// longer holds the lock (`release`, `renew`).
+    pub const LOST: i32 = 76;
+    /// Not authenticated or not permitted (EX_NOPERM).
+    pub const DENIED: i32 = 77;
+    /// CMD could not be executed (as in shells).
+    pub const CANNOT_EXECUTE: i32 = 126;
+    /// CMD was not found (as in shells).
+    pub const NOT_FOUND: i32 = 127;
+}
+
+/// Which servers to talk to, and for how long to retry them.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectArgs {
+    /// Leasehold server URL (`http://host:port` or `host:port`). Repeat the
+    /// flag, or separate URLs with commas, to fail over between servers.
+    #[arg(
+        long = "endpoint",
+        value_name = "URL",
+        env = "LEASEHOLD_ENDPOINT",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub endpoints: Vec<String>,
+    /// How long to keep retrying (with backoff, across endpoints) while no
+    /// server is available, before giving up with exit code 69.
+    #[arg(long, env = "LEASEHOLD_RETRY_FOR", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub retry_for: Duration,
+    /// Bound on each connection attempt to one server.
+    #[arg(long, env = "LEASEHOLD_CONNECT_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+}
+
+impl ConnectArgs {
+    /// A client connected to the first serving endpoint.
+    pub async fn connect(&self) -> Result<Client, Error> {
+        Client::builder()
+            .endpoints(self.endpoints.clone())
+            .retry_for(self.retry_for)
+            .connect_timeout(self.connect_timeout)
+            .connect()
+            .await
+    }
+}
+
+/// The exit code for an SDK error.
+pub fn code_of(error: &Error) -> i32 {
+    match error {
+        Error::InvalidArgument(_) | Error::InvalidEndpoint { .. } => exit::INVALID,
+        Error::Unavailable { .. } => exit::UNAVAILABLE,
+        Error::NotAcquired { .. } => exit::NOT_ACQUIRED,
+        Error::Lost { .. } => exit::LOST,
+        Error::Unauthenticated(_) | Error::PermissionDenied(_) => exit::DENIED,
+        _ => exit::FAILURE,
+    }
+}
+
+/// Prints `error` as one line, `leasehold SUBCOMMAND: ...`, and gives its
+/// exit code.
+pub fn fail(subcommand: &str, error: &Error) -> i32 {
+    eprintln!("leasehold {subcommand}: {error}");
+    code_of(error)
+}
+
+/// The default owner shown by Describe: `HOST:PID`, with the pid of the
+/// process that holds the lock (`leasehold lock` itself; for `acquire`, the
+/// script that called it).
+pub fn default_owner(pid: u32) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown-host".into());
+    format!("{host}:{pid}")
+}
+
+/// Parses `KEY=VALUE` for `--metadata`.
+pub fn parse_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_has_its_code_and_one_line() {
+        let cases = [
+            (Error::InvalidArgument("key: must not be empty".into()), 64),
+            (
+                Error::Unavailable {
+                    endpoints: "http://127.0.0.1:1".into(),
+                    retried_for: Duration::from_secs(1),
+                    cause: "Connection refused (os error 111)".into(),
+                },
+                69,
+            ),
+            (
+                Error::NotAcquired {
+                    key: "k".into(),
+                    waited: Duration::ZERO,
+                    retry_after: Duration::from_secs(1),
+                },
+                75,
+            ),
+            (
+                Error::Lost {
+                    key: "k".into(),
+                    reason: crate::client::LostReason::Expired,
+                },
+                76,
+            ),
+            (Error::PermissionDenied("key \"a\" is not yours".into()), 77),
+            (Error::Unauthenticated("no token".into()), 77),
+            (Error::ResourceExhausted("too many waiters".into()), 1),
+        ];
+        for (error, code) in cases {
+            assert_eq!(code_of(&error), code, "{error}");
+            let line = error.to_string();
+            assert!(!line.contains('\n') && !line.contains("Status {"), "{line}");
+        }
+        assert_eq!(
+            fail("acquire", &Error::PermissionDenied("denied".into())),
+            exit::DENIED
+        );
+    }
+
+    #[test]
+    fn metadata_pairs() {
+        assert_eq!(parse_kv("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert!(parse_kv("=x").is_err());
+        assert!(parse_kv("x").is_err());
+    }
+}

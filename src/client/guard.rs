@@ -1,0 +1,248 @@
+//! What a caller holds: [`Lease`] (the facts of a grant), [`LockGuard`] (a
+//! lease kept alive by the client's keeper, released on drop) and [`Lost`]
+//! (the future that says the lock is gone).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::Client;
+use super::error::{Error, LostReason};
+use super::keeper::{self, Command, LockState};
+
+/// One grant of a lock, as the server reported it.
+///
+/// The `token` is the secret that proves ownership: anyone who has it can
+/// renew or release the lock, so `Debug` redacts it. The `fencing_token`
+/// is public: pass it with every write to the resource the lock protects,
+/// and have the resource reject writes with a smaller one than it has seen.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The lock's name.
+    pub key: String,
+    /// The secret proving ownership.
+    pub token: String,
+    /// Larger than that of every earlier grant of this key.
+    pub fencing_token: u64,
+    /// The TTL granted: the lease expires this long after its grant or last
+    /// renewal unless renewed.
+    pub ttl: Duration,
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("key", &self.key)
+            .field("token", &"<redacted>")
+            .field("fencing_token", &self.fencing_token)
+            .field("ttl", &self.ttl)
+            .finish()
+    }
+}
+
+/// Who holds a lock now, as [`Client::describe`] reports it. Deliberately
+/// has no token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockInfo {
+    /// The holder's free-text owner.
+    pub owner: String,
+    /// The current grant's fencing token.
+    pub fencing_token: u64,
+    /// How long the lease has left unless renewed.
+    pub ttl_remaining: Duration,
+    /// The holder's metadata.
+    pub metadata: HashMap<String, String>,
+}
+
+/// A held lock, kept alive by its [`Client`] until released or dropped.
+///
+/// All guards of one client are renewed over the client's single KeepAlive
+/// stream, at about a third of their TTL. If that stream breaks, the client
+/// reconnects (to another endpoint if needed) and re-attaches the lock
+/// before its TTL runs out. Watch [`LockGuard::lost`]: a lock can be lost
+/// while held (the server expired it, or no renewal got through in time),
+/// and work done under a lost lock is no longer exclusive.
+///
+/// Dropping a guard releases the lock in the background;
+/// [`LockGuard::release`] releases it and waits for the answer.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), leasehold::client::Error> {
+/// use std::time::Duration;
+/// let client = leasehold::client::Client::connect("http://127.0.0.1:50051").await?;
+/// let guard = client.lock("reports/nightly").ttl(Duration::from_secs(10)).await?;
+/// println!("holding {} with fencing token {}", guard.key(), guard.fencing_token());
+/// tokio::select! {
+///     reason = guard.lost() => eprintln!("lost the lock: {reason}"),
+///     _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+/// }
+/// guard.release().await?;
+/// # Ok(()) }
+/// ```
+#[must_use = "dropping a LockGuard releases the lock at once"]
+pub struct LockGuard {
+    client: Client,
+    lease: Lease,
+    request_id: String,
+    state: watch::Receiver<LockState>,
+    done: bool,
+}
+
+impl fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockGuard")
+            .field("lease", &self.lease)
+            .field("state", &*self.state.borrow())
+            .finish()
+    }
+}
+
+impl LockGuard {
+    /// Hands `lease` to the client's keeper. Synchronous on purpose: from
+    /// the moment the grant arrives there is no `.await` before the guard
+    /// exists, so a cancelled caller still releases it (on drop).
+    pub(crate) fn attach(
+        client: Client,
+        lease: Lease,
+        request_id: String,
+        granted_at: Instant,
+    ) -> Self {
+        let (tx, rx) = watch::channel(LockState::Held {
+            deadline: granted_at + lease.ttl,
+            ttl: lease.ttl,
+        });
+        client.inner.command(Command::Attach {
+            key: lease.key.clone(),
+            token: lease.token.clone(),
+            ttl: lease.ttl,
+            granted_at,
+            state: tx,
+        });
+        Self {
+            client,
+            lease,
+            request_id,
+            state: rx,
+            done: false,
+        }
+    }
+
+    /// The lock's name.
+    pub fn key(&self) -> &str {
+        &self.lease.key
+    }
+
+    /// The secret token of this lease (for a process that must hand it to
+    /// another; never log it).
+    pub fn token(&self) -> &str {
+        &self.lease.token
+    }
+
+    /// The fencing token of this grant: send it with every write to the
+    /// protected resource so that it can refuse a stale holder.
+    pub fn fencing_token(&self) -> u64 {
+        self.lease.fencing_token
+    }
+
+    /// The TTL in force: the lock is lost if no renewal succeeds for this
+    /// long.
+    pub fn ttl(&self) -> Duration {
+        match &*self.state.borrow() {
+            LockState::Held { ttl, .. } => *ttl,
+            LockState::Lost(_) => self.lease.ttl,
+        }
+    }
+
+    /// The lease as granted.
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    /// The request id the Acquire carried (generated unless the builder set
+    /// one): an Acquire retried with it returns this same lease.
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// Whether the lock is known to be lost now (the server said so, or the
+    /// TTL passed without a successful renewal).
+    pub fn is_lost(&self) -> bool {
+        match &*self.state.borrow() {
+            LockState::Held { deadline, .. } => Instant::now() >= *deadline,
+            LockState::Lost(_) => true,
+        }
+    }
+
+    /// A future that completes when the lock is lost: a renewal answered
+    /// that the lease no longer holds it, or no renewal succeeded within
+    /// the TTL since the last one that did (measured on the monotonic
+    /// clock, so it fires even when no server can be reached). Call it as
+    /// often as needed; each future is independent and `'static`.
+    pub fn lost(&self) -> Lost {
+        Lost(Box::pin(keeper::lost(self.state.clone())))
+    }
+
+    /// Releases the lock and waits for the server's answer: `Ok(true)` if
+    /// this call released it, `Ok(false)` if it had already been lost (so
+    /// the work done under it may not have been exclusive to the end).
+    pub async fn release(mut self) -> Result<bool, Error> {
+        self.done = true;
+        self.client.inner.command(Command::Forget {
+            key: self.lease.key.clone(),
+            token: self.lease.token.clone(),
+        });
+        let result = self
+            .client
+            .release(self.lease.key.clone(), self.lease.token.clone())
+            .await;
+        if result.is_err() {
+            // Could not reach a server: the keeper keeps trying over the
+            // stream until the lease would have expired anyway.
+            self.client.inner.command(Command::Release {
+                key: self.lease.key.clone(),
+                token: self.lease.token.clone(),
+                ttl: self.lease.ttl,
+            });
+        }
+        result
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        // A lost lock has nothing left to release (an expired one was
+        // already released by the keeper, just in case).
+        let lost = matches!(&*self.state.borrow(), LockState::Lost(_));
+        if !self.done && !lost {
+            self.client.inner.command(Command::Release {
+                key: self.lease.key.clone(),
+                token: self.lease.token.clone(),
+                ttl: self.ttl(),
+            });
+        }
+    }
+}
+
+/// Completes with the reason when a [`LockGuard`]'s lock is lost (see
+/// [`LockGuard::lost`]). Owns what it needs, so it can be moved into a task
+/// or a `select!` while the guard stays put.
+pub struct Lost(Pin<Box<dyn Future<Output = LostReason> + Send>>);
+
+impl Future for Lost {
+    type Output = LostReason;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<LostReason> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+impl fmt::Debug for Lost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Lost")
+    }
+}

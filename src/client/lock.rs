@@ -1,0 +1,277 @@
+//! Taking a lock: [`LockBuilder`] and its Acquire loop (server-side waiting
+//! in bounded slices, retries with one request id, failover).
+
+use std::collections::HashMap;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use tonic::Request;
+
+use super::error::{self, Error};
+use super::guard::{Lease, LockGuard};
+use super::{Client, new_request_id};
+use crate::pb;
+use crate::pb::lock_service_client::LockServiceClient;
+
+/// The longest server-side wait one Acquire call asks for. Longer waits are
+/// several calls in a row, so they never exceed the server's `--max-wait`
+/// (5 minutes by default) and a dead connection is noticed within a slice.
+pub const WAIT_SLICE: Duration = Duration::from_secs(60);
+
+/// Options for taking one lock; made by [`Client::lock`]. Await it (or
+/// call [`LockBuilder::acquire`]) for a [`LockGuard`].
+///
+/// By default it waits as long as it takes for the lock (set
+/// [`LockBuilder::wait`] to bound that; `Duration::ZERO` tries once), asks
+/// for the server's default TTL, and generates a request id, which every
+/// retry of the Acquire carries so that a lost reply is answered with the
+/// same lease instead of leaving it orphaned.
+///
+/// ```no_run
+/// # async fn demo(client: leasehold::client::Client) -> Result<(), leasehold::client::Error> {
+/// use std::time::Duration;
+/// let guard = client
+///     .lock("db/migrations")
+///     .ttl(Duration::from_secs(15))
+///     .wait(Duration::from_secs(30))
+///     .owner("deploy-42")
+///     .metadata("commit", "abc123")
+///     .await?;
+/// # drop(guard); Ok(()) }
+/// ```
+#[must_use = "a LockBuilder does nothing until awaited"]
+#[derive(Debug, Clone)]
+pub struct LockBuilder {
+    client: Client,
+    key: String,
+    ttl: Option<Duration>,
+    wait: Option<Duration>,
+    owner: String,
+    metadata: HashMap<String, String>,
+    request_id: Option<String>,
+}
+
+fn ms(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+impl LockBuilder {
+    pub(crate) fn new(client: Client, key: String) -> Self {
+        Self {
+            client,
+            key,
+            ttl: None,
+            wait: None,
+            owner: String::new(),
+            metadata: HashMap::new(),
+            request_id: None,
+        }
+    }
+
+    /// The TTL to ask for (the server bounds it; outside its bounds is
+    /// [`Error::InvalidArgument`]). Without it, the server's default. The
+    /// lock is renewed at about a third of it.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// How long to wait for a held lock before giving up with
+    /// [`Error::NotAcquired`]; `Duration::ZERO` tries once. The wait happens
+    /// in the server, woken by the holder's release or expiry.
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.wait = Some(wait);
+        self
+    }
+
+    /// Waits as long as it takes (the default).
+    pub fn wait_forever(mut self) -> Self {
+        self.wait = None;
+        self
+    }
+
+    /// Free text shown by Describe: who holds the lock (a host, a pid, a
+    /// job id).
+    pub fn owner(mut self, owner: impl Into<String>) -> Self {
+        self.owner = owner.into();
+        self
+    }
+
+    /// Adds one small key/value pair shown by Describe.
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// The request id of the Acquire, instead of a generated one. An
+    /// Acquire with the id of the lease that holds the lock returns that
+    /// lease; use one to resume a lock across a retry you control. Two
+    /// guards of one client on the same lease share it: releasing either
+    /// releases it.
+    pub fn request_id(mut self, id: impl Into<String>) -> Self {
+        self.request_id = Some(id.into());
+        self
+    }
+
+    /// Takes the lock and keeps it alive until the guard is released or
+    /// dropped.
+    pub async fn acquire(self) -> Result<LockGuard, Error> {
+        let client = self.client.clone();
+        let (lease, request_id, granted_at) = self.grant().await?;
+        Ok(LockGuard::attach(client, lease, request_id, granted_at))
+    }
+
+    /// Takes the lock *without* keeping it alive: the lease expires after
+    /// its TTL unless renewed ([`Client::renew`]) or released
+    /// ([`Client::release`]). For scripts and for processes that hand the
+    /// token to another; everything else wants [`LockBuilder::acquire`].
+    pub async fn lease(self) -> Result<Lease, Error> {
+        self.grant().await.map(|(lease, _, _)| lease)
+    }
+
+    /// Takes the lock, runs `work` with the lease, and releases the lock
+    /// when it finishes. If the lock is lost first, `work` is dropped at its
+    /// next `.await` and the result is [`Error::Lost`]: write your work so
+    /// that stopping there is safe, and fence your writes with
+    /// [`Lease::fencing_token`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: leasehold::client::Client) -> Result<(), leasehold::client::Error> {
+    /// let rows = client
+    ///     .lock("reports/nightly")
+    ///     .run(|lease| async move {
+    ///         // ... write with lease.fencing_token ...
+    ///         42
+    ///     })
+    ///     .await?;
+    /// # let _ = rows; Ok(()) }
+    /// ```
+    pub async fn run<F, Fut, T>(self, work: F) -> Result<T, Error>
+    where
+        F: FnOnce(Lease) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let guard = self.acquire().await?;
+        let lost = guard.lost();
+        let work = work(guard.lease().clone());
+        tokio::select! {
+            biased;
+            reason = lost => Err(Error::Lost { key: guard.key().to_string(), reason }),
+            output = work => {
+                let key = guard.key().to_string();
+                match guard.release().await {
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!(key, "the lock was already lost when the work finished"),
+                    Err(e) => tracing::warn!(key, error = %e, "could not release; the client keeps trying until the lease expires"),
+                }
+                Ok(output)
+            }
+        }
+    }
+
+    /// The Acquire loop: server-side waits of at most [`WAIT_SLICE`] until
+    /// the lock is granted or the wait is over; UNAVAILABLE and broken
+    /// connections retried across endpoints with the same request id.
+    async fn grant(self) -> Result<(Lease, String, Instant), Error> {
+        let transport = &self.client.inner.transport;
+        let request_id = self.request_id.clone().unwrap_or_else(new_request_id);
+        let start = Instant::now();
+        let wait_end = self.wait.map(|w| start + w);
+        let mut retries = transport.retries();
+        loop {
+            let now = Instant::now();
+            let slice = match wait_end {
+                Some(end) => end.saturating_duration_since(now).min(WAIT_SLICE),
+                None => WAIT_SLICE,
+            };
+            let wait_ms = ms(slice);
+            let request = pb::AcquireRequest {
+                key: self.key.clone(),
+                ttl_ms: self.ttl.map(ms).unwrap_or(0),
+                wait_ms,
+                owner: self.owner.clone(),
+                metadata: self.metadata.clone(),
+                request_id: request_id.clone(),
+            };
+            let timeout =
+                Duration::from_millis(wait_ms.into()) + transport.settings.request_timeout;
+            let mut request = Request::new(request);
+            request.set_timeout(timeout);
+            let (i, channel) = transport.pick();
+            let mut client = LockServiceClient::new(channel);
+            let sent_at = Instant::now();
+            let result = tokio::time::timeout(timeout, client.acquire(request)).await;
+            let status = match result {
+                Ok(Ok(response)) => {
+                    retries.succeeded();
+                    let response = response.into_inner();
+                    if response.acquired {
+                        let lease = lease_of(&self.key, response.lease)?;
+                        // A grant after a server-side wait happened close to
+                        // the reply; one with no wait, after the request left.
+                        let granted_at = if wait_ms == 0 {
+                            sent_at
+                        } else {
+                            Instant::now()
+                        };
+                        return Ok((lease, request_id, granted_at));
+                    }
+                    let over = wait_end.is_some_and(|end| Instant::now() >= end) || wait_ms == 0;
+                    if over {
+                        return Err(Error::NotAcquired {
+                            key: self.key.clone(),
+                            waited: Duration::from_millis(start.elapsed().as_millis() as u64),
+                            retry_after: Duration::from_millis(response.retry_after_ms.into()),
+                        });
+                    }
+                    // A slice ended (or the server gave up early): go on,
+                    // pausing if it answered much sooner than asked.
+                    if sent_at.elapsed() < slice / 2 {
+                        let pause = Duration::from_millis(response.retry_after_ms.into())
+                            .min(Duration::from_millis(500));
+                        tokio::time::sleep(pause).await;
+                    }
+                    continue;
+                }
+                Ok(Err(status)) => status,
+                Err(_) => tonic::Status::unavailable(format!(
+                    "no answer within {}",
+                    humantime::format_duration(timeout)
+                )),
+            };
+            if error::retryable(&status) {
+                retries.failed(i, &status).await?;
+            } else {
+                return Err(Error::from_status(&status));
+            }
+        }
+    }
+}
+
+/// Checks a granted lease: the fields a guard relies on must be there.
+fn lease_of(key: &str, lease: Option<pb::Lease>) -> Result<Lease, Error> {
+    let lease = lease.ok_or_else(|| Error::Protocol("acquired = true without a lease".into()))?;
+    if lease.token.is_empty() {
+        return Err(Error::Protocol("a lease with an empty token".into()));
+    }
+    if lease.ttl_ms == 0 {
+        return Err(Error::Protocol("a lease with a TTL of 0".into()));
+    }
+    Ok(Lease {
+        // The server echoes the key; keep ours so the guard matches it.
+        key: key.to_string(),
+        token: lease.token,
+        fencing_token: lease.fencing_token,
+        ttl: Duration::from_millis(lease.ttl_ms.into()),
+    })
+}
+
+impl IntoFuture for LockBuilder {
+    type Output = Result<LockGuard, Error>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.acquire())
+    }
+}
