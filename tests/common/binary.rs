@@ -33,7 +33,9 @@ impl Binary {
     pub fn start_on(listen: &str, args: &[&str]) -> Self {
         assert!(listen.starts_with("127.0.0.1:"), "tests listen on loopback");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_leasehold"));
-        cmd.env("LEASEHOLD_LOG", "info")
+        // Debug lines of the service say when a call waits, for tests to
+        // wait on; they never carry a token.
+        cmd.env("LEASEHOLD_LOG", "info,leasehold::service=debug")
             .env_remove("LEASEHOLD_LISTEN")
             .env_remove("LEASEHOLD_REDIS_URL")
             .args(["serve", "--listen", listen, "--log-format", "text"])
