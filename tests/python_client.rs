@@ -3,7 +3,7 @@
 //! the example takes a lock, keeps it alive over its KeepAlive stream past
 //! the TTL, and gives it back by ending the stream; SIGTERM and SIGKILL of
 //! the Python process release it too; and its stream re-attaches the lock
-//! when the server it talks to restarts gracefully.
+//! when the server it talks to is restarted (SIGTERM) or killed (SIGKILL).
 //!
 //! Needs `python3` with grpcio and grpcio-tools (`./test.sh` installs them);
 //! without them these tests fail and say what to install.
@@ -251,6 +251,17 @@ async fn stream_reattaches_after_a_graceful_server_restart() {
     // An upgrade: the server is stopped with SIGTERM (its streams end with
     // UNAVAILABLE, locks kept) and a new one starts on the same address and
     // Redis; the client re-attaches within the TTL and keeps the lock.
+    reattaches_after_server_stop("TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_reattaches_after_the_server_is_killed() {
+    // A crash: nobody releases the lock, the client's connection breaks,
+    // and it re-attaches on the replacement the same way.
+    reattaches_after_server_stop("KILL").await;
+}
+
+async fn reattaches_after_server_stop(sig: &str) {
     let prefix = unique_prefix();
     let url = tokio::task::block_in_place(|| shared_redis().url());
     let args = ["--redis-url", url.as_str(), "--key-prefix", prefix.as_str()];
@@ -265,9 +276,11 @@ async fn stream_reattaches_after_a_graceful_server_restart() {
     line(&out, "WORKING step=1");
 
     let stopped = Instant::now();
-    old.signal("TERM");
+    old.signal(sig);
     let status = tokio::task::block_in_place(|| old.wait_exit(Duration::from_secs(15)));
-    assert_eq!(status.code(), Some(0));
+    if sig == "TERM" {
+        assert_eq!(status.code(), Some(0), "graceful exit");
+    }
     drop(old);
     let new = tokio::task::block_in_place(|| Binary::start_on(&addr, &args));
     let mut c = client(new.endpoint()).await;
