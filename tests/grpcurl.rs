@@ -57,12 +57,9 @@ fn grpcurl() -> PathBuf {
     );
 }
 
-/// The commands of the README's grpcurl code block, one string each:
-/// comments and blank lines dropped, `\` continuations joined, a heredoc
-/// kept with its command.
+/// The commands of the README's grpcurl code block.
 fn readme_commands() -> Vec<String> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("read README.md");
+    let readme = read("README.md");
     let section = readme
         .split_once("### With grpcurl")
         .expect("README has a `### With grpcurl` section")
@@ -74,6 +71,17 @@ fn readme_commands() -> Vec<String> {
         .split_once("\n```")
         .expect("the block ends")
         .0;
+    shell_commands(block)
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path))
+        .unwrap_or_else(|e| panic!("read {path}: {e}"))
+}
+
+/// The commands of a shell block, one string each: comments and blank lines
+/// dropped, `\` continuations joined, a heredoc kept with its command.
+fn shell_commands(block: &str) -> Vec<String> {
     let mut commands = Vec::new();
     let mut lines = block.lines();
     while let Some(line) = lines.next() {
@@ -102,6 +110,17 @@ fn readme_commands() -> Vec<String> {
         commands.push(command);
     }
     commands
+}
+
+/// The grpcurl commands of every ```sh block of a Markdown file.
+fn grpcurl_commands_in(path: &str) -> Vec<String> {
+    let text = read(path);
+    text.split("```sh\n")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("\n```").map(|(block, _)| block))
+        .flat_map(shell_commands)
+        .filter(|c| c.starts_with("grpcurl "))
+        .collect()
 }
 
 /// One README command, run by bash with the real address and token.
@@ -181,6 +200,26 @@ fn grpcurl_version_is_usable() {
         "{version}"
     );
     eprintln!("using {}", version.trim());
+}
+
+#[test]
+fn documentation_grpcurl_examples_are_the_tested_ones() {
+    let tested = readme_commands();
+    let mut seen = 0;
+    for doc in [
+        "documentation/api.md",
+        "documentation/operations.md",
+        "deploy/README.md",
+    ] {
+        for command in grpcurl_commands_in(doc) {
+            assert!(
+                tested.contains(&command),
+                "{doc}: this grpcurl example is not one of the README's, which this test runs:\n{command}"
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen >= 10, "only {seen} grpcurl examples found in the docs");
 }
 
 #[test]
