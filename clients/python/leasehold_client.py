@@ -25,6 +25,7 @@ in $LEASEHOLD_PY_STUBS, or else in clients/python/generated/.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import sys
@@ -49,6 +50,8 @@ except ImportError as e:  # pragma: no cover - a setup error, said plainly
     ) from e
 
 __all__ = ["Lease", "LeaseholdClient", "KeepAlive", "lock_pb2"]
+
+log = logging.getLogger("leasehold")
 
 
 @dataclass(frozen=True)
@@ -250,10 +253,9 @@ class KeepAlive:
                         return
                     # Server-side end (shutdown, store error): locks are kept
                     # until their TTL, so reconnect and re-attach them.
-                    print(
-                        f"keepalive stream ended by the server ({e.code().name}); re-attaching",
-                        file=sys.stderr,
-                        flush=True,
+                    log.warning(
+                        "keepalive stream ended by the server (%s); re-attaching",
+                        e.code().name,
                     )
                     self._outbox = queue.Queue()
                     outbox.put(self._STOP)
