@@ -30,8 +30,9 @@ fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Generates the stubs once per test binary, into a temporary directory,
-/// with the repository's own `clients/python/generate.py`.
+/// Generates the stubs once per test binary, with the repository's own
+/// `clients/python/generate.py`, into cargo's scratch directory for
+/// integration tests (under `target/`, so nothing is left in /tmp).
 fn python_stubs() -> &'static Path {
     static STUBS: OnceLock<PathBuf> = OnceLock::new();
     STUBS.get_or_init(|| {
@@ -44,11 +45,7 @@ fn python_stubs() -> &'static Path {
             "{INSTALL_HINT}\n{}",
             String::from_utf8_lossy(&probe.stderr)
         );
-        let dir = tempfile::Builder::new()
-            .prefix("leasehold-pystubs-")
-            .tempdir()
-            .expect("tempdir")
-            .keep();
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-stubs");
         let out = Command::new("python3")
             .arg(repo().join("clients/python/generate.py"))
             .arg("--out")
