@@ -54,7 +54,7 @@ cargo fmt --all -- --check
 say "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
 say "cargo test"
-cargo test --all-targets --quiet
+cargo test --all-targets --quiet --no-fail-fast
 say "cargo test --doc"
 cargo test --doc --quiet
 say "all tests passed"

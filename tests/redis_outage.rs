@@ -102,3 +102,72 @@ async fn frozen_redis_is_unavailable_not_a_hang() {
     let d = c.describe(describe("frozen")).await.unwrap().into_inner();
     assert!(d.held);
 }
+
+/// A grant that races with the client's cancel is released: the Acquire
+/// is in flight (Redis frozen) when the client gives up, and lands after.
+async fn cancelled_in_flight_acquire(resume_after: Duration) {
+    let redis = tokio::task::block_in_place(RedisServer::start);
+    let server = TestServer::start_on(
+        Backend::Redis,
+        Some(redis.url()),
+        unique_prefix(),
+        outage_config(),
+    )
+    .await;
+    let mut c = server.client().await;
+    let pid = redis.pid().expect("running").to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let call = c.acquire(acquire("inflight", 60_000));
+    let cancelled = tokio::time::timeout(Duration::from_millis(200), call).await;
+    assert!(
+        cancelled.is_err(),
+        "the Acquire cannot finish while Redis is frozen"
+    );
+    tokio::time::sleep(resume_after).await;
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // The Acquire now runs and grants; the server must give it back.
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.describe(describe("inflight")).await {
+            Ok(d) if !d.get_ref().held => break,
+            _ => {}
+        }
+        assert!(
+            Instant::now() < end,
+            "the cancelled Acquire's grant was left behind"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    lease_of(
+        c.acquire(acquire("inflight", 1_000))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grant_landing_after_a_cancel_is_released() {
+    // Redis resumes within the store timeout: the abandoned call finishes
+    // in the background.
+    cancelled_in_flight_acquire(Duration::from_millis(200)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grant_landing_after_the_store_timeout_is_released() {
+    // Redis resumes after the store timeout (800 ms): the late reply is
+    // still awaited and undone.
+    cancelled_in_flight_acquire(Duration::from_millis(1_500)).await;
+}

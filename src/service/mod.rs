@@ -10,6 +10,7 @@ mod keepalive;
 mod waiting;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -92,39 +93,85 @@ impl<S: LockStore> LockServiceImpl<S> {
 }
 
 impl<S: LockStore> Core<S> {
-    /// One store attempt that cannot leave an orphan lease behind: if the
-    /// call is dropped mid-flight (client cancel) or fails ambiguously
-    /// (timeout: the grant may have happened), the token is released in the
-    /// background. Releasing a token that never held the lock changes
-    /// nothing, so the undo is always safe.
-    async fn attempt(&self, spec: &AcquireSpec) -> Result<AcquireOutcome, LockError> {
-        let mut undo = UndoGrant {
-            store: Some(self.store.clone()),
-            key: spec.key.clone(),
-            token: spec.token.clone(),
+    /// One store attempt that cannot leave an orphan lease behind.
+    ///
+    /// The store call runs as an owned future. If this call is dropped
+    /// while it is in flight (the client cancelled), the future is finished
+    /// in the background and a grant it produced is released: only after the
+    /// grant, so the release can never overtake it. If the store fails
+    /// ambiguously (UNAVAILABLE after the script may have run), the token is
+    /// released too; releasing a token that never held the lock changes
+    /// nothing.
+    async fn attempt(&self, spec: &Arc<AcquireSpec>) -> Result<AcquireOutcome, LockError> {
+        let (store, owned) = (self.store.clone(), spec.clone());
+        let pending = Pending {
+            fut: Some(Box::pin(async move { store.acquire(&owned).await })),
+            store: self.store.clone(),
+            spec: spec.clone(),
         };
-        let result = self.store.acquire(spec).await;
-        if !matches!(result, Err(LockError::Unavailable(_))) {
-            undo.store = None;
+        let result = pending.await;
+        if matches!(result, Err(LockError::Unavailable(_))) {
+            undo_grant(self.store.clone(), spec.key.clone(), spec.token.clone());
         }
         result
     }
 }
 
-/// Releases a token in the background when dropped while armed.
-struct UndoGrant<S: LockStore> {
-    store: Option<Arc<S>>,
-    key: LockKey,
-    token: Token,
+type AttemptFuture = Pin<Box<dyn Future<Output = Result<AcquireOutcome, LockError>> + Send>>;
+
+/// An in-flight store Acquire that finishes in the background if dropped.
+struct Pending<S: LockStore> {
+    fut: Option<AttemptFuture>,
+    store: Arc<S>,
+    spec: Arc<AcquireSpec>,
 }
 
-impl<S: LockStore> Drop for UndoGrant<S> {
-    fn drop(&mut self) {
-        if let Some(store) = self.store.take() {
-            undo_grant(store, self.key.clone(), self.token.clone());
-        }
+impl<S: LockStore> Future for Pending<S> {
+    type Output = Result<AcquireOutcome, LockError>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let Some(fut) = self.fut.as_mut() else {
+            return std::task::Poll::Ready(Err(LockError::Internal(
+                "attempt polled after completion".into(),
+            )));
+        };
+        let result = std::task::ready!(fut.as_mut().poll(cx));
+        self.fut = None;
+        std::task::Poll::Ready(result)
     }
 }
+
+impl<S: LockStore> Drop for Pending<S> {
+    fn drop(&mut self) {
+        let Some(fut) = self.fut.take() else { return };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, spec) = (self.store.clone(), self.spec.clone());
+        rt.spawn(
+            async move {
+                // Bounded: past this the lease's own TTL is the cleanup.
+                let outcome = tokio::time::timeout(ABANDONED_ATTEMPT_LIMIT, fut).await;
+                let granted = matches!(
+                    &outcome,
+                    Ok(Ok(AcquireOutcome::Acquired(grant))) if grant.token == spec.token
+                );
+                let ambiguous = matches!(&outcome, Ok(Err(LockError::Unavailable(_))));
+                if granted || ambiguous {
+                    undo_grant(store, spec.key.clone(), spec.token.clone());
+                }
+            }
+            .instrument(tracing::debug_span!("abandoned-acquire")),
+        );
+    }
+}
+
+/// How long an Acquire whose caller went away may still finish in the
+/// background (to release what it granted).
+const ABANDONED_ATTEMPT_LIMIT: Duration = Duration::from_secs(60);
 
 /// Releases, in the background, a grant its client may never have seen.
 fn undo_grant<S: LockStore>(store: Arc<S>, key: LockKey, token: Token) {
@@ -173,11 +220,12 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
         let deadline = deadline::of(request.metadata());
         let call = convert::acquire_request(request.into_inner(), &self.core.limits.fields)?;
         let key = call.spec.key.clone();
+        let spec = Arc::new(call.spec);
         let result = if call.wait_ms == 0 {
-            self.core.attempt(&call.spec).await
+            self.core.attempt(&spec).await
         } else {
             let wait = Duration::from_millis(call.wait_ms.into());
-            self.core.acquire_waiting(&call.spec, wait, deadline).await
+            self.core.acquire_waiting(&spec, wait, deadline).await
         };
         log_result("Acquire", key.as_str(), start, &result, |o| match o {
             AcquireOutcome::Acquired(_) => "acquired",

@@ -6,6 +6,7 @@
 //! `acquired = false`, or at the caller's gRPC deadline with
 //! DEADLINE_EXCEEDED, whichever comes first.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -22,9 +23,13 @@ const BACKOFF_CAP: Duration = Duration::from_secs(2);
 /// holder's TTL deadline; the rest would only stampede the store at expiry.
 const TTL_WATCHERS: usize = 2;
 /// A waiting Acquire stops trying this long before the caller's deadline
-/// (a tenth of the time left, within these bounds).
-const DEADLINE_MARGIN_MIN: Duration = Duration::from_millis(5);
+/// (a tenth of the time left, within these bounds), so that a grant has
+/// time to reach the caller even on a loaded machine.
+const DEADLINE_MARGIN_MIN: Duration = Duration::from_millis(20);
 const DEADLINE_MARGIN_MAX: Duration = Duration::from_millis(100);
+/// However long an attempt in flight takes, the call answers this long
+/// before the caller's deadline.
+const HARD_DEADLINE_MARGIN: Duration = Duration::from_millis(2);
 
 /// Exponential backoff with full jitter (AWS architecture blog, "Exponential
 /// Backoff And Jitter"): sleep a uniform time in [0, min(cap, base * 2^n)].
@@ -63,7 +68,32 @@ impl Backoff {
 impl<S: LockStore> Core<S> {
     pub(super) async fn acquire_waiting(
         &self,
-        spec: &AcquireSpec,
+        spec: &Arc<AcquireSpec>,
+        wait: Duration,
+        deadline: Option<Instant>,
+    ) -> Result<AcquireOutcome, LockError> {
+        let waiting = self.wait_for(spec, wait, deadline);
+        let Some(deadline) = deadline else {
+            return waiting.await;
+        };
+        // Whatever is in flight, answer DEADLINE_EXCEEDED ourselves just
+        // before the caller's deadline (tonic would otherwise cut the call
+        // off with CANCELLED). An attempt cut off here finishes in the
+        // background and its grant, if any, is released (`Core::attempt`).
+        let hard_end = deadline
+            .checked_sub(HARD_DEADLINE_MARGIN)
+            .unwrap_or(deadline);
+        match tokio::time::timeout_at(hard_end.into(), waiting).await {
+            Ok(result) => result,
+            Err(_) => Err(LockError::DeadlineExceeded(
+                "the lock was still held at the call's deadline".into(),
+            )),
+        }
+    }
+
+    async fn wait_for(
+        &self,
+        spec: &Arc<AcquireSpec>,
         wait: Duration,
         deadline: Option<Instant>,
     ) -> Result<AcquireOutcome, LockError> {

@@ -240,12 +240,106 @@ impl RedisStore {
         args: Vec<String>,
     ) -> Result<Value, LockError> {
         let client = self.connected()?;
-        let mut argv = Vec::with_capacity(2 + keys.len() + args.len());
-        argv.push(Value::String(script.sha1().clone()));
-        argv.push(Value::Integer(keys.len() as i64));
-        argv.extend(keys.into_iter().map(Value::from));
-        argv.extend(args.into_iter().map(Value::from));
-        bounded(self.timeout, evalsha(client, script, argv)).await
+        bounded(
+            self.timeout,
+            evalsha(client, script, argv(script, keys, args)),
+        )
+        .await
+    }
+
+    /// Like [`Self::eval`], but if the reply comes after the store timeout
+    /// (the call already failed with UNAVAILABLE), the callback `late()`
+    /// makes (only then, off the fast path) still gets it,
+    /// in the background and within [`LATE_REPLY_LIMIT`], so a write that
+    /// landed after we gave up can be undone in order.
+    async fn eval_or_late<L: FnOnce(Value) + Send + 'static>(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+        late: impl FnOnce() -> L,
+    ) -> Result<Value, LockError> {
+        let client = self.connected()?.clone();
+        let script = script.clone();
+        let argv = argv(&script, keys, args);
+        let mut call = Box::pin(async move { evalsha(&client, &script, argv).await });
+        match tokio::time::timeout(self.timeout, &mut call).await {
+            Ok(result) => result.map_err(|e| map_error(&e)),
+            Err(_) => {
+                let late = late();
+                tokio::spawn(async move {
+                    if let Ok(Ok(value)) = tokio::time::timeout(LATE_REPLY_LIMIT, call).await {
+                        late(value);
+                    }
+                });
+                Err(LockError::Unavailable(format!(
+                    "no reply from Redis within {:?}",
+                    self.timeout
+                )))
+            }
+        }
+    }
+
+    /// A callback for a late Acquire reply: releases the lock if that reply
+    /// says the grant went to `token`.
+    fn undo_if_granted(&self, key: &LockKey, token: &Token) -> impl FnOnce(Value) + Send + 'static {
+        let client = self.pool.next().clone();
+        let script = self.scripts.release.clone();
+        let names = self.names(key);
+        let token = token.clone();
+        move |reply| {
+            if !matches!(parse_acquire(reply), Ok(AcquireOutcome::Acquired(grant)) if grant.token == token)
+            {
+                return;
+            }
+            tokio::spawn(async move {
+                let argv = argv(
+                    &script,
+                    vec![names.lock],
+                    vec![token.expose().to_owned(), names.channel],
+                );
+                if let Err(e) = evalsha(&client, &script, argv).await {
+                    tracing::warn!(error = %e, "could not undo a late grant; it expires with its TTL");
+                }
+            });
+        }
+    }
+}
+
+/// How long a reply that missed the store timeout is still awaited.
+const LATE_REPLY_LIMIT: Duration = Duration::from_secs(60);
+
+/// `EVALSHA` arguments: `sha, numkeys, keys..., args...`.
+fn argv(script: &Script, keys: Vec<String>, args: Vec<String>) -> Vec<Value> {
+    let mut argv = Vec::with_capacity(2 + keys.len() + args.len());
+    argv.push(Value::String(script.sha1().clone()));
+    argv.push(Value::Integer(keys.len() as i64));
+    argv.extend(keys.into_iter().map(Value::from));
+    argv.extend(args.into_iter().map(Value::from));
+    argv
+}
+
+/// Parses the acquire script's reply.
+fn parse_acquire(reply: Value) -> Result<AcquireOutcome, LockError> {
+    let items = array(reply)?;
+    match items.first().and_then(int) {
+        Some(1) if items.len() == 4 => {
+            let token = text(&items[1]).ok_or_else(|| unexpected(&items[1]))?;
+            let fence = int(&items[2]).ok_or_else(|| unexpected(&items[2]))?;
+            let ttl = int(&items[3]).ok_or_else(|| unexpected(&items[3]))?;
+            Ok(AcquireOutcome::Acquired(Grant {
+                token: Token::parse(token)?,
+                fencing_token: u64::try_from(fence).map_err(|_| unexpected(&items[2]))?,
+                ttl_ms: ttl_u32(ttl),
+            }))
+        }
+        Some(0) if items.len() == 2 => {
+            let pttl = int(&items[1]).ok_or_else(|| unexpected(&items[1]))?;
+            Ok(AcquireOutcome::Held {
+                retry_after_ms: remaining_ms(pttl),
+            })
+        }
+        _ => Err(LockError::Internal("malformed acquire reply".into())),
     }
 }
 
@@ -440,8 +534,9 @@ fn ttl_u32(v: i64) -> u32 {
 impl LockStore for RedisStore {
     async fn acquire(&self, spec: &AcquireSpec) -> Result<AcquireOutcome, LockError> {
         let n = self.names(&spec.key);
+        let late = || self.undo_if_granted(&spec.key, &spec.token);
         let reply = self
-            .eval(
+            .eval_or_late(
                 &self.scripts.acquire,
                 vec![n.lock, n.fence],
                 vec![
@@ -452,28 +547,10 @@ impl LockStore for RedisStore {
                     spec.request_id.clone().unwrap_or_default(),
                     COUNTER_TTL.as_millis().to_string(),
                 ],
+                late,
             )
             .await?;
-        let items = array(reply)?;
-        match items.first().and_then(int) {
-            Some(1) if items.len() == 4 => {
-                let token = text(&items[1]).ok_or_else(|| unexpected(&items[1]))?;
-                let fence = int(&items[2]).ok_or_else(|| unexpected(&items[2]))?;
-                let ttl = int(&items[3]).ok_or_else(|| unexpected(&items[3]))?;
-                Ok(AcquireOutcome::Acquired(Grant {
-                    token: Token::parse(token)?,
-                    fencing_token: u64::try_from(fence).map_err(|_| unexpected(&items[2]))?,
-                    ttl_ms: ttl_u32(ttl),
-                }))
-            }
-            Some(0) if items.len() == 2 => {
-                let pttl = int(&items[1]).ok_or_else(|| unexpected(&items[1]))?;
-                Ok(AcquireOutcome::Held {
-                    retry_after_ms: remaining_ms(pttl),
-                })
-            }
-            _ => Err(LockError::Internal("malformed acquire reply".into())),
-        }
+        parse_acquire(reply)
     }
 
     async fn release(&self, key: &LockKey, token: &Token) -> Result<bool, LockError> {

@@ -787,3 +787,62 @@ pub fn force_expire_on(backend: Backend, prefix: &str, key: &str) {
     });
     assert_eq!(deleted, "1", "the lock record existed");
 }
+
+/// Acquire over a bare HTTP/2 stream, with `grpc-timeout` sent to the
+/// server but not enforced here (tonic's client enforces any deadline it
+/// sends, racing the server's reply). Returns the reply, or the status
+/// code and message the server ended the call with.
+pub async fn acquire_with_server_deadline(
+    addr: SocketAddr,
+    req: pb::AcquireRequest,
+    deadline: Duration,
+) -> Result<pb::AcquireResponse, (i32, String)> {
+    use prost::Message;
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let request = http::Request::post(format!("http://{addr}/leasehold.v1.LockService/Acquire"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", format!("{}m", deadline.as_millis()))
+        .body(())
+        .expect("request");
+    let (response, mut send) = client.send_request(request, false).expect("send request");
+    let message = req.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend((message.len() as u32).to_be_bytes());
+    frame.extend(message);
+    send.send_data(frame.into(), true).expect("send body");
+    let response = response.await.expect("response headers");
+    let status_of = |headers: &http::HeaderMap| {
+        let code = headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let message = headers
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        code.map(|c| (c, message))
+    };
+    // A trailers-only reply carries the status in its headers.
+    if let Some((code, message)) = status_of(response.headers()).filter(|(c, _)| *c != 0) {
+        return Err((code, message));
+    }
+    let mut body = response.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("body");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await.expect("trailers").unwrap_or_default();
+    match status_of(&trailers) {
+        Some((0, _)) | None if data.len() >= 5 => {
+            Ok(pb::AcquireResponse::decode(&data[5..]).expect("decode reply"))
+        }
+        Some((code, message)) => Err((code, message)),
+        None => Err((-1, "no status".into())),
+    }
+}
