@@ -14,11 +14,13 @@
 //! - [`cli`]: the `leasehold` subcommands.
 //! - [`bench`]: the load generator and its baselines (`leasehold bench`).
 //! - [`task`]: owned background tasks.
+//! - [`metrics`]: Prometheus series (`--metrics-listen`).
 
 pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod lock;
+pub mod metrics;
 pub mod pb;
 pub mod server;
 pub mod service;

@@ -15,7 +15,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::pb;
 use crate::service::{LockServiceImpl, ServiceLimits};
-use crate::store::LockStore;
+use crate::store::{Instrumented, LockStore};
 use crate::task::TaskGuard;
 use crate::wait::WaitQueues;
 
@@ -92,6 +92,7 @@ pub async fn run<S: LockStore>(
         .build_v1alpha()
         .expect("the embedded descriptor set is valid");
 
+    let store = Arc::new(Instrumented(store));
     let service = LockServiceImpl::new(store, waiters, config.limits.clone(), stopping.clone());
     let lock_service = pb::lock_service_server::LockServiceServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES);

@@ -64,6 +64,7 @@ impl WaitQueues {
             )));
         }
         inner.total += 1;
+        crate::metrics::waiters(1.0);
         inner.next_id += 1;
         let id = inner.next_id;
         let notify = Arc::new(Notify::new());
@@ -174,6 +175,7 @@ impl Drop for Waiter {
     fn drop(&mut self) {
         let mut inner = self.queues.lock();
         inner.total = inner.total.saturating_sub(1);
+        crate::metrics::waiters(-1.0);
         let Some(queue) = inner.keys.get_mut(&self.key) else {
             return;
         };

@@ -109,11 +109,6 @@ fn relative_links_and_anchors_resolve() {
                 Some((f, a)) => (f, Some(a)),
                 None => (target.as_str(), None),
             };
-            // documentation/metrics.md is written with the metrics work
-            // (issue 8, items 1 and 2), on another branch.
-            if file_part.ends_with("metrics.md") {
-                continue;
-            }
             let resolved: PathBuf = if file_part.is_empty() {
                 path.clone()
             } else {

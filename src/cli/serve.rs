@@ -79,6 +79,9 @@ pub struct ServeArgs {
     /// Acquire calls that may wait at once on this server.
     #[arg(long, env = "LEASEHOLD_MAX_WAITERS", default_value_t = 10_000)]
     pub max_waiters: usize,
+    /// Serve Prometheus metrics over HTTP at this address (path /metrics).
+    #[arg(long, env = "LEASEHOLD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Longest a graceful shutdown may take before the process exits anyway.
     #[arg(long, env = "LEASEHOLD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -138,6 +141,10 @@ pub async fn termination() {
 /// Runs the server until SIGTERM/SIGINT.
 pub async fn run(args: ServeArgs) -> Result<(), String> {
     let config = args.server_config()?;
+    if let Some(addr) = args.metrics_listen {
+        crate::metrics::install(addr)?;
+        tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;

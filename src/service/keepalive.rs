@@ -74,12 +74,14 @@ impl<S: LockStore> StreamSlot<S> {
             }
             *n += 1;
         }
+        crate::metrics::streams(1.0);
         Ok(Self { core, peer })
     }
 }
 
 impl<S: LockStore> Drop for StreamSlot<S> {
     fn drop(&mut self) {
+        crate::metrics::streams(-1.0);
         let Some(addr) = self.peer else { return };
         let mut streams = self.core.streams.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = streams.get_mut(&addr) {
@@ -162,6 +164,7 @@ impl<S: LockStore> Session<S> {
                 },
             }
         };
+        crate::metrics::attached(-(self.attached.len() as f64));
         match end {
             End::Client => self.release_all().await,
             End::Server(status) => {
@@ -238,16 +241,22 @@ impl<S: LockStore> Session<S> {
             } else {
                 store.renew(&op.key, &op.token, op.ttl_ms).await
             };
+            let outcome = match &result {
+                Ok(Some(_)) => "alive",
+                Ok(None) if op.release => "released",
+                Ok(None) => "lost",
+                Err(e) => e.kind(),
+            };
+            let latency = start.elapsed();
+            crate::metrics::rpc("KeepAlive", outcome, latency);
+            if !op.release && result.is_ok() {
+                crate::metrics::renewal(outcome == "alive");
+            }
             tracing::debug!(
                 rpc = "KeepAlive",
                 key = op.key.as_str(),
-                outcome = match &result {
-                    Ok(Some(_)) => "alive",
-                    Ok(None) if op.release => "released",
-                    Ok(None) => "lost",
-                    Err(e) => e.kind(),
-                },
-                latency_us = start.elapsed().as_micros() as u64
+                outcome,
+                latency_us = latency.as_micros() as u64
             );
             Done { op, result }
         }
@@ -267,11 +276,14 @@ impl<S: LockStore> Session<S> {
         };
         match ttl {
             Some(_) => {
-                self.attached.insert(op.key.clone(), op.token);
+                if self.attached.insert(op.key.clone(), op.token).is_none() {
+                    crate::metrics::attached(1.0);
+                }
             }
             None => {
                 if self.attached.get(&op.key) == Some(&op.token) {
                     self.attached.remove(&op.key);
+                    crate::metrics::attached(-1.0);
                 }
             }
         }
@@ -320,9 +332,13 @@ impl<S: LockStore> Session<S> {
         let mut released = 0;
         for ((key, _), result) in locks.iter().zip(results) {
             match result {
-                Ok(true) => released += 1,
-                Ok(false) => {}
+                Ok(true) => {
+                    released += 1;
+                    crate::metrics::stream_end_release("released");
+                }
+                Ok(false) => crate::metrics::stream_end_release("not_held"),
                 Err(e) => {
+                    crate::metrics::stream_end_release("error");
                     tracing::warn!(key = key.as_str(), error = %e, "could not release on stream end; the lock expires with its TTL")
                 }
             }

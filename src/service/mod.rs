@@ -190,6 +190,14 @@ fn undo_grant<S: LockStore>(store: Arc<S>, key: LockKey, token: Token) {
     );
 }
 
+/// Counts and logs a request refused before it reached the store. The key
+/// is not logged: it may be the malformed part.
+fn rejected(rpc: &'static str, start: std::time::Instant, e: LockError) -> Status {
+    crate::metrics::rpc(rpc, e.kind(), start.elapsed());
+    tracing::debug!(rpc, outcome = e.kind(), error = %e, "rejected");
+    e.into()
+}
+
 /// Logs the outcome of a call at debug, and store failures at warn.
 fn log_result<T>(
     rpc: &'static str,
@@ -198,9 +206,15 @@ fn log_result<T>(
     result: &Result<T, LockError>,
     outcome: impl FnOnce(&T) -> &'static str,
 ) {
-    let latency_us = start.elapsed().as_micros() as u64;
+    let latency = start.elapsed();
+    let latency_us = latency.as_micros() as u64;
+    let label = match result {
+        Ok(v) => outcome(v),
+        Err(e) => e.kind(),
+    };
+    crate::metrics::rpc(rpc, label, latency);
     match result {
-        Ok(v) => tracing::debug!(rpc, key, outcome = outcome(v), latency_us),
+        Ok(_) => tracing::debug!(rpc, key, outcome = label, latency_us),
         Err(e @ (LockError::Unavailable(_) | LockError::Internal(_))) => {
             tracing::warn!(rpc, key, error = %e, latency_us, "store error")
         }
@@ -218,7 +232,8 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
     ) -> Result<Response<pb::AcquireResponse>, Status> {
         let start = std::time::Instant::now();
         let deadline = deadline::of(request.metadata());
-        let call = convert::acquire_request(request.into_inner(), &self.core.limits.fields)?;
+        let call = convert::acquire_request(request.into_inner(), &self.core.limits.fields)
+            .map_err(|e| rejected("Acquire", start, e))?;
         let key = call.spec.key.clone();
         let spec = Arc::new(call.spec);
         let result = if call.wait_ms == 0 {
@@ -255,7 +270,8 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let start = std::time::Instant::now();
         let req = request.into_inner();
-        let (key, token) = convert::key_and_token(req.key, req.token, &self.core.limits.fields)?;
+        let (key, token) = convert::key_and_token(req.key, req.token, &self.core.limits.fields)
+            .map_err(|e| rejected("Release", start, e))?;
         let result = self.core.store.release(&key, &token).await;
         log_result("Release", key.as_str(), start, &result, |r| {
             if *r { "released" } else { "not_held" }
@@ -269,8 +285,10 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
     ) -> Result<Response<pb::RenewResponse>, Status> {
         let start = std::time::Instant::now();
         let req = request.into_inner();
-        let (key, token) = convert::key_and_token(req.key, req.token, &self.core.limits.fields)?;
-        let ttl = self.core.limits.fields.renew_ttl(req.ttl_ms)?;
+        let (key, token, ttl) =
+            convert::key_and_token(req.key, req.token, &self.core.limits.fields)
+                .and_then(|(k, t)| Ok((k, t, self.core.limits.fields.renew_ttl(req.ttl_ms)?)))
+                .map_err(|e| rejected("Renew", start, e))?;
         let result = self.core.store.renew(&key, &token, ttl).await;
         log_result("Renew", key.as_str(), start, &result, |r| {
             if r.is_some() { "renewed" } else { "lost" }
@@ -297,7 +315,12 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
         request: Request<pb::DescribeRequest>,
     ) -> Result<Response<pb::DescribeResponse>, Status> {
         let start = std::time::Instant::now();
-        let key = self.core.limits.fields.key(request.into_inner().key)?;
+        let key = self
+            .core
+            .limits
+            .fields
+            .key(request.into_inner().key)
+            .map_err(|e| rejected("Describe", start, e))?;
         let result = self.core.store.describe(&key).await;
         log_result("Describe", key.as_str(), start, &result, |i| {
             if i.is_some() { "held" } else { "free" }

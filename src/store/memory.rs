@@ -111,6 +111,7 @@ async fn sweep(inner: Weak<Inner>) {
                 slot.lease.is_some() || slot.fence >= now_us
             });
         }
+        crate::metrics::expiries(expired.len() as u64);
         for key in expired {
             inner.waiters.released(&key);
         }

@@ -4,6 +4,7 @@
 //! conformance suite (`tests/conformance.rs`). Stores speak domain types
 //! only: no protobuf type crosses this line.
 
+mod instrumented;
 pub mod memory;
 pub mod redis;
 
@@ -12,6 +13,7 @@ use std::sync::Arc;
 
 use crate::lock::{AcquireOutcome, AcquireSpec, LockError, LockInfo, LockKey, Token};
 
+pub use instrumented::Instrumented;
 pub use memory::MemoryStore;
 pub use redis::{Names as RedisNames, RedisConfig, RedisStore};
 

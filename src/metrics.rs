@@ -1,0 +1,125 @@
+//! Prometheus metrics (`--metrics-listen`, `/metrics`).
+//!
+//! Names and labels are fixed and few: no lock key, owner or token ever
+//! becomes a label, so cardinality stays constant whatever clients send.
+//! Without `--metrics-listen` no recorder is installed and every call here
+//! is a no-op. documentation/metrics.md lists every series.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::PrometheusBuilder;
+
+/// Latency buckets in seconds: 50 µs to 10 s.
+const BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
+
+/// Starts the Prometheus exporter on `addr` (HTTP, path `/metrics`) and
+/// describes every series. Must run inside the tokio runtime.
+pub fn install(addr: SocketAddr) -> Result<(), String> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets(BUCKETS)
+        .map_err(|e| format!("metrics buckets: {e}"))?
+        .install()
+        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "leasehold_requests_total",
+        "RPCs answered, by rpc and outcome."
+    );
+    describe_histogram!(
+        "leasehold_request_duration_seconds",
+        Unit::Seconds,
+        "Time to answer an RPC (KeepAlive: per request on the stream), by rpc."
+    );
+    describe_gauge!("leasehold_keepalive_streams", "Open KeepAlive streams.");
+    describe_gauge!(
+        "leasehold_attached_locks",
+        "Locks attached to open KeepAlive streams."
+    );
+    describe_gauge!("leasehold_waiters", "Acquire calls waiting in this server.");
+    describe_counter!(
+        "leasehold_renewals_total",
+        "KeepAlive renewals, by result (alive, lost)."
+    );
+    describe_counter!(
+        "leasehold_stream_end_releases_total",
+        "Locks released because their KeepAlive stream ended, by result (released, not_held, error)."
+    );
+    describe_counter!(
+        "leasehold_expiries_total",
+        "Leases seen expired: renewals that found the lock gone, and (memory store) leases swept at their TTL."
+    );
+    describe_counter!(
+        "leasehold_store_errors_total",
+        "Failed store calls, by kind."
+    );
+    describe_histogram!(
+        "leasehold_store_call_duration_seconds",
+        Unit::Seconds,
+        "Time of one store call (one Redis round trip), by op and store."
+    );
+}
+
+/// One answered RPC.
+pub fn rpc(rpc: &'static str, outcome: &'static str, latency: Duration) {
+    counter!("leasehold_requests_total", "rpc" => rpc, "outcome" => outcome).increment(1);
+    histogram!("leasehold_request_duration_seconds", "rpc" => rpc).record(latency.as_secs_f64());
+}
+
+/// One store call.
+pub fn store_call(
+    store: &'static str,
+    op: &'static str,
+    latency: Duration,
+    error: Option<&'static str>,
+) {
+    histogram!("leasehold_store_call_duration_seconds", "store" => store, "op" => op)
+        .record(latency.as_secs_f64());
+    if let Some(kind) = error {
+        counter!("leasehold_store_errors_total", "store" => store, "kind" => kind).increment(1);
+    }
+}
+
+/// A KeepAlive stream opened (+1) or closed (-1).
+pub fn streams(delta: f64) {
+    gauge!("leasehold_keepalive_streams").increment(delta);
+}
+
+/// Locks attached to streams changed by `delta`.
+pub fn attached(delta: f64) {
+    gauge!("leasehold_attached_locks").increment(delta);
+}
+
+/// Waiters changed by `delta`.
+pub fn waiters(delta: f64) {
+    gauge!("leasehold_waiters").increment(delta);
+}
+
+/// One KeepAlive renewal: `alive` or `lost`.
+pub fn renewal(alive: bool) {
+    let result = if alive { "alive" } else { "lost" };
+    counter!("leasehold_renewals_total", "result" => result).increment(1);
+    if !alive {
+        expiries(1);
+    }
+}
+
+/// Leases seen expired.
+pub fn expiries(n: u64) {
+    counter!("leasehold_expiries_total").increment(n);
+}
+
+/// One release at the end of a stream: `released`, `not_held` or `error`.
+pub fn stream_end_release(result: &'static str) {
+    counter!("leasehold_stream_end_releases_total", "result" => result).increment(1);
+}

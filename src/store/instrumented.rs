@@ -1,0 +1,59 @@
+//! A [`LockStore`] wrapper that times every store call and counts its
+//! failures for the metrics (`crate::metrics`), whatever the store.
+
+use std::future::Future;
+use std::time::Instant;
+
+use super::LockStore;
+use crate::lock::{AcquireOutcome, AcquireSpec, LockError, LockInfo, LockKey, Token};
+
+/// Times and counts the calls of the store it wraps.
+#[derive(Debug)]
+pub struct Instrumented<S>(pub S);
+
+async fn timed<T>(
+    store: &'static str,
+    op: &'static str,
+    fut: impl Future<Output = Result<T, LockError>>,
+) -> Result<T, LockError> {
+    let start = Instant::now();
+    let result = fut.await;
+    let error = result.as_ref().err().map(LockError::kind);
+    crate::metrics::store_call(store, op, start.elapsed(), error);
+    result
+}
+
+impl<S: LockStore> LockStore for Instrumented<S> {
+    async fn acquire(&self, spec: &AcquireSpec) -> Result<AcquireOutcome, LockError> {
+        timed(self.0.name(), "acquire", self.0.acquire(spec)).await
+    }
+
+    async fn release(&self, key: &LockKey, token: &Token) -> Result<bool, LockError> {
+        timed(self.0.name(), "release", self.0.release(key, token)).await
+    }
+
+    async fn renew(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl_ms: Option<u32>,
+    ) -> Result<Option<u32>, LockError> {
+        timed(self.0.name(), "renew", self.0.renew(key, token, ttl_ms)).await
+    }
+
+    async fn describe(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError> {
+        timed(self.0.name(), "describe", self.0.describe(key)).await
+    }
+
+    async fn watch(&self, key: &LockKey) -> Result<(), LockError> {
+        timed(self.0.name(), "watch", self.0.watch(key)).await
+    }
+
+    async fn ping(&self) -> Result<(), LockError> {
+        timed(self.0.name(), "ping", self.0.ping()).await
+    }
+
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+}
