@@ -31,6 +31,8 @@ pub enum Scenario {
     Keepalive,
     /// A holder SIGKILLed while a waiter waits.
     Crash,
+    /// One holder releases, one waiter waits: release reply to grant.
+    Handoff,
     /// Only the baselines: the gRPC floor and direct Redis.
     Baseline,
     /// Everything, one after the other.
@@ -209,6 +211,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             Scenario::Hot => hot(&args, redis_url.as_deref()).await?,
             Scenario::Keepalive => keepalive(&args, redis_url.as_deref()).await?,
             Scenario::Crash => crash(&args, redis_url.as_deref()).await?,
+            Scenario::Handoff => handoff(&args, redis_url.as_deref()).await?,
             Scenario::Baseline => baseline(&args, redis_url.as_deref()).await?,
             Scenario::All => unreachable!("expanded above"),
         };
@@ -506,6 +509,84 @@ async fn crash(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, Strin
         "store": format!("{:?}", args.store).to_lowercase(),
         "machine": machine(),
     }))
+}
+
+/// Rounds of: A holds, B waits in Acquire, A releases; the time from A's
+/// Release reply to B's grant is the handoff latency.
+async fn handoff_rounds(endpoint: &str, rounds: usize) -> Result<(Latency, u64), String> {
+    let channels = load::connect(endpoint, 2).await?;
+    let mut a = crate::pb::lock_service_client::LockServiceClient::new(channels[0].clone());
+    let b = crate::pb::lock_service_client::LockServiceClient::new(channels[1].clone());
+    let key = format!("handoff/{}", load::FastRng::new().next_u64());
+    let req = |wait_ms| crate::pb::AcquireRequest {
+        key: key.clone(),
+        ttl_ms: 30_000,
+        wait_ms,
+        ..Default::default()
+    };
+    let mut latency = Latency::default();
+    let mut failures = 0;
+    for _ in 0..rounds {
+        let Some(lease) = a
+            .acquire(req(10_000))
+            .await
+            .ok()
+            .and_then(|r| r.into_inner().lease)
+        else {
+            failures += 1;
+            continue;
+        };
+        let mut waiter = b.clone();
+        let wait_req = req(10_000);
+        let waiting = tokio::spawn(async move {
+            let r = waiter.acquire(wait_req).await;
+            (r, Instant::now())
+        });
+        // Let the waiter reach the server and queue.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let released = a
+            .release(crate::pb::ReleaseRequest {
+                key: key.clone(),
+                token: lease.token,
+            })
+            .await;
+        let released_at = Instant::now();
+        let (result, granted_at) = waiting.await.map_err(|e| e.to_string())?;
+        match (released, result.ok().and_then(|r| r.into_inner().lease)) {
+            (Ok(_), Some(lease)) => {
+                latency.record(granted_at.saturating_duration_since(released_at));
+                let mut b2 = b.clone();
+                let _ = b2
+                    .release(crate::pb::ReleaseRequest {
+                        key: key.clone(),
+                        token: lease.token,
+                    })
+                    .await;
+            }
+            _ => failures += 1,
+        }
+    }
+    Ok((latency, failures))
+}
+
+async fn handoff(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, String> {
+    let mut rows = Vec::new();
+    if !args.spawn {
+        let (l, f) = handoff_rounds(&args.endpoint, args.rounds).await?;
+        rows.push(json!({"target": args.endpoint, "release_to_grant": l.json(), "failures": f}));
+    } else {
+        let mut targets: Vec<(&str, Option<&str>)> = vec![("leasehold, memory store", None)];
+        if let Some(url) = redis_url {
+            targets.push(("leasehold, redis store", Some(url)));
+        }
+        for (name, url) in targets {
+            let server = spawn::leasehold(url, &args.server_args).await?;
+            let (l, f) = handoff_rounds(&server.endpoint(), args.rounds).await?;
+            server.kill().await;
+            rows.push(json!({"target": name, "release_to_grant": l.json(), "failures": f}));
+        }
+    }
+    Ok(json!({"scenario": "handoff", "rounds": args.rounds, "rows": rows, "machine": machine()}))
 }
 
 async fn baseline(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, String> {
