@@ -12,6 +12,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("leasehold_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
+        // Small starting buffers: see src/codec.rs.
+        .codec_path("crate::codec::CompactCodec")
         // Messages that carry a lock token get a hand-written Debug in
         // src/pb.rs that redacts it, so a stray `{:?}` never leaks a token.
         .skip_debug([

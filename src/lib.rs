@@ -5,6 +5,7 @@
 //!
 //! Crate map:
 //! - [`pb`]: generated protobuf/gRPC code and the reflection descriptors.
+//! - [`codec`]: the prost codec with small buffers the generated code uses.
 //! - [`lock`]: domain types (keys, tokens, leases, limits) and [`lock::LockError`].
 //! - [`store`]: the [`store::LockStore`] seam, the Redis store and the memory store.
 //! - [`wait`]: per-key queues of waiting Acquires and the wake-one rule.
@@ -19,6 +20,7 @@
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod codec;
 pub mod lock;
 pub mod metrics;
 pub mod pb;

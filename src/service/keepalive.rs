@@ -28,7 +28,9 @@ use crate::pb;
 use crate::store::LockStore;
 
 /// Responses buffered per stream before the session waits for the client.
-const RESPONSE_BUFFER: usize = 256;
+/// (tokio allocates channel slots 32 at a time; each slot is kept small by
+/// boxing the rare error status, since 10 000 idle streams each hold one.)
+const RESPONSE_BUFFER: usize = 32;
 
 /// Opens a KeepAlive session, or refuses it when the connection already has
 /// its maximum of streams.
@@ -51,7 +53,9 @@ pub(super) fn start<S: LockStore>(
             .run(inbound)
             .instrument(tracing::debug_span!("keepalive")),
     );
-    Ok(Box::pin(ReceiverStream::new(rx)))
+    Ok(Box::pin(
+        ReceiverStream::new(rx).map(|item| item.map_err(|status| *status)),
+    ))
 }
 
 /// Counts this stream against its connection's limit while it lives.
@@ -111,7 +115,7 @@ type InFlight = FuturesUnordered<Pin<Box<dyn std::future::Future<Output = Done> 
 
 struct Session<S: LockStore> {
     core: Arc<Core<S>>,
-    tx: mpsc::Sender<Result<pb::KeepAliveResponse, Status>>,
+    tx: mpsc::Sender<Result<pb::KeepAliveResponse, Box<Status>>>,
     /// Locks this stream keeps alive, with the token each was attached with.
     attached: HashMap<LockKey, Token>,
     /// Keys with a store call in flight, and the requests queued behind it.
@@ -169,7 +173,7 @@ impl<S: LockStore> Session<S> {
             End::Client => self.release_all().await,
             End::Server(status) => {
                 tracing::debug!(attached = self.attached.len(), code = ?status.code(), "stream ended by the server; locks kept until their TTL");
-                let _ = self.tx.send(Err(status)).await;
+                let _ = self.tx.send(Err(Box::new(status))).await;
             }
         }
     }
