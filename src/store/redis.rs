@@ -63,6 +63,8 @@ pub struct RedisStore {
     pool: Pool,
     subscriber: SubscriberClient,
     scripts: Scripts,
+    waiters: Arc<WaitQueues>,
+    local_releases: Arc<LocalReleases>,
     prefix: String,
     timeout: Duration,
     /// Release channels subscribed, with when a waiter last needed each.
@@ -172,6 +174,7 @@ impl RedisStore {
         }
 
         let watched = Arc::new(Mutex::new(HashMap::new()));
+        let local_releases = Arc::new(LocalReleases::default());
         let subscribing = Arc::new(tokio::sync::Mutex::new(()));
         let prefix = config.prefix.clone();
         let tasks = vec![
@@ -183,7 +186,12 @@ impl RedisStore {
             }),
             TaskGuard::spawn(
                 "redis-release-listener",
-                listen(subscriber.clone(), prefix.clone(), waiters.clone()),
+                listen(
+                    subscriber.clone(),
+                    prefix.clone(),
+                    waiters.clone(),
+                    local_releases.clone(),
+                ),
             ),
             TaskGuard::spawn(
                 "redis-subscription-reaper",
@@ -198,6 +206,8 @@ impl RedisStore {
         ];
 
         Ok(Self {
+            waiters: waiters.clone(),
+            local_releases,
             pool,
             subscriber,
             scripts: Scripts {
@@ -437,13 +447,22 @@ fn key_of_channel<'a>(prefix: &str, channel: &'a str) -> Option<&'a str> {
 }
 
 /// Delivers release notifications to this server's waiters.
-async fn listen(subscriber: SubscriberClient, prefix: String, waiters: Arc<WaitQueues>) {
+async fn listen(
+    subscriber: SubscriberClient,
+    prefix: String,
+    waiters: Arc<WaitQueues>,
+    local: Arc<LocalReleases>,
+) {
     let mut rx = subscriber.message_rx();
     loop {
         match rx.recv().await {
             Ok(message) => {
                 if let Some(tag) = key_of_channel(&prefix, &message.channel) {
-                    waiters.released(&unescape_tag(tag));
+                    let key = unescape_tag(tag);
+                    let fence = int(&message.value).unwrap_or(0);
+                    if !local.take(&key, fence) {
+                        waiters.released(&key);
+                    }
                 }
             }
             // Missed messages are covered by the waiters' backoff retries.
@@ -455,6 +474,36 @@ async fn listen(subscriber: SubscriberClient, prefix: String, waiters: Arc<WaitQ
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
+    }
+}
+
+/// Releases this server made and already announced to its own waiters,
+/// keyed by lock and fencing token, so the same release arriving again over
+/// pub/sub does not wake a second waiter. Entries are consumed by that
+/// message, or dropped after [`LOCAL_RELEASE_MEMORY`] if it never comes.
+#[derive(Debug, Default)]
+struct LocalReleases(Mutex<HashMap<(String, i64), Instant>>);
+
+/// How long a local release waits for its own notification.
+const LOCAL_RELEASE_MEMORY: Duration = Duration::from_secs(10);
+
+impl LocalReleases {
+    fn record(&self, key: &str, fence: i64) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() > 10_000 {
+            let now = Instant::now();
+            map.retain(|_, at| now.duration_since(*at) < LOCAL_RELEASE_MEMORY);
+        }
+        map.insert((key.to_owned(), fence), Instant::now());
+    }
+
+    /// Whether this notification is one we already delivered locally.
+    fn take(&self, key: &str, fence: i64) -> bool {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.is_empty() {
+            return false;
+        }
+        map.remove(&(key.to_owned(), fence)).is_some()
     }
 }
 
@@ -562,7 +611,17 @@ impl LockStore for RedisStore {
                 vec![token.expose().to_owned(), n.channel],
             )
             .await?;
-        Ok(int(&reply).ok_or_else(|| unexpected(&reply))? == 1)
+        let fence = int(&reply).ok_or_else(|| unexpected(&reply))?;
+        if fence <= 0 {
+            return Ok(false);
+        }
+        // Wake a waiter here now, instead of after the notification's trip
+        // through Redis and back; that notification is then skipped.
+        if self.waiters.has_waiters(key.as_str()) {
+            self.local_releases.record(key.as_str(), fence);
+            self.waiters.released(key.as_str());
+        }
+        Ok(true)
     }
 
     async fn renew(
