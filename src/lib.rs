@@ -4,6 +4,7 @@
 //! loses them the moment that stream ends.
 //!
 //! Crate map:
+//! - [`auth`]: bearer tokens, client certificates and per-tenant key scopes.
 //! - [`pb`]: generated protobuf/gRPC code and the reflection descriptors.
 //! - [`lock`]: domain types (keys, tokens, leases, limits) and [`lock::LockError`].
 //! - [`store`]: the [`store::LockStore`] seam, the Redis store and the memory store.
@@ -15,6 +16,7 @@
 //! - [`bench`]: the load generator and its baselines (`leasehold bench`).
 //! - [`task`]: owned background tasks.
 
+pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod client;

@@ -8,6 +8,7 @@ mod deadline;
 pub mod delivery;
 mod keepalive;
 mod waiting;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::auth::Access;
 use crate::lock::{AcquireOutcome, AcquireSpec, Limits, LockError, LockKey, Token};
 use crate::pb;
 use crate::store::LockStore;
@@ -218,7 +220,9 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
     ) -> Result<Response<pb::AcquireResponse>, Status> {
         let start = std::time::Instant::now();
         let deadline = deadline::of(request.metadata());
+        let access = Access::of(request.extensions())?;
         let call = convert::acquire_request(request.into_inner(), &self.core.limits.fields)?;
+        access.authorize(&call.spec.key)?;
         let key = call.spec.key.clone();
         let spec = Arc::new(call.spec);
         let result = if call.wait_ms == 0 {
@@ -254,8 +258,10 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let start = std::time::Instant::now();
+        let access = Access::of(request.extensions())?;
         let req = request.into_inner();
         let (key, token) = convert::key_and_token(req.key, req.token, &self.core.limits.fields)?;
+        access.authorize(&key)?;
         let result = self.core.store.release(&key, &token).await;
         log_result("Release", key.as_str(), start, &result, |r| {
             if *r { "released" } else { "not_held" }
@@ -268,8 +274,10 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
         let start = std::time::Instant::now();
+        let access = Access::of(request.extensions())?;
         let req = request.into_inner();
         let (key, token) = convert::key_and_token(req.key, req.token, &self.core.limits.fields)?;
+        access.authorize(&key)?;
         let ttl = self.core.limits.fields.renew_ttl(req.ttl_ms)?;
         let result = self.core.store.renew(&key, &token, ttl).await;
         log_result("Renew", key.as_str(), start, &result, |r| {
@@ -297,7 +305,9 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
         request: Request<pb::DescribeRequest>,
     ) -> Result<Response<pb::DescribeResponse>, Status> {
         let start = std::time::Instant::now();
+        let access = Access::of(request.extensions())?;
         let key = self.core.limits.fields.key(request.into_inner().key)?;
+        access.authorize(&key)?;
         let result = self.core.store.describe(&key).await;
         log_result("Describe", key.as_str(), start, &result, |i| {
             if i.is_some() { "held" } else { "free" }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use crate::lock::{AcquireOutcome, AcquireSpec, LockError, LockInfo, LockKey, Token};
 
 pub use memory::MemoryStore;
-pub use redis::{Names as RedisNames, RedisConfig, RedisStore};
+pub use redis::{Names as RedisNames, RedisConfig, RedisStore, RedisTls, redact_url};
 
 /// One atomic operation per method; each either completes within the store
 /// timeout or fails with [`LockError::Unavailable`].
