@@ -287,8 +287,7 @@ async fn the_sdk_sends_its_bearer_token() {
         .lock("team-b/sdk")
         .wait(Duration::ZERO)
         .await
-        .err()
-        .expect("other tenant's key");
+        .expect_err("other tenant's key");
     assert!(matches!(denied, Error::PermissionDenied(_)), "{denied:?}");
     assert!(guard.release().await.unwrap());
 

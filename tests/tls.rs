@@ -251,8 +251,7 @@ certificate_names = ["team-b-worker", "batch.team-b.internal"]
         .lock("team-b/4")
         .wait(Duration::ZERO)
         .await
-        .err()
-        .expect("team-a's token may not lock team-b/");
+        .expect_err("team-a's token may not lock team-b/");
     assert!(matches!(denied, Error::PermissionDenied(_)), "{denied:?}");
 }
 
