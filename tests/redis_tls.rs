@@ -50,7 +50,7 @@ async fn rediss_with_an_acl_user_and_a_client_certificate() {
             "--redis-tls-ca".into(),
             path(&pki.ca_path),
             "--key-prefix".into(),
-            unique_prefix(),
+            certs::acl_prefix(),
             "--health-interval".into(),
             "100ms".into(),
             "--store-timeout".into(),

@@ -203,7 +203,7 @@ async fn no_secret_reaches_the_logs_at_trace_level() {
             "--redis-tls-ca".into(),
             pki.ca_path.to_string_lossy().to_string(),
             "--key-prefix".into(),
-            unique_prefix(),
+            certs::acl_prefix(),
             "--auth-file".into(),
             auth_file.to_string_lossy().to_string(),
             "--health-interval".into(),

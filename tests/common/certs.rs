@@ -110,6 +110,11 @@ impl Pki {
 pub const REDIS_USER: &str = "leasehold";
 pub const REDIS_PASSWORD: &str = "redis-pw-7f3a9c2e51d04b68";
 
+/// A key prefix the ACL user may use, unique to one server.
+pub fn acl_prefix() -> String {
+    format!("leasehold:{}", crate::common::unique_prefix())
+}
+
 /// A redis-server whose TLS port requires the ACL user [`REDIS_USER`] (the
 /// default user is off) and, with `client_certs`, a client certificate
 /// signed by `pki`. Its plain port is bound to 127.0.0.1 but needs the same
@@ -134,13 +139,17 @@ pub fn tls_acl_redis(pki: &Pki, client_certs: bool) -> (RedisServer, u16) {
         "--tls-auth-clients",
         auth_clients,
         // redis-server quotes each argument on its own: one word each.
+        // As documentation/security.md recommends: its own keys and
+        // channels, nothing administrative or dangerous.
         "--user",
         REDIS_USER,
         "on",
         &password,
-        "~*",
-        "&*",
+        "~leasehold:*",
+        "&leasehold:*",
         "+@all",
+        "-@admin",
+        "-@dangerous",
         "--user",
         "default",
         "off",
