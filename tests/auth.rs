@@ -401,14 +401,14 @@ async fn the_cli_sends_its_token_and_exits_77_when_denied() {
     });
     let run = |key: &str, env_token: Option<&str>, file: Option<&std::path::Path>| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_leasehold"));
-        cmd.env_remove("LEASEHOLD_TOKEN")
-            .env_remove("LEASEHOLD_TOKEN_FILE")
+        cmd.env_remove("LEASEHOLD_AUTH_TOKEN")
+            .env_remove("LEASEHOLD_AUTH_TOKEN_FILE")
             .args(["describe", key, "--endpoint", &server.endpoint()]);
         if let Some(t) = env_token {
-            cmd.env("LEASEHOLD_TOKEN", t);
+            cmd.env("LEASEHOLD_AUTH_TOKEN", t);
         }
         if let Some(f) = file {
-            cmd.arg("--token-file").arg(f);
+            cmd.arg("--auth-token-file").arg(f);
         }
         let out = cmd.output().expect("run leasehold describe");
         (

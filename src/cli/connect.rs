@@ -79,33 +79,36 @@ pub struct ConnectArgs {
     /// endpoint's host.
     #[arg(long, env = "LEASEHOLD_TLS_DOMAIN", value_name = "NAME")]
     pub tls_domain: Option<String>,
-    /// File holding the bearer token to send (first line). Prefer this or
-    /// LEASEHOLD_TOKEN to a flag: a flag's value shows in `ps`.
-    #[arg(long, env = "LEASEHOLD_TOKEN_FILE", value_name = "PATH")]
-    pub token_file: Option<PathBuf>,
-    /// The bearer token itself (from the environment; never printed).
+    /// File holding the bearer token to authenticate with (first line), for
+    /// servers with an auth file. Prefer this or LEASEHOLD_AUTH_TOKEN to
+    /// --auth-token: a flag's value shows in `ps`.
+    #[arg(long, env = "LEASEHOLD_AUTH_TOKEN_FILE", value_name = "PATH")]
+    pub auth_token_file: Option<PathBuf>,
+    /// The bearer token itself (never printed). Not the lease token that
+    /// `release` and `renew` take.
     #[arg(
         long,
-        env = "LEASEHOLD_TOKEN",
+        env = "LEASEHOLD_AUTH_TOKEN",
+        value_name = "TOKEN",
         hide_env_values = true,
-        conflicts_with = "token_file"
+        conflicts_with = "auth_token_file"
     )]
-    pub token: Option<Token>,
+    pub auth_token: Option<AuthToken>,
 }
 
 /// A bearer token given on the command line or in the environment; its
 /// `Debug` never shows it.
 #[derive(Clone)]
-pub struct Token(String);
+pub struct AuthToken(String);
 
-impl std::str::FromStr for Token {
+impl std::str::FromStr for AuthToken {
     type Err = std::convert::Infallible;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Ok(Self(s.to_string()))
     }
 }
 
-impl std::fmt::Debug for Token {
+impl std::fmt::Debug for AuthToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("<redacted>")
     }
@@ -135,19 +138,19 @@ impl ConnectArgs {
         if let Some(domain) = &self.tls_domain {
             builder = builder.tls_domain(domain.clone());
         }
-        if let Some(path) = &self.token_file {
-            let text = String::from_utf8(read_file("token-file", path)?).map_err(|_| {
-                Error::InvalidArgument(format!("--token-file {}: not UTF-8", path.display()))
+        if let Some(path) = &self.auth_token_file {
+            let text = String::from_utf8(read_file("auth-token-file", path)?).map_err(|_| {
+                Error::InvalidArgument(format!("--auth-token-file {}: not UTF-8", path.display()))
             })?;
             let token = text.lines().next().unwrap_or_default().trim().to_string();
             if token.is_empty() {
                 return Err(Error::InvalidArgument(format!(
-                    "--token-file {}: the file is empty",
+                    "--auth-token-file {}: the file is empty",
                     path.display()
                 )));
             }
             builder = builder.bearer_token(token);
-        } else if let Some(Token(token)) = &self.token {
+        } else if let Some(AuthToken(token)) = &self.auth_token {
             builder = builder.bearer_token(token.clone());
         }
         builder.connect().await
@@ -238,6 +241,14 @@ mod tests {
             fail("acquire", &Error::PermissionDenied("denied".into())),
             exit::DENIED
         );
+    }
+
+    #[test]
+    fn every_subcommand_parses() {
+        // clap's own consistency checks: unique argument names across the
+        // flattened ConnectArgs and each subcommand's arguments, and more.
+        use clap::CommandFactory;
+        crate::cli::Cli::command().debug_assert();
     }
 
     #[test]
