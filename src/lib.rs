@@ -4,6 +4,7 @@
 //! loses them the moment that stream ends.
 //!
 //! Crate map:
+//! - [`auth`]: bearer tokens, client certificates and per-tenant key scopes.
 //! - [`pb`]: generated protobuf/gRPC code and the reflection descriptors.
 //! - [`codec`]: the prost codec with small buffers the generated code uses.
 //! - [`lock`]: domain types (keys, tokens, leases, limits) and [`lock::LockError`].
@@ -17,6 +18,7 @@
 //! - [`task`]: owned background tasks.
 //! - [`metrics`]: Prometheus series (`--metrics-listen`).
 
+pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod client;

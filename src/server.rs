@@ -1,5 +1,5 @@
-//! Assembles the gRPC server: the lock service, health, reflection, HTTP/2
-//! keepalive, limits and graceful shutdown. `run` takes its listener and its
+//! Assembles the gRPC server: the lock service, health, reflection, TLS,
+//! authentication, HTTP/2 keepalive, limits and graceful shutdown. `run` takes its listener and its
 //! shutdown signal as arguments, so tests bind 127.0.0.1:0 and stop it at
 //! will (mini-redis `server::run`).
 
@@ -13,6 +13,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::auth::{AuthLayer, Authenticator};
 use crate::pb;
 use crate::service::{LockServiceImpl, ServiceLimits};
 use crate::store::{Instrumented, LockStore};
@@ -41,6 +42,60 @@ pub struct ServerConfig {
     /// Waiting Acquire calls allowed at once; whoever builds the
     /// [`WaitQueues`] shared with the store sizes them with this.
     pub max_waiters: usize,
+    /// TLS on the gRPC port; `None` serves plaintext HTTP/2.
+    pub tls: Option<ServerTls>,
+    /// Bearer-token / client-certificate authentication and key scopes;
+    /// `None` lets every caller use every key.
+    pub auth: Option<Arc<Authenticator>>,
+}
+
+/// The server's TLS identity and, for mutual TLS, the CA its clients'
+/// certificates must chain to. PEM, as read from the files.
+#[derive(Clone)]
+pub struct ServerTls {
+    /// Certificate chain, leaf first.
+    pub cert_pem: Vec<u8>,
+    /// The certificate's private key.
+    pub key_pem: Vec<u8>,
+    /// When set, every client must present a certificate signed by this CA.
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("key_pem", &"<redacted>")
+            .field("mutual", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    /// Checks that the PEM parses and the key matches, for start-up.
+    pub fn check(&self) -> Result<(), String> {
+        tonic::transport::Server::builder()
+            .tls_config(self.config())
+            .map(|_| ())
+            .map_err(|e| {
+                let mut message = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(cause) = source {
+                    message = format!("{message}: {cause}");
+                    source = cause.source();
+                }
+                message
+            })
+    }
+
+    fn config(&self) -> tonic::transport::ServerTlsConfig {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let config =
+            ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
+        match &self.client_ca_pem {
+            Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
+            None => config,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -53,6 +108,8 @@ impl Default for ServerConfig {
             keepalive_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
             max_waiters: 10_000,
+            tls: None,
+            auth: None,
         }
     }
 }
@@ -115,10 +172,16 @@ pub async fn run<S: LockStore>(
             reporter.clear_service_status(pb::SERVICE_NAME).await;
         }
     };
-    let serve = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(tls.config())?;
+    }
+    let serve = builder
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .layer(crate::service::delivery::DeliveryLayer)
+        .layer(crate::service::wire::WireErrorLayer)
+        .layer(AuthLayer::new(config.auth.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -96,6 +96,7 @@ fn relative_links_and_anchors_resolve() {
         "documentation/operations.md",
         "documentation/semantics.md",
         "documentation/redis.md",
+        "documentation/security.md",
         "deploy/README.md",
         "clients/python/README.md",
     ];

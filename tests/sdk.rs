@@ -449,7 +449,7 @@ async fn errors_are_one_clear_line() {
     assert!(line.to_lowercase().contains("refused"), "{line}");
     assert!(!line.contains('\n'), "{line}");
 
-    let err = Client::connect("https://127.0.0.1:1").await.unwrap_err();
+    let err = Client::connect("ftp://127.0.0.1:1").await.unwrap_err();
     assert!(matches!(err, Error::InvalidEndpoint { .. }), "{err}");
 
     let server = TestServer::start(Backend::Memory).await;

@@ -2,6 +2,7 @@
 //! talk to, the exit codes, and turning an SDK error into one line on
 //! stderr and its exit code.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
@@ -54,17 +55,105 @@ pub struct ConnectArgs {
     /// Bound on each connection attempt to one server.
     #[arg(long, env = "LEASEHOLD_CONNECT_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
+    /// PEM CA bundle to verify `https://` servers with (default: the
+    /// system's CAs).
+    #[arg(long, env = "LEASEHOLD_TLS_CA", value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for servers that require mutual TLS.
+    #[arg(
+        long,
+        env = "LEASEHOLD_TLS_CLIENT_CERT",
+        value_name = "PEM",
+        requires = "tls_client_key"
+    )]
+    pub tls_client_cert: Option<PathBuf>,
+    /// PEM private key of --tls-client-cert.
+    #[arg(
+        long,
+        env = "LEASEHOLD_TLS_CLIENT_KEY",
+        value_name = "PEM",
+        requires = "tls_client_cert"
+    )]
+    pub tls_client_key: Option<PathBuf>,
+    /// Name to verify the server's certificate against, instead of the
+    /// endpoint's host.
+    #[arg(long, env = "LEASEHOLD_TLS_DOMAIN", value_name = "NAME")]
+    pub tls_domain: Option<String>,
+    /// File holding the bearer token to authenticate with (first line), for
+    /// servers with an auth file. Prefer this or LEASEHOLD_AUTH_TOKEN to
+    /// --auth-token: a flag's value shows in `ps`.
+    #[arg(long, env = "LEASEHOLD_AUTH_TOKEN_FILE", value_name = "PATH")]
+    pub auth_token_file: Option<PathBuf>,
+    /// The bearer token itself (never printed). Not the lease token that
+    /// `release` and `renew` take.
+    #[arg(
+        long,
+        env = "LEASEHOLD_AUTH_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true,
+        conflicts_with = "auth_token_file"
+    )]
+    pub auth_token: Option<AuthToken>,
+}
+
+/// A bearer token given on the command line or in the environment; its
+/// `Debug` never shows it.
+#[derive(Clone)]
+pub struct AuthToken(String);
+
+impl std::str::FromStr for AuthToken {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
+}
+
+impl std::fmt::Debug for AuthToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+fn read_file(flag: &str, path: &Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path)
+        .map_err(|e| Error::InvalidArgument(format!("--{flag} {}: {e}", path.display())))
 }
 
 impl ConnectArgs {
     /// A client connected to the first serving endpoint.
     pub async fn connect(&self) -> Result<Client, Error> {
-        Client::builder()
+        let mut builder = Client::builder()
             .endpoints(self.endpoints.clone())
             .retry_for(self.retry_for)
-            .connect_timeout(self.connect_timeout)
-            .connect()
-            .await
+            .connect_timeout(self.connect_timeout);
+        if let Some(path) = &self.tls_ca {
+            builder = builder.tls_ca_pem(read_file("tls-ca", path)?);
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_client_cert, &self.tls_client_key) {
+            builder = builder.tls_identity_pem(
+                read_file("tls-client-cert", cert)?,
+                read_file("tls-client-key", key)?,
+            );
+        }
+        if let Some(domain) = &self.tls_domain {
+            builder = builder.tls_domain(domain.clone());
+        }
+        if let Some(path) = &self.auth_token_file {
+            let text = String::from_utf8(read_file("auth-token-file", path)?).map_err(|_| {
+                Error::InvalidArgument(format!("--auth-token-file {}: not UTF-8", path.display()))
+            })?;
+            let token = text.lines().next().unwrap_or_default().trim().to_string();
+            if token.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "--auth-token-file {}: the file is empty",
+                    path.display()
+                )));
+            }
+            builder = builder.bearer_token(token);
+        } else if let Some(AuthToken(token)) = &self.auth_token {
+            builder = builder.bearer_token(token.clone());
+        }
+        builder.connect().await
     }
 }
 
@@ -152,6 +241,14 @@ mod tests {
             fail("acquire", &Error::PermissionDenied("denied".into())),
             exit::DENIED
         );
+    }
+
+    #[test]
+    fn every_subcommand_parses() {
+        // clap's own consistency checks: unique argument names across the
+        // flattened ConnectArgs and each subcommand's arguments, and more.
+        use clap::CommandFactory;
+        crate::cli::Cli::command().debug_assert();
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub enum LogFormat {
 }
 
 /// The subcommands.
+// Parsed once per process; boxing `serve`'s many flags would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the lock server.

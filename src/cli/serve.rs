@@ -1,15 +1,18 @@
 //! `leasehold serve`: flags, store selection, signals.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 
+use crate::auth::Authenticator;
 use crate::lock::Limits;
-use crate::server::{self, ServerConfig};
+use crate::server::{self, ServerConfig, ServerTls};
 use crate::service::ServiceLimits;
-use crate::store::{MemoryStore, RedisConfig, RedisStore};
+use crate::store::{MemoryStore, RedisConfig, RedisStore, RedisTls};
+use crate::task::TaskGuard;
 use crate::wait::WaitQueues;
 
 /// Flags of `leasehold serve`.
@@ -85,6 +88,68 @@ pub struct ServeArgs {
     /// Longest a graceful shutdown may take before the process exits anyway.
     #[arg(long, env = "LEASEHOLD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// PEM certificate chain for TLS on the gRPC port (with --tls-key).
+    /// Without it the port speaks plaintext HTTP/2, and bearer tokens and
+    /// lock tokens cross the network readable by anyone on the path.
+    #[arg(
+        long,
+        env = "LEASEHOLD_TLS_CERT",
+        value_name = "PEM",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "LEASEHOLD_TLS_KEY",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle for mutual TLS: every client must present a
+    /// certificate signed by it, so a stolen token alone is not enough.
+    #[arg(
+        long,
+        env = "LEASEHOLD_TLS_CLIENT_CA",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    pub tls_client_ca: Option<PathBuf>,
+    /// TOML file of tenants: their bearer tokens (or their SHA-256), client
+    /// certificate names, and the key prefixes each may use. Without it,
+    /// every caller may use every key. Reloaded on SIGHUP; a bad file is
+    /// refused and the previous one stays in force.
+    #[arg(long, env = "LEASEHOLD_AUTH_FILE", value_name = "TOML")]
+    pub auth_file: Option<PathBuf>,
+    /// Require credentials for health and reflection too. Off by default,
+    /// so that probes (which cannot send a token) and tools keep working.
+    #[arg(long, env = "LEASEHOLD_AUTH_PROTECT_HEALTH", requires = "auth_file")]
+    pub auth_protect_health: bool,
+    /// PEM CA bundle that Redis's certificate must chain to, for rediss://
+    /// (default: the system's CAs).
+    #[arg(long, env = "LEASEHOLD_REDIS_TLS_CA", value_name = "PEM")]
+    pub redis_tls_ca: Option<PathBuf>,
+    /// PEM client certificate for Redis's `tls-auth-clients` (with
+    /// --redis-tls-key).
+    #[arg(
+        long,
+        env = "LEASEHOLD_REDIS_TLS_CERT",
+        value_name = "PEM",
+        requires = "redis_tls_key"
+    )]
+    pub redis_tls_cert: Option<PathBuf>,
+    /// PEM private key of --redis-tls-cert.
+    #[arg(
+        long,
+        env = "LEASEHOLD_REDIS_TLS_KEY",
+        value_name = "PEM",
+        requires = "redis_tls_cert"
+    )]
+    pub redis_tls_key: Option<PathBuf>,
+}
+
+fn read_pem(flag: &str, path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("--{flag} {}: {e}", path.display()))
 }
 
 fn ms(field: &str, d: Duration) -> Result<u32, String> {
@@ -106,6 +171,29 @@ impl ServeArgs {
             ..Limits::default()
         };
         fields.check()?;
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                let tls = ServerTls {
+                    cert_pem: read_pem("tls-cert", cert)?,
+                    key_pem: read_pem("tls-key", key)?,
+                    client_ca_pem: match &self.tls_client_ca {
+                        Some(ca) => Some(read_pem("tls-client-ca", ca)?),
+                        None => None,
+                    },
+                };
+                tls.check()
+                    .map_err(|e| format!("--tls-cert/--tls-key/--tls-client-ca: {e}"))?;
+                Some(tls)
+            }
+            _ => None,
+        };
+        let auth = match &self.auth_file {
+            Some(path) => Some(Arc::new(Authenticator::from_file(
+                path,
+                self.auth_protect_health,
+            )?)),
+            None => None,
+        };
         Ok(ServerConfig {
             limits: ServiceLimits {
                 fields,
@@ -118,8 +206,63 @@ impl ServeArgs {
             keepalive_timeout: self.keepalive_timeout,
             shutdown_grace: self.shutdown_grace,
             max_waiters: self.max_waiters,
+            tls,
+            auth,
         })
     }
+
+    /// Trust and identity for a rediss:// URL, when a flag sets them.
+    pub fn redis_tls(&self) -> Result<Option<RedisTls>, String> {
+        if self.redis_tls_ca.is_none() && self.redis_tls_cert.is_none() {
+            return Ok(None);
+        }
+        let ca_pem = match &self.redis_tls_ca {
+            Some(path) => Some(read_pem("redis-tls-ca", path)?),
+            None => None,
+        };
+        let client_pem = match (&self.redis_tls_cert, &self.redis_tls_key) {
+            (Some(cert), Some(key)) => Some((
+                read_pem("redis-tls-cert", cert)?,
+                read_pem("redis-tls-key", key)?,
+            )),
+            _ => None,
+        };
+        Ok(Some(RedisTls { ca_pem, client_pem }))
+    }
+}
+
+/// Reloads the auth file on every SIGHUP, for as long as it lives. A file
+/// that does not parse is refused whole and the policy in force stays.
+/// Without an auth file, SIGHUP is logged and ignored (instead of its
+/// default action, ending the process).
+fn reload_on_sighup(auth: Option<Arc<Authenticator>>) -> Option<TaskGuard> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; the auth file will not reload");
+            return None;
+        }
+    };
+    Some(TaskGuard::spawn("auth-reload", async move {
+        while hangups.recv().await.is_some() {
+            let Some(auth) = &auth else {
+                tracing::info!("SIGHUP: no --auth-file, nothing to reload");
+                continue;
+            };
+            let file = auth
+                .file()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            match auth.reload() {
+                Ok(tenants) => tracing::info!(file, tenants, "auth file reloaded"),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "auth file not reloaded; the previous one stays in force"
+                ),
+            }
+        }
+    }))
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -145,6 +288,23 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         crate::metrics::install(addr)?;
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
     }
+    let redis_tls = args.redis_tls()?;
+    if redis_tls.is_some() && args.redis_url.is_none() {
+        return Err("--redis-tls-ca/--redis-tls-cert need --redis-url rediss://...".into());
+    }
+    if let Some(auth) = &config.auth {
+        tracing::info!(
+            file = %auth.file().map(|p| p.display().to_string()).unwrap_or_default(),
+            protect_health = auth.protects_health(),
+            "authentication on: bearer tokens / client certificates, per-tenant key prefixes"
+        );
+        if config.tls.is_none() {
+            tracing::warn!(
+                "--auth-file without --tls-cert: bearer tokens cross the network in plaintext"
+            );
+        }
+    }
+    let _reload = reload_on_sighup(config.auth.clone());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
@@ -156,7 +316,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
                 "no --redis-url: using the embedded in-memory store; it is single-process and not durable (locks are lost on restart, and servers do not share them)"
             );
             let store = Arc::new(MemoryStore::new(waiters.clone()));
-            tracing::info!(%addr, store = "memory", "listening");
+            tracing::info!(%addr, store = "memory", tls = config.tls.is_some(), "listening");
             server::run(store, waiters, config, listener, termination()).await
         }
         Some(url) => {
@@ -165,9 +325,10 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
                 prefix: args.key_prefix.clone(),
                 pool_size: args.pool_size,
                 timeout: args.store_timeout,
+                tls: redis_tls,
             };
             let store = Arc::new(RedisStore::connect(&redis, waiters.clone()).await?);
-            tracing::info!(%addr, store = "redis", "listening");
+            tracing::info!(%addr, store = "redis", tls = config.tls.is_some(), "listening");
             server::run(store, waiters, config, listener, termination()).await
         }
     };

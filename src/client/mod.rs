@@ -71,7 +71,7 @@ pub use lock::{LockBuilder, WAIT_SLICE};
 use crate::pb;
 use crate::task::TaskGuard;
 use keeper::{Command, Keeper};
-use transport::{Settings, Transport};
+use transport::{Secret, Settings, Transport};
 
 /// A fresh Acquire request id: 128 random bits, hex.
 pub(crate) fn new_request_id() -> String {
@@ -222,6 +222,36 @@ impl ClientBuilder {
     /// [`Error::Unavailable`].
     pub fn retry_for(mut self, duration: Duration) -> Self {
         self.settings.retry.retry_for = duration;
+        self
+    }
+
+    /// Trusts these CA certificates (PEM) for `https://` endpoints instead
+    /// of the system's. Once any TLS setting is given, every endpoint must
+    /// be `https://`: the client never falls back to plaintext.
+    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.settings.tls.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Presents this client certificate and key (PEM) to servers that
+    /// require mutual TLS.
+    pub fn tls_identity_pem(mut self, cert: impl Into<Vec<u8>>, key: impl Into<Vec<u8>>) -> Self {
+        self.settings.tls.identity_pem = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// Verifies the server's certificate against this name instead of the
+    /// endpoint's host (for servers reached by IP address).
+    pub fn tls_domain(mut self, name: impl Into<String>) -> Self {
+        self.settings.tls.domain = Some(name.into());
+        self
+    }
+
+    /// Sends `authorization: Bearer <token>` with every call. The token is
+    /// never printed (not by `Debug` either); over `http://` it crosses the
+    /// network in the clear, so use it with `https://`.
+    pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
+        self.settings.token = Some(Secret(token.into()));
         self
     }
 

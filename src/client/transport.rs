@@ -1,13 +1,17 @@
 //! Endpoints, channels and failover: one lazily connected HTTP/2 channel per
-//! endpoint, a shared "current endpoint" that every failure moves on, and
-//! the retry loop for unary calls. Owns no lock state.
+//! endpoint (TLS for `https://`), a shared "current endpoint" that every
+//! failure moves on, the bearer token every call carries, and the retry
+//! loop for unary calls. Owns no lock state.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tonic::Status;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Request, Status};
 
 use super::backoff::{Backoff, RetryPolicy};
 use super::error::{self, Error};
@@ -21,7 +25,93 @@ pub(crate) struct Settings {
     pub(crate) http2_keepalive_interval: Duration,
     pub(crate) http2_keepalive_timeout: Duration,
     pub(crate) retry: RetryPolicy,
+    pub(crate) tls: TlsSettings,
+    pub(crate) token: Option<Secret>,
 }
+
+/// A secret string that never prints.
+#[derive(Clone)]
+pub(crate) struct Secret(pub(crate) String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// TLS settings for `https://` endpoints, PEM.
+#[derive(Clone, Default)]
+pub(crate) struct TlsSettings {
+    pub(crate) ca_pem: Option<Vec<u8>>,
+    pub(crate) identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    pub(crate) domain: Option<String>,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_certificate", &self.identity_pem.is_some())
+            .field("domain", &self.domain)
+            .finish()
+    }
+}
+
+impl TlsSettings {
+    fn is_set(&self) -> bool {
+        self.ca_pem.is_some() || self.identity_pem.is_some() || self.domain.is_some()
+    }
+
+    /// The CA given, or else the system's roots; the client certificate
+    /// and the name to verify, when given.
+    fn config(&self) -> ClientTlsConfig {
+        let mut config = ClientTlsConfig::new();
+        config = match &self.ca_pem {
+            Some(ca) => config.ca_certificate(Certificate::from_pem(ca)),
+            None => config.with_native_roots(),
+        };
+        if let Some((cert, key)) = &self.identity_pem {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(domain) = &self.domain {
+            config = config.domain_name(domain.clone());
+        }
+        config
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every call, marked sensitive so
+/// HTTP/2 never puts it in its header compression table.
+#[derive(Clone)]
+pub(crate) struct Credentials(Option<AsciiMetadataValue>);
+
+impl Credentials {
+    fn new(token: Option<&Secret>) -> Result<Self, Error> {
+        let Some(token) = token else {
+            return Ok(Self(None));
+        };
+        let mut value =
+            MetadataValue::try_from(format!("Bearer {}", token.0.trim())).map_err(|_| {
+                Error::InvalidArgument("the bearer token must be printable ASCII".into())
+            })?;
+        value.set_sensitive(true);
+        Ok(Self(Some(value)))
+    }
+}
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel that carries the client's credentials.
+pub(crate) type Conn = InterceptedService<Channel, Credentials>;
 
 impl Default for Settings {
     fn default() -> Self {
@@ -31,6 +121,8 @@ impl Default for Settings {
             http2_keepalive_interval: Duration::from_secs(10),
             http2_keepalive_timeout: Duration::from_secs(5),
             retry: RetryPolicy::default(),
+            tls: TlsSettings::default(),
+            token: None,
         }
     }
 }
@@ -43,12 +135,13 @@ struct Target {
 /// The endpoints of one client and the one it currently talks to.
 pub(crate) struct Transport {
     targets: Vec<Target>,
+    credentials: Credentials,
     current: AtomicUsize,
     pub(crate) settings: Settings,
 }
 
 /// `host:port` becomes `http://host:port`; anything else must be an
-/// `http://` URL. TLS is not supported yet.
+/// `http://` or `https://` URL.
 pub(crate) fn normalize(endpoint: &str) -> Result<String, Error> {
     let e = endpoint.trim();
     let invalid = |reason: &str| Error::InvalidEndpoint {
@@ -63,11 +156,8 @@ pub(crate) fn normalize(endpoint: &str) -> Result<String, Error> {
     } else {
         format!("http://{e}")
     };
-    if url.starts_with("https://") {
-        return Err(invalid("TLS (https://) is not supported yet; use http://"));
-    }
-    if !url.starts_with("http://") {
-        return Err(invalid("the scheme must be http://"));
+    if !url.starts_with("http://") && !url.starts_with("https://") {
+        return Err(invalid("the scheme must be http:// or https://"));
     }
     let uri: http::Uri = url
         .parse()
@@ -81,14 +171,29 @@ pub(crate) fn normalize(endpoint: &str) -> Result<String, Error> {
 impl Transport {
     /// Channels for `endpoints` (already normalized). Nothing connects
     /// until the first call.
+    /// TLS settings with an `http://` endpoint are refused rather than
+    /// ignored: a client configured for TLS must never fall back to
+    /// plaintext because of a typo in a URL.
     pub(crate) fn new(endpoints: Vec<String>, settings: Settings) -> Result<Self, Error> {
         let mut targets = Vec::with_capacity(endpoints.len());
+        let credentials = Credentials::new(settings.token.as_ref())?;
         for uri in endpoints {
-            let endpoint = Endpoint::from_shared(uri.clone())
-                .map_err(|e| Error::InvalidEndpoint {
-                    endpoint: uri.clone(),
-                    reason: error::one_line(&e.to_string()),
-                })?
+            let invalid = |reason: String| Error::InvalidEndpoint {
+                endpoint: uri.clone(),
+                reason,
+            };
+            let mut endpoint = Endpoint::from_shared(uri.clone())
+                .map_err(|e| invalid(error::one_line(&e.to_string())))?;
+            if uri.starts_with("https://") {
+                endpoint = endpoint
+                    .tls_config(settings.tls.config())
+                    .map_err(|e| invalid(error::one_line(&format!("TLS: {e}"))))?;
+            } else if settings.tls.is_set() {
+                return Err(invalid(
+                    "TLS settings (CA, client certificate, domain) are given but the endpoint is http://; use https://".into(),
+                ));
+            }
+            let endpoint = endpoint
                 .connect_timeout(settings.connect_timeout)
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(settings.http2_keepalive_interval)
@@ -107,6 +212,7 @@ impl Transport {
         }
         Ok(Self {
             targets,
+            credentials,
             current: AtomicUsize::new(0),
             settings,
         })
@@ -117,10 +223,14 @@ impl Transport {
         self.targets.len()
     }
 
-    /// The endpoint to use now, and its channel.
-    pub(crate) fn pick(&self) -> (usize, Channel) {
+    /// The endpoint to use now, and its channel with the credentials.
+    pub(crate) fn pick(&self) -> (usize, Conn) {
         let i = self.current.load(Ordering::Relaxed) % self.targets.len();
-        (i, self.targets[i].channel.clone())
+        let channel = self.targets[i].channel.clone();
+        (
+            i,
+            InterceptedService::new(channel, self.credentials.clone()),
+        )
     }
 
     /// The URL of endpoint `i`.
@@ -161,7 +271,7 @@ impl Transport {
     /// and broken connections across endpoints.
     pub(crate) async fn unary<T, F, Fut>(&self, mut call: F) -> Result<T, Error>
     where
-        F: FnMut(LockServiceClient<Channel>, Duration) -> Fut,
+        F: FnMut(LockServiceClient<Conn>, Duration) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         let mut retries = self.retries();
@@ -245,10 +355,28 @@ mod tests {
             "http://127.0.0.1:50051"
         );
         assert_eq!(normalize(" http://h:1 ").unwrap(), "http://h:1");
-        for bad in ["", "https://h:1", "ftp://h", "http://"] {
+        assert_eq!(normalize("https://h:1").unwrap(), "https://h:1");
+        for bad in ["", "ftp://h", "http://", "https://"] {
             let err = normalize(bad).unwrap_err();
             assert!(matches!(err, Error::InvalidEndpoint { .. }), "{bad}: {err}");
             assert!(!err.to_string().contains('\n'));
         }
+    }
+
+    #[test]
+    fn tls_settings_refuse_plaintext_endpoints_and_tokens_never_print() {
+        let settings = Settings {
+            tls: TlsSettings {
+                domain: Some("leasehold.internal".into()),
+                ..TlsSettings::default()
+            },
+            token: Some(Secret("s3cret-token-0123456789".into())),
+            ..Settings::default()
+        };
+        let err = Transport::new(vec!["http://127.0.0.1:1".into()], settings.clone())
+            .err()
+            .expect("http:// with TLS settings is refused");
+        assert!(err.to_string().contains("https://"), "{err}");
+        assert!(!format!("{settings:?}").contains("s3cret"));
     }
 }

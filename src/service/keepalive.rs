@@ -8,6 +8,16 @@
 //! released with the token it was attached with. When the *server* ends it
 //! (graceful shutdown, or the store failing), nothing is released: the
 //! locks live until their TTL so the client can re-attach elsewhere.
+//!
+//! With authentication on, every request's key is checked against the
+//! caller's scope; a key outside it ends the stream with PERMISSION_DENIED
+//! (UNAUTHENTICATED if the caller's credential was revoked meanwhile), and
+//! nothing is released, as for any end the server decides. A message the
+//! server cannot decode ends the stream with INVALID_ARGUMENT (or
+//! RESOURCE_EXHAUSTED above the size limit) after releasing what is
+//! attached, as if the client had ended it. A stream reads no further
+//! while `MAX_PENDING_OPS` of its requests are unanswered, so a client
+//! flooding it meets HTTP/2 flow control, not a growing queue.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -23,6 +33,7 @@ use tonic::{Request, Status, Streaming};
 use tracing::Instrument;
 
 use super::{Core, KeepAliveStream};
+use crate::auth::Access;
 use crate::lock::{LockError, LockKey, Token};
 use crate::pb;
 use crate::store::LockStore;
@@ -31,6 +42,9 @@ use crate::store::LockStore;
 /// (tokio allocates channel slots 32 at a time; each slot is kept small by
 /// boxing the rare error status, since 10 000 idle streams each hold one.)
 const RESPONSE_BUFFER: usize = 32;
+/// Requests of one stream started or queued but not answered yet; past
+/// this the session stops reading until some finish.
+const MAX_PENDING_OPS: usize = 1024;
 
 /// Opens a KeepAlive session, or refuses it when the connection already has
 /// its maximum of streams.
@@ -38,14 +52,17 @@ pub(super) fn start<S: LockStore>(
     core: Arc<Core<S>>,
     request: Request<Streaming<pb::KeepAliveRequest>>,
 ) -> Result<KeepAliveStream, Status> {
+    let access = Access::of(request.extensions())?;
     let slot = StreamSlot::take(core.clone(), request.remote_addr())?;
     let inbound = request.into_inner();
     let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
     let session = Session {
         core,
+        access,
         tx,
         attached: HashMap::new(),
         queued: HashMap::new(),
+        pending: 0,
         _slot: slot,
     };
     tokio::spawn(
@@ -115,18 +132,23 @@ type InFlight = FuturesUnordered<Pin<Box<dyn std::future::Future<Output = Done> 
 
 struct Session<S: LockStore> {
     core: Arc<Core<S>>,
+    /// Whose stream this is: every key is checked against it.
+    access: Access,
     tx: mpsc::Sender<Result<pb::KeepAliveResponse, Box<Status>>>,
     /// Locks this stream keeps alive, with the token each was attached with.
     attached: HashMap<LockKey, Token>,
     /// Keys with a store call in flight, and the requests queued behind it.
     queued: HashMap<LockKey, VecDeque<Op>>,
+    /// Requests started or queued and not answered yet.
+    pending: usize,
     _slot: StreamSlot<S>,
 }
 
 /// Why the session loop stopped.
 enum End {
-    /// The client ended the stream: release what is attached.
-    Client,
+    /// The client ended the stream: release what is attached, then end it
+    /// with this status if the client's input could not be decoded.
+    Client(Option<Status>),
     /// The server ended it with this status: release nothing.
     Server(Status),
 }
@@ -136,9 +158,10 @@ impl<S: LockStore> Session<S> {
         let mut inflight: InFlight = FuturesUnordered::new();
         let shutdown = self.core.shutdown.clone();
         let mut inbound_open = true;
+        let mut undecodable = None;
         let end = loop {
             if !inbound_open && inflight.is_empty() {
-                break End::Client;
+                break End::Client(undecodable.take());
             }
             tokio::select! {
                 biased;
@@ -150,7 +173,7 @@ impl<S: LockStore> Session<S> {
                         break End::Server(status);
                     }
                 }
-                message = inbound.message(), if inbound_open => match message {
+                message = inbound.message(), if inbound_open && self.pending < MAX_PENDING_OPS => match message {
                     Ok(Some(req)) => {
                         if let Err(status) = self.accept(req, &mut inflight).await {
                             break End::Server(status);
@@ -158,19 +181,27 @@ impl<S: LockStore> Session<S> {
                     }
                     // Half-close: answer what is in flight, then release.
                     Ok(None) => inbound_open = false,
-                    // Cancel, reset, or a dead connection.
-                    Err(_) => {
+                    // Cancel, reset, a dead connection, or a message that
+                    // does not decode.
+                    Err(status) => {
                         inbound_open = false;
                         if shutdown.is_cancelled() {
                             break End::Server(LockError::ShuttingDown.into());
                         }
+                        undecodable = super::wire::contract_code(&status)
+                            .map(|code| Status::new(code, status.message()));
                     }
                 },
             }
         };
         crate::metrics::attached(-(self.attached.len() as f64));
         match end {
-            End::Client => self.release_all().await,
+            End::Client(status) => {
+                self.release_all().await;
+                if let Some(status) = status {
+                    let _ = self.tx.send(Err(Box::new(status))).await;
+                }
+            }
             End::Server(status) => {
                 tracing::debug!(attached = self.attached.len(), code = ?status.code(), "stream ended by the server; locks kept until their TTL");
                 let _ = self.tx.send(Err(Box::new(status))).await;
@@ -210,6 +241,10 @@ impl<S: LockStore> Session<S> {
                 return self.respond(req.key, None).await;
             }
         };
+        if let Err(e) = self.access.authorize(&op.key) {
+            tracing::debug!(rpc = "KeepAlive", key = op.key.as_str(), error = %e, attached = self.attached.len(), "key outside the caller's scope: ending the stream, releasing nothing");
+            return Err(e.into());
+        }
         if !op.release && !self.attached.contains_key(&op.key) && !self.queued.contains_key(&op.key)
         {
             let tracked = self.attached.len()
@@ -225,6 +260,7 @@ impl<S: LockStore> Session<S> {
                 .into());
             }
         }
+        self.pending += 1;
         match self.queued.get_mut(&op.key) {
             Some(queue) => queue.push_back(op),
             None => {
@@ -271,6 +307,7 @@ impl<S: LockStore> Session<S> {
     /// for the same key.
     async fn finish(&mut self, done: Done, inflight: &mut InFlight) -> Result<(), Status> {
         let Done { op, result } = done;
+        self.pending = self.pending.saturating_sub(1);
         let ttl = match result {
             Ok(ttl) => ttl,
             Err(e) => {

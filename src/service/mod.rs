@@ -8,6 +8,7 @@ mod deadline;
 pub mod delivery;
 mod keepalive;
 mod waiting;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::auth::Access;
 use crate::lock::{AcquireOutcome, AcquireSpec, Limits, LockError, LockKey, Token};
 use crate::pb;
 use crate::store::LockStore;
@@ -232,7 +234,9 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
     ) -> Result<Response<pb::AcquireResponse>, Status> {
         let start = std::time::Instant::now();
         let deadline = deadline::of(request.metadata());
+        let access = Access::of(request.extensions()).map_err(|e| rejected("Acquire", start, e))?;
         let call = convert::acquire_request(request.into_inner(), &self.core.limits.fields)
+            .and_then(|call| access.authorize(&call.spec.key).map(|()| call))
             .map_err(|e| rejected("Acquire", start, e))?;
         let key = call.spec.key.clone();
         let spec = Arc::new(call.spec);
@@ -269,8 +273,10 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let start = std::time::Instant::now();
+        let access = Access::of(request.extensions()).map_err(|e| rejected("Release", start, e))?;
         let req = request.into_inner();
         let (key, token) = convert::key_and_token(req.key, req.token, &self.core.limits.fields)
+            .and_then(|(key, token)| access.authorize(&key).map(|()| (key, token)))
             .map_err(|e| rejected("Release", start, e))?;
         let result = self.core.store.release(&key, &token).await;
         log_result("Release", key.as_str(), start, &result, |r| {
@@ -284,9 +290,11 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
         let start = std::time::Instant::now();
+        let access = Access::of(request.extensions()).map_err(|e| rejected("Renew", start, e))?;
         let req = request.into_inner();
         let (key, token, ttl) =
             convert::key_and_token(req.key, req.token, &self.core.limits.fields)
+                .and_then(|(k, t)| access.authorize(&k).map(|()| (k, t)))
                 .and_then(|(k, t)| Ok((k, t, self.core.limits.fields.renew_ttl(req.ttl_ms)?)))
                 .map_err(|e| rejected("Renew", start, e))?;
         let result = self.core.store.renew(&key, &token, ttl).await;
@@ -315,11 +323,14 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
         request: Request<pb::DescribeRequest>,
     ) -> Result<Response<pb::DescribeResponse>, Status> {
         let start = std::time::Instant::now();
+        let access =
+            Access::of(request.extensions()).map_err(|e| rejected("Describe", start, e))?;
         let key = self
             .core
             .limits
             .fields
             .key(request.into_inner().key)
+            .and_then(|key| access.authorize(&key).map(|()| key))
             .map_err(|e| rejected("Describe", start, e))?;
         let result = self.core.store.describe(&key).await;
         log_result("Describe", key.as_str(), start, &result, |i| {

@@ -15,7 +15,7 @@ use crate::lock::{AcquireOutcome, AcquireSpec, LockError, LockInfo, LockKey, Tok
 
 pub use instrumented::Instrumented;
 pub use memory::MemoryStore;
-pub use redis::{Names as RedisNames, RedisConfig, RedisStore};
+pub use redis::{Names as RedisNames, RedisConfig, RedisStore, RedisTls, redact_url};
 
 /// One atomic operation per method; each either completes within the store
 /// timeout or fails with [`LockError::Unavailable`].

@@ -35,9 +35,11 @@ const COUNTER_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 const SUBSCRIPTION_IDLE: Duration = Duration::from_secs(30);
 
 /// How to reach Redis.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RedisConfig {
-    /// `redis://`, `rediss://`, `redis-cluster://` or `redis-sentinel://`.
+    /// `redis://`, `rediss://`, `redis-cluster://` or `redis-sentinel://`,
+    /// with `user:password@` for an ACL user. Never logged: it may hold the
+    /// password (`Debug` redacts it).
     pub url: String,
     /// Prefix of every Redis key and channel; must not contain braces.
     pub prefix: String,
@@ -45,6 +47,56 @@ pub struct RedisConfig {
     pub pool_size: usize,
     /// Upper bound on every Redis call; past it the call is UNAVAILABLE.
     pub timeout: Duration,
+    /// Trust and identity for `rediss://`; `None` trusts the system's CAs.
+    pub tls: Option<RedisTls>,
+}
+
+/// TLS settings for a `rediss://` URL, PEM as read from the files.
+#[derive(Clone, Default)]
+pub struct RedisTls {
+    /// CAs that Redis's certificate must chain to (instead of the system's).
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate chain and key, for Redis's `tls-auth-clients yes`.
+    pub client_pem: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_certificate", &self.client_pem.is_some())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("prefix", &self.prefix)
+            .field("pool_size", &self.pool_size)
+            .field("timeout", &self.timeout)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// `scheme://user:password@host...` with the password (or a lone
+/// password) replaced by `***`, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    let userinfo = &rest[..at];
+    let user = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => "***".to_string(),
+    };
+    format!("{scheme}://{user}{}", &rest[at..])
 }
 
 impl Default for RedisConfig {
@@ -54,8 +106,59 @@ impl Default for RedisConfig {
             prefix: "leasehold:".into(),
             pool_size: 4,
             timeout: Duration::from_secs(2),
+            tls: None,
         }
     }
+}
+
+/// A rustls client configuration for fred: the given CAs (or the system's)
+/// and, optionally, a client certificate. ring, the one crypto provider
+/// compiled in, is named explicitly so no process-wide default is needed.
+fn redis_tls_connector(tls: &RedisTls) -> Result<fred::types::config::TlsConnector, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    match &tls.ca_pem {
+        Some(pem) => {
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| format!("--redis-tls-ca: {e}"))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("--redis-tls-ca: {e}"))?;
+            }
+            if roots.is_empty() {
+                return Err("--redis-tls-ca: no certificate in the file".into());
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs().certs;
+            let (added, _) = roots.add_parsable_certificates(native);
+            if added == 0 {
+                return Err(
+                    "rediss:// without --redis-tls-ca, and no system CA certificates found".into(),
+                );
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("redis TLS: {e}"))?
+        .with_root_certificates(roots);
+    let config = match &tls.client_pem {
+        None => builder.with_no_client_auth(),
+        Some((cert_pem, key_pem)) => {
+            let chain = CertificateDer::pem_slice_iter(cert_pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("--redis-tls-cert: {e}"))?;
+            let key = PrivateKeyDer::from_pem_slice(key_pem)
+                .map_err(|e| format!("--redis-tls-key: {e}"))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("--redis-tls-cert/--redis-tls-key: {e}"))?
+        }
+    };
+    Ok(config.into())
 }
 
 /// The Redis [`LockStore`].
@@ -126,8 +229,21 @@ impl RedisStore {
                 config.prefix
             ));
         }
-        let fred_config =
-            Config::from_url(&config.url).map_err(|e| format!("--redis-url: {}", e.details()))?;
+        let mut fred_config = Config::from_url(&config.url).map_err(|e| {
+            format!(
+                "--redis-url {}: {}",
+                redact_url(&config.url),
+                e.details().replace(&config.url, "<url>")
+            )
+        })?;
+        if let Some(tls) = &config.tls {
+            if !fred_config.uses_tls() {
+                return Err(
+                    "Redis TLS settings need a TLS URL (rediss://, rediss-cluster://, ...)".into(),
+                );
+            }
+            fred_config.tls = Some(redis_tls_connector(tls)?.into());
+        }
         let timeout = config.timeout;
         let mut builder = Builder::from_config(fred_config);
         builder
