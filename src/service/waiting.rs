@@ -123,16 +123,26 @@ impl<S: LockStore> Core<S> {
         let waiter = self.waiters.register(spec.key.as_str())?;
         self.store.watch(&spec.key).await?;
         let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
+        // Others already wait here for this key, so it is held: queue
+        // behind them instead of trying first. It saves a store call per
+        // handoff and keeps newcomers from overtaking the queue. (Only when
+        // there is time to wait; a waiter always tries before giving up.)
+        let mut skip_attempt =
+            waiter.position() > 0 && end.saturating_duration_since(Instant::now()) > BACKOFF_BASE;
         loop {
             if by_deadline && Instant::now() >= end {
                 return Err(past_deadline());
             }
-            let retry_after_ms = match self.attempt(spec).await? {
-                AcquireOutcome::Acquired(grant) => {
-                    waiter.acquired();
-                    return Ok(AcquireOutcome::Acquired(grant));
+            let retry_after_ms = if std::mem::take(&mut skip_attempt) {
+                None
+            } else {
+                match self.attempt(spec).await? {
+                    AcquireOutcome::Acquired(grant) => {
+                        waiter.acquired();
+                        return Ok(AcquireOutcome::Acquired(grant));
+                    }
+                    AcquireOutcome::Held { retry_after_ms } => Some(retry_after_ms),
                 }
-                AcquireOutcome::Held { retry_after_ms } => retry_after_ms,
             };
             waiter.rearm();
             if backoff.attempts() == 0 {
@@ -143,7 +153,7 @@ impl<S: LockStore> Core<S> {
                 );
             }
             let now = Instant::now();
-            if now >= end {
+            if let Some(retry_after_ms) = retry_after_ms.filter(|_| now >= end) {
                 return if by_deadline {
                     Err(past_deadline())
                 } else {
@@ -151,7 +161,9 @@ impl<S: LockStore> Core<S> {
                 };
             }
             let mut wake_at = now + backoff.next_delay();
-            if waiter.position() < TTL_WATCHERS {
+            if let Some(retry_after_ms) =
+                retry_after_ms.filter(|_| waiter.position() < TTL_WATCHERS)
+            {
                 let expiry = now + Duration::from_millis(u64::from(retry_after_ms) + 1);
                 wake_at = wake_at.min(expiry);
             }
