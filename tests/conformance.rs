@@ -11,24 +11,7 @@ use leasehold::pb;
 use prost::Message;
 use tonic::Code;
 
-macro_rules! conformance {
-    ($($case:ident),* $(,)?) => {
-        mod memory {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $case() { super::$case(super::Backend::Memory).await } )*
-        }
-        mod redis {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $case() { super::$case(super::Backend::Redis).await } )*
-        }
-        mod cluster {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $case() { super::$case(super::Backend::Cluster).await } )*
-        }
-    };
-}
-
-conformance!(
+on_every_store!(
     acquire_grants_a_lease,
     conflict_is_not_an_error,
     release_frees_the_lock,

@@ -13,23 +13,6 @@ use leasehold::pb::lock_service_client::LockServiceClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
-macro_rules! on_every_store {
-    ($($case:ident),* $(,)?) => {
-        mod memory {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $case() { super::$case(super::Backend::Memory).await } )*
-        }
-        mod redis {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $case() { super::$case(super::Backend::Redis).await } )*
-        }
-        mod cluster {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $case() { super::$case(super::Backend::Cluster).await } )*
-        }
-    };
-}
-
 on_every_store!(
     keepalive_across_ten_ttls_then_lost,
     half_close_releases_and_wakes_a_waiter,

@@ -15,23 +15,6 @@ use rand::Rng;
 use tonic::Code;
 use tonic::transport::Channel;
 
-macro_rules! on_every_store {
-    ($($case:ident),* $(,)?) => {
-        mod memory {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $case() { super::$case(super::Backend::Memory).await } )*
-        }
-        mod redis {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $case() { super::$case(super::Backend::Redis).await } )*
-        }
-        mod cluster {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $case() { super::$case(super::Backend::Cluster).await } )*
-        }
-    };
-}
-
 on_every_store!(
     handoff_after_release,
     expiring_holder_is_handed_to_a_waiter,

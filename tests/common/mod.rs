@@ -26,6 +26,28 @@ use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 
+/// Generates one `#[tokio::test]` per case and store: `memory::case`,
+/// `redis::case` and `cluster::case` each call `case(Backend::...)`, so a
+/// suite runs unchanged on the memory store, one redis-server and the
+/// Redis Cluster.
+#[macro_export]
+macro_rules! on_every_store {
+    ($($case:ident),* $(,)?) => {
+        mod memory {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $case() { super::$case(super::Backend::Memory).await } )*
+        }
+        mod redis {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $case() { super::$case(super::Backend::Redis).await } )*
+        }
+        mod cluster {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $case() { super::$case(super::Backend::Cluster).await } )*
+        }
+    };
+}
+
 /// Something that must finish within `within`, checked every few ms.
 #[track_caller]
 pub fn wait_until(what: &str, within: Duration, mut ready: impl FnMut() -> bool) {
