@@ -45,6 +45,9 @@ pub struct RedisConfig {
     pub pool_size: usize,
     /// Upper bound on every Redis call; past it the call is UNAVAILABLE.
     pub timeout: Duration,
+    /// Replicas that must acknowledge a grant (`WAIT`) before it is
+    /// answered; 0 answers as soon as the primary granted.
+    pub min_replica_acks: u32,
 }
 
 impl Default for RedisConfig {
@@ -54,6 +57,7 @@ impl Default for RedisConfig {
             prefix: "leasehold:".into(),
             pool_size: 4,
             timeout: Duration::from_secs(2),
+            min_replica_acks: 0,
         }
     }
 }
@@ -65,6 +69,8 @@ pub struct RedisStore {
     scripts: Scripts,
     prefix: String,
     timeout: Duration,
+    /// `--min-replica-acks`: set when grants must be confirmed by WAIT.
+    acks: Option<ReplicaAcks>,
     /// Release channels subscribed, with when a waiter last needed each.
     watched: Arc<Mutex<HashMap<String, Instant>>>,
     /// Serialises SSUBSCRIBE/SUNSUBSCRIBE so an unsubscribe of an idle
@@ -151,6 +157,7 @@ impl RedisStore {
         let subscriber = builder
             .build_subscriber_client()
             .map_err(|e| format!("redis subscriber: {}", e.details()))?;
+        let acks = ReplicaAcks::start(&builder, config)?;
 
         // The connection tasks run for the life of the clients; fred ends
         // them on quit. Waiting for the first connection is bounded.
@@ -208,6 +215,7 @@ impl RedisStore {
             },
             prefix,
             timeout,
+            acks,
             watched,
             subscribing,
             _tasks: tasks,
@@ -339,6 +347,11 @@ fn parse_acquire(reply: Value) -> Result<AcquireOutcome, LockError> {
                 retry_after_ms: remaining_ms(pttl),
             })
         }
+        // Retryable: a replica may come back or be attached.
+        Some(2) if items.len() == 2 => Err(LockError::Unavailable(format!(
+            "not granted: {} replica(s) online, fewer than --min-replica-acks requires",
+            int(&items[1]).unwrap_or(0)
+        ))),
         _ => Err(LockError::Internal("malformed acquire reply".into())),
     }
 }
@@ -531,22 +544,177 @@ fn ttl_u32(v: i64) -> u32 {
     v.clamp(0, i64::from(u32::MAX)) as u32
 }
 
+/// The acquire script's arguments (`min_replicas` 0: no replica check).
+fn acquire_args(spec: &AcquireSpec, min_replicas: u32) -> Vec<String> {
+    vec![
+        spec.token.expose().to_owned(),
+        spec.ttl_ms.to_string(),
+        spec.owner.clone(),
+        spec.metadata.encode(),
+        spec.request_id.clone().unwrap_or_default(),
+        COUNTER_TTL.as_millis().to_string(),
+        min_replicas.to_string(),
+    ]
+}
+
+/// `--min-replica-acks N`: every grant is followed by `WAIT N` on the
+/// connection that ran the grant script, and answered only once N replicas
+/// acknowledged it; otherwise it is undone and the caller gets UNAVAILABLE.
+/// These Acquires have a pool of their own, because a WAIT holds its
+/// connection until the replicas answer: renewals and releases on the main
+/// pool never queue behind one.
+struct ReplicaAcks {
+    /// Replicas that must acknowledge a grant.
+    min: u32,
+    /// WAIT's own timeout: half the store timeout, so that an undo still
+    /// fits in the call's budget.
+    wait: Duration,
+    pool: Pool,
+}
+
+impl ReplicaAcks {
+    /// The acks pool, connecting in the background; `None` when
+    /// `min_replica_acks` is 0.
+    fn start(builder: &Builder, config: &RedisConfig) -> Result<Option<Self>, String> {
+        if config.min_replica_acks == 0 {
+            return Ok(None);
+        }
+        let pool = builder
+            .build_pool(config.pool_size.max(1))
+            .map_err(|e| format!("redis pool (replica acks): {}", e.details()))?;
+        let _task = pool.connect();
+        Ok(Some(Self {
+            min: config.min_replica_acks,
+            wait: (config.timeout / 2).max(Duration::from_millis(1)),
+            pool,
+        }))
+    }
+}
+
+impl RedisStore {
+    /// Acquire with `--min-replica-acks`: the grant script, then `WAIT` on
+    /// the same client (so the same connection to the slot's primary),
+    /// then, if too few replicas acknowledged, the release script, all
+    /// within the store timeout. A result that comes after the timeout
+    /// (the caller already got UNAVAILABLE) undoes a grant it made.
+    async fn acquire_acked(
+        &self,
+        acks: &ReplicaAcks,
+        spec: &AcquireSpec,
+    ) -> Result<AcquireOutcome, LockError> {
+        let client = acks.pool.next_connected().clone();
+        if !client.is_connected() {
+            return Err(LockError::Unavailable(
+                "not connected to Redis (reconnecting)".into(),
+            ));
+        }
+        let n = self.names(&spec.key);
+        let slot = fred::util::redis_keyslot(n.lock.as_bytes());
+        let grant = argv(
+            &self.scripts.acquire,
+            vec![n.lock.clone(), n.fence],
+            acquire_args(spec, acks.min),
+        );
+        let (acquire, release) = (self.scripts.acquire.clone(), self.scripts.release.clone());
+        let (min, wait, token) = (acks.min, acks.wait, spec.token.clone());
+        let undo_client = client.clone();
+        let mut call = Box::pin(async move {
+            let outcome = parse_acquire(
+                evalsha(&client, &acquire, grant)
+                    .await
+                    .map_err(|e| map_error(&e))?,
+            )?;
+            let AcquireOutcome::Acquired(lease) = &outcome else {
+                return Ok(outcome);
+            };
+            let acked = wait_for_replicas(&client, slot, min, wait).await;
+            if matches!(acked, Ok(k) if k >= i64::from(min)) {
+                return Ok(outcome);
+            }
+            // Only a grant this call made is undone; a lease returned
+            // again by request id stays with whoever retries for it.
+            if lease.token == token {
+                let undo = argv(
+                    &release,
+                    vec![n.lock],
+                    vec![token.expose().to_owned(), n.channel],
+                );
+                if let Err(e) = evalsha(&client, &release, undo).await {
+                    tracing::warn!(error = %e, "could not undo an unacknowledged grant; it expires with its TTL");
+                }
+            }
+            Err(LockError::Unavailable(match acked {
+                Ok(k) => format!(
+                    "the grant was acknowledged by {k} of {min} replica(s) within {wait:?}; not granted"
+                ),
+                Err(e) => format!("could not confirm the grant with WAIT ({e}); not granted"),
+            }))
+        });
+        match tokio::time::timeout(self.timeout, &mut call).await {
+            Ok(result) => result,
+            Err(_) => {
+                let (release, names, token) = (
+                    self.scripts.release.clone(),
+                    self.names(&spec.key),
+                    spec.token.clone(),
+                );
+                tokio::spawn(async move {
+                    let late = tokio::time::timeout(LATE_REPLY_LIMIT, call).await;
+                    if matches!(late, Ok(Ok(AcquireOutcome::Acquired(ref g))) if g.token == token) {
+                        let undo = argv(
+                            &release,
+                            vec![names.lock],
+                            vec![token.expose().to_owned(), names.channel],
+                        );
+                        if let Err(e) = evalsha(&undo_client, &release, undo).await {
+                            tracing::warn!(error = %e, "could not undo a late grant; it expires with its TTL");
+                        }
+                    }
+                });
+                Err(LockError::Unavailable(format!(
+                    "no reply from Redis within {:?}",
+                    self.timeout
+                )))
+            }
+        }
+    }
+}
+
+/// `WAIT min timeout` on `client`'s connection to the primary of `slot`:
+/// how many replicas acknowledged every write that connection made. Sent
+/// once: a resend after a reconnect would be a new connection, whose WAIT
+/// knows nothing of the grant.
+async fn wait_for_replicas(
+    client: &Client,
+    slot: u16,
+    min: u32,
+    timeout: Duration,
+) -> Result<i64, Error> {
+    let options = Options {
+        max_attempts: Some(1),
+        ..Default::default()
+    };
+    let cmd = CustomCommand::new_static("WAIT", ClusterHash::Custom(slot), false);
+    let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+    let reply: Value = client
+        .with_options(&options)
+        .custom(cmd, vec![Value::from(i64::from(min)), Value::from(timeout_ms)])
+        .await?;
+    int(&reply).ok_or_else(|| Error::new(ErrorKind::Protocol, "WAIT: not an integer"))
+}
+
 impl LockStore for RedisStore {
     async fn acquire(&self, spec: &AcquireSpec) -> Result<AcquireOutcome, LockError> {
+        if let Some(acks) = &self.acks {
+            return self.acquire_acked(acks, spec).await;
+        }
         let n = self.names(&spec.key);
         let late = || self.undo_if_granted(&spec.key, &spec.token);
         let reply = self
             .eval_or_late(
                 &self.scripts.acquire,
                 vec![n.lock, n.fence],
-                vec![
-                    spec.token.expose().to_owned(),
-                    spec.ttl_ms.to_string(),
-                    spec.owner.clone(),
-                    spec.metadata.encode(),
-                    spec.request_id.clone().unwrap_or_default(),
-                    COUNTER_TTL.as_millis().to_string(),
-                ],
+                acquire_args(spec, 0),
                 late,
             )
             .await?;
@@ -672,10 +840,14 @@ impl Drop for RedisStore {
         let pool = self.pool.clone();
         let subscriber = self.subscriber.clone();
         // Close connections in the background; nothing waits for it.
+        let acks = self.acks.as_ref().map(|a| a.pool.clone());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let _ = pool.quit().await;
                 let _ = subscriber.quit().await;
+                if let Some(acks) = acks {
+                    let _ = acks.quit().await;
+                }
             });
         }
     }

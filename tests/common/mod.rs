@@ -452,6 +452,7 @@ impl TestServer {
                     prefix: prefix.clone(),
                     pool_size: 2,
                     timeout: config.store_timeout,
+                    ..RedisConfig::default()
                 };
                 let store = Arc::new(
                     RedisStore::connect(&redis, waiters.clone())
