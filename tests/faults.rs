@@ -576,16 +576,13 @@ async fn failover_round(
         history.fault(format!(
             "round {round}: 127.0.0.1:{master} restarted, replica of 127.0.0.1:{new_master}"
         ));
-        let first_hot = until("a hot grant after the kill", Duration::from_secs(60), || {
-            !grants_after(&history, &hot, killed_at).is_empty()
+        let resumed = until("a hot grant after the rejoin", Duration::from_secs(60), || {
+            !grants_after(&history, &hot, rejoined_at.max(promoted_at)).is_empty()
         })
         .await;
-        let first_hot = grants_after(&history, &hot, killed_at)
-            .first()
-            .copied()
-            .unwrap_or(first_hot);
+        let hot_outage = largest_gap(&history, &hot, killed_at, resumed);
         figures.failover.push(promoted_at - killed_at);
-        figures.hot_gap.push(first_hot - killed_at);
+        figures.hot_gap.push(hot_outage);
         figures
             .cold_gap
             .push(largest_gap(&history, &cold, killed_at, promoted_at));
@@ -596,10 +593,11 @@ async fn failover_round(
                 .count(),
         );
         eprintln!(
-            "scenario 1 (--min-replica-acks {acks}) round {round}: failover {} (kill → replica promoted, cluster ok), old primary replicating again after {}, first hot grant {} after the kill",
+            "scenario 1 (--min-replica-acks {acks}) round {round}: failover {} (kill → replica promoted, cluster ok), old primary replicating again after {}, hot keys without a grant for {}, cold keys granted {} times while failing over",
             secs(promoted_at - killed_at),
             secs(rejoined_at - killed_at),
-            secs(first_hot - killed_at),
+            secs(hot_outage),
+            figures.cold_grants_during.last().copied().unwrap_or(0),
         );
         since = rejoined_at;
     }
@@ -658,7 +656,7 @@ async fn scenario_1_cluster_primary_killed() {
     }
     for f in &all {
         eprintln!(
-            "scenario 1 summary, --min-replica-acks {}: {} kill(s); failover {:?}; first hot grant after kill {:?}; cold-key grants while failing over {:?} (largest gap {:?}); grants {}; overlaps {} (max {:?}); stale writes rejected {}; client errors {}",
+            "scenario 1 summary, --min-replica-acks {}: {} kill(s); failover {:?}; hot keys without a grant for {:?}; cold-key grants while failing over {:?} (largest gap {:?}); grants {}; overlaps {} (max {:?}); stale writes rejected {}; client errors {}",
             f.acks,
             f.kills,
             f.failover.iter().map(|d| secs(*d)).collect::<Vec<_>>(),
@@ -671,9 +669,34 @@ async fn scenario_1_cluster_primary_killed() {
             f.stale_rejected,
             f.errors,
         );
-        // Clients kept taking locks through every failover.
+        // Clients kept taking locks through every failover, and locks on
+        // the other primaries never stopped (regression: fred's cluster
+        // client used to stall every slot until the promotion).
         assert_eq!(f.hot_gap.len(), f.kills);
+        assert!(
+            f.cold_grants_during.iter().all(|n| *n > 0),
+            "locks on healthy primaries stalled during a failover: {:?}",
+            f.cold_grants_during
+        );
         assert_eq!(f.errors, 0, "SDK calls failed past their retries");
+    }
+}
+
+/// Acquire, retried while the server answers UNAVAILABLE (it may not have
+/// found a just-promoted primary yet), for at most 20 s.
+async fn retry_unavailable(
+    raw: &mut LockServiceClient<tonic::transport::Channel>,
+    req: pb::AcquireRequest,
+) -> pb::AcquireResponse {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        match raw.acquire(req.clone()).await {
+            Ok(r) => return r.into_inner(),
+            Err(s) if s.code() == Code::Unavailable && Instant::now() < end => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(s) => panic!("acquire failed: {s:?}"),
+        }
     }
 }
 
@@ -732,14 +755,37 @@ async fn scenario_1b_failover_loses_an_unreplicated_grant() {
     let fa = a_guard.fencing_token();
     history.grant("a", key, fa, sent, Instant::now());
     assert!(resource.write("a", key, fa));
+    // When a learns that it lost the lock ends its validity window.
+    let a_lost = {
+        let lost = a_guard.lost();
+        tokio::spawn(async move {
+            let reason = lost.await;
+            (reason, Instant::now())
+        })
+    };
     let killed_at = history.fault(format!("SIGKILL primary 127.0.0.1:{m_port}"));
     tokio::task::block_in_place(|| cluster.nodes[m].kill());
     signal(r_pid, "CONT");
     let (promoted, promoted_at) = wait_promoted(&cluster, m_port, slot).await;
     assert_eq!(promoted, cluster.nodes[r].port);
+    // The promoted replica has neither the lock nor its fencing counter.
+    let names = leasehold::store::RedisNames::of(
+        &prefix,
+        &leasehold::lock::LockKey::parse(key, 512).expect("key"),
+    );
+    let on_replica = tokio::task::block_in_place(|| {
+        (
+            redis_cli(promoted, &["EXISTS", &names.lock]),
+            redis_cli(promoted, &["EXISTS", &names.fence]),
+        )
+    });
+    assert_eq!(
+        on_replica,
+        ("0".to_string(), "0".to_string()),
+        "the grant reached the replica: nothing was lost"
+    );
 
-    // The promoted replica never saw the grant: b gets the lock while a
-    // still believes it holds it for most of 30 s.
+    // So b gets the lock while a's 30 s lease should still run.
     let b = sdk(&[plain.endpoint()], Duration::from_secs(20)).await;
     let sent = Instant::now();
     let b_guard = b
@@ -761,10 +807,11 @@ async fn scenario_1b_failover_loses_an_unreplicated_grant() {
         !resource.write("a", key, fa),
         "a stale holder's write got through"
     );
-    let reason = tokio::time::timeout(ttl, a_guard.lost())
+    let (reason, learned_at) = tokio::time::timeout(ttl, a_lost)
         .await
-        .expect("a learns it lost the lock");
-    history.end("a", key, fa, Instant::now(), End::Lost);
+        .expect("a learns it lost the lock")
+        .expect("task");
+    history.end("a", key, fa, learned_at, End::Lost);
     assert_eq!(reason, LostReason::NotHeld);
     history.end("b", key, fb, Instant::now(), End::Released);
     assert!(b_guard.release().await.expect("release"));
@@ -774,11 +821,9 @@ async fn scenario_1b_failover_loses_an_unreplicated_grant() {
         secs(promoted_at - killed_at)
     );
     report.assert_fencing_holds();
-    assert_eq!(
-        report.overlaps.len(),
-        1,
-        "a and b both believed they held it"
-    );
+    // Whether a learned of its loss before b's grant is a race (a's
+    // keepalive re-attaches on the promoted replica about when b asks).
+    assert!(report.overlaps.len() <= 1, "{:?}", report.overlaps);
     assert_eq!(report.stale_rejected, 1);
     let overlap = report.max_overlap();
 
@@ -828,13 +873,7 @@ async fn scenario_1b_failover_loses_an_unreplicated_grant() {
     let mut raw_plain = LockServiceClient::connect(plain.endpoint())
         .await
         .expect("connect");
-    let lease = lease_of(
-        raw_plain
-            .acquire(acquire(key, 30_000))
-            .await
-            .expect("granted")
-            .into_inner(),
-    );
+    let lease = lease_of(retry_unavailable(&mut raw_plain, acquire(key, 30_000)).await);
     assert!(lease.fencing_token > fb);
     assert!(
         raw_plain

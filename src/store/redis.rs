@@ -21,11 +21,14 @@ use fred::types::{ClusterHash, CustomCommand};
 use futures_util::future::join_all;
 
 use super::LockStore;
+use route::Route;
 use crate::lock::{
     AcquireOutcome, AcquireSpec, Grant, LockError, LockInfo, LockKey, Metadata, Token, remaining_ms,
 };
 use crate::task::TaskGuard;
 use crate::wait::WaitQueues;
+
+mod route;
 
 /// How long an unused fencing counter lives. The TIME floor covers its loss,
 /// so this only bounds the memory of lock names never used again.
@@ -65,6 +68,8 @@ impl Default for RedisConfig {
 /// The Redis [`LockStore`].
 pub struct RedisStore {
     pool: Pool,
+    /// The clients scripts run on (on a cluster, a pool per primary).
+    route: Arc<Route>,
     subscriber: SubscriberClient,
     scripts: Scripts,
     prefix: String,
@@ -157,7 +162,14 @@ impl RedisStore {
         let subscriber = builder
             .build_subscriber_client()
             .map_err(|e| format!("redis subscriber: {}", e.details()))?;
-        let acks = ReplicaAcks::start(&builder, config)?;
+        let route = Arc::new(Route::build(
+            &builder,
+            config.pool_size.max(1),
+            timeout,
+            &pool,
+            false,
+        )?);
+        let acks = ReplicaAcks::start(&builder, config, &pool)?;
 
         // The connection tasks run for the life of the clients; fred ends
         // them on quit. Waiting for the first connection is bounded.
@@ -206,6 +218,7 @@ impl RedisStore {
 
         Ok(Self {
             pool,
+            route,
             subscriber,
             scripts: Scripts {
                 acquire: Script::from_lua(include_str!("scripts/acquire.lua")),
@@ -226,18 +239,13 @@ impl RedisStore {
         Names::of(&self.prefix, key)
     }
 
-    /// A pooled client with a live connection. While fred is reconnecting
-    /// every call fails at once with UNAVAILABLE instead of queueing until
-    /// the store timeout: a client can retry elsewhere immediately.
-    fn connected(&self) -> Result<&Client, LockError> {
-        let client = self.pool.next_connected();
-        if client.is_connected() {
-            Ok(client)
-        } else {
-            Err(LockError::Unavailable(
-                "not connected to Redis (reconnecting)".into(),
-            ))
-        }
+    /// A client with a live connection to the node that owns `name`'s
+    /// hash slot. While fred is reconnecting to it, every call fails at
+    /// once with UNAVAILABLE instead of queueing until the store timeout:
+    /// a client can retry elsewhere immediately.
+    /// Returns with the time left of the store timeout.
+    async fn client_for(&self, name: &str) -> Result<(Client, Duration), LockError> {
+        routed(&self.route, slot_of(name), self.timeout).await
     }
 
     /// Runs one script with the store timeout.
@@ -247,12 +255,25 @@ impl RedisStore {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> Result<Value, LockError> {
-        let client = self.connected()?;
-        bounded(
-            self.timeout,
-            evalsha(client, script, argv(script, keys, args)),
+        let (client, left) = self
+            .client_for(keys.first().map(String::as_str).unwrap_or_default())
+            .await?;
+        let result = bounded(
+            left,
+            evalsha(&client, script, argv(script, keys, args)),
         )
-        .await
+        .await;
+        self.check_route(&result);
+        result
+    }
+
+    /// A `MOVED` or `ASK` reply means the routing table is stale.
+    fn check_route<T>(&self, result: &Result<T, LockError>) {
+        if let Err(LockError::Unavailable(e)) = result {
+            if e.contains("MOVED") || e.contains("ASK ") {
+                self.route.refresh();
+            }
+        }
     }
 
     /// Like [`Self::eval`], but if the reply comes after the store timeout
@@ -267,12 +288,18 @@ impl RedisStore {
         args: Vec<String>,
         late: impl FnOnce() -> L,
     ) -> Result<Value, LockError> {
-        let client = self.connected()?.clone();
+        let (client, left) = self
+            .client_for(keys.first().map(String::as_str).unwrap_or_default())
+            .await?;
         let script = script.clone();
         let argv = argv(&script, keys, args);
         let mut call = Box::pin(async move { evalsha(&client, &script, argv).await });
-        match tokio::time::timeout(self.timeout, &mut call).await {
-            Ok(result) => result.map_err(|e| map_error(&e)),
+        match tokio::time::timeout(left, &mut call).await {
+            Ok(result) => {
+                let result = result.map_err(|e| map_error(&e));
+                self.check_route(&result);
+                result
+            }
             Err(_) => {
                 let late = late();
                 tokio::spawn(async move {
@@ -291,7 +318,7 @@ impl RedisStore {
     /// A callback for a late Acquire reply: releases the lock if that reply
     /// says the grant went to `token`.
     fn undo_if_granted(&self, key: &LockKey, token: &Token) -> impl FnOnce(Value) + Send + 'static {
-        let client = self.pool.next().clone();
+        let route = self.route.clone();
         let script = self.scripts.release.clone();
         let names = self.names(key);
         let token = token.clone();
@@ -301,6 +328,13 @@ impl RedisStore {
                 return;
             }
             tokio::spawn(async move {
+                let client = match route.client(slot_of(&names.lock)).await {
+                    Ok(client) => client,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not undo a late grant; it expires with its TTL");
+                        return;
+                    }
+                };
                 let argv = argv(
                     &script,
                     vec![names.lock],
@@ -316,6 +350,23 @@ impl RedisStore {
 
 /// How long a reply that missed the store timeout is still awaited.
 const LATE_REPLY_LIMIT: Duration = Duration::from_secs(60);
+
+/// A client for `slot` from `route`, and what is left of `timeout` once
+/// it has one (a new primary's pool may take a moment to connect).
+async fn routed(route: &Route, slot: u16, timeout: Duration) -> Result<(Client, Duration), LockError> {
+    let start = Instant::now();
+    match tokio::time::timeout(timeout, route.client(slot)).await {
+        Ok(client) => Ok((client?, timeout.saturating_sub(start.elapsed()))),
+        Err(_) => Err(LockError::Unavailable(format!(
+            "no connection to Redis within {timeout:?}"
+        ))),
+    }
+}
+
+/// The cluster hash slot of a Redis key.
+fn slot_of(name: &str) -> u16 {
+    fred::util::redis_keyslot(name.as_bytes())
+}
 
 /// `EVALSHA` arguments: `sha, numkeys, keys..., args...`.
 fn argv(script: &Script, keys: Vec<String>, args: Vec<String>) -> Vec<Value> {
@@ -569,24 +620,30 @@ struct ReplicaAcks {
     /// WAIT's own timeout: half the store timeout, so that an undo still
     /// fits in the call's budget.
     wait: Duration,
-    pool: Pool,
+    route: Route,
 }
 
 impl ReplicaAcks {
     /// The acks pool, connecting in the background; `None` when
     /// `min_replica_acks` is 0.
-    fn start(builder: &Builder, config: &RedisConfig) -> Result<Option<Self>, String> {
+    fn start(
+        builder: &Builder,
+        config: &RedisConfig,
+        discovery: &Pool,
+    ) -> Result<Option<Self>, String> {
         if config.min_replica_acks == 0 {
             return Ok(None);
         }
-        let pool = builder
-            .build_pool(config.pool_size.max(1))
-            .map_err(|e| format!("redis pool (replica acks): {}", e.details()))?;
-        let _task = pool.connect();
         Ok(Some(Self {
             min: config.min_replica_acks,
             wait: (config.timeout / 2).max(Duration::from_millis(1)),
-            pool,
+            route: Route::build(
+                builder,
+                config.pool_size.max(1),
+                config.timeout,
+                discovery,
+                true,
+            )?,
         }))
     }
 }
@@ -602,14 +659,9 @@ impl RedisStore {
         acks: &ReplicaAcks,
         spec: &AcquireSpec,
     ) -> Result<AcquireOutcome, LockError> {
-        let client = acks.pool.next_connected().clone();
-        if !client.is_connected() {
-            return Err(LockError::Unavailable(
-                "not connected to Redis (reconnecting)".into(),
-            ));
-        }
         let n = self.names(&spec.key);
-        let slot = fred::util::redis_keyslot(n.lock.as_bytes());
+        let slot = slot_of(&n.lock);
+        let (client, left) = routed(&acks.route, slot, self.timeout).await?;
         let grant = argv(
             &self.scripts.acquire,
             vec![n.lock.clone(), n.fence],
@@ -650,8 +702,15 @@ impl RedisStore {
                 Err(e) => format!("could not confirm the grant with WAIT ({e}); not granted"),
             }))
         });
-        match tokio::time::timeout(self.timeout, &mut call).await {
-            Ok(result) => result,
+        match tokio::time::timeout(left, &mut call).await {
+            Ok(result) => {
+                if let Err(LockError::Unavailable(e)) = &result {
+                    if e.contains("MOVED") || e.contains("ASK ") {
+                        acks.route.refresh();
+                    }
+                }
+                result
+            }
             Err(_) => {
                 let (release, names, token) = (
                     self.scripts.release.clone(),
@@ -802,26 +861,22 @@ impl LockStore for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), LockError> {
-        let client = self.connected()?;
         // On a cluster, every primary must answer: a lock on a slot whose
         // primary is down cannot be served.
-        let primaries = if client.is_clustered() {
-            client
-                .cached_cluster_state()
-                .map(|s| s.unique_primary_nodes())
-                .unwrap_or_default()
-        } else {
-            Vec::new()
+        let Some(primaries) = self.route.primaries() else {
+            let client = self.route.client(0).await?;
+            return bounded(self.timeout, client.ping::<()>(None)).await;
         };
         if primaries.is_empty() {
-            return bounded(self.timeout, client.ping::<()>(None)).await;
+            return Err(LockError::Unavailable(
+                "no Redis Cluster primary known yet".into(),
+            ));
         }
-        let pings = primaries.into_iter().map(|server| async move {
-            bounded(
-                self.timeout,
-                client.with_cluster_node(server).ping::<()>(None),
-            )
-            .await
+        let pings = primaries.into_iter().map(|(server, client)| async move {
+            let client = client.ok_or_else(|| {
+                LockError::Unavailable(format!("not connected to the primary {server}"))
+            })?;
+            bounded(self.timeout, client.ping::<()>(None)).await
         });
         join_all(pings)
             .await
@@ -840,13 +895,16 @@ impl Drop for RedisStore {
         let pool = self.pool.clone();
         let subscriber = self.subscriber.clone();
         // Close connections in the background; nothing waits for it.
-        let acks = self.acks.as_ref().map(|a| a.pool.clone());
+        let mut pools = self.route.own_pools();
+        if let Some(acks) = &self.acks {
+            pools.extend(acks.route.own_pools());
+        }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let _ = pool.quit().await;
                 let _ = subscriber.quit().await;
-                if let Some(acks) = acks {
-                    let _ = acks.quit().await;
+                for pool in pools {
+                    let _ = pool.quit().await;
                 }
             });
         }
