@@ -377,9 +377,7 @@ fn slot_of(prefix: &str, key: &str) -> u16 {
 fn owner_of(port: u16, slot: u16) -> Option<u16> {
     cluster_nodes(port)
         .into_iter()
-        .find(|n| {
-            n.master && !n.failed && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot))
-        })
+        .find(|n| n.master && !n.failed && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
         .map(|n| n.port)
 }
 
@@ -415,15 +413,19 @@ async fn wait_promoted(cluster: &RedisCluster, dead: u16, slot: u16) -> (u16, In
         .filter(|p| *p != dead)
         .collect();
     let mut owner = None;
-    let at = until("a replica promoted and the cluster ok", Duration::from_secs(30), || {
-        owner = tokio::task::block_in_place(|| {
-            let o = owner_of(live[0], slot).filter(|p| *p != dead)?;
-            live.iter()
-                .all(|p| redis_cli(*p, &["CLUSTER", "INFO"]).contains("cluster_state:ok"))
-                .then_some(o)
-        });
-        owner.is_some()
-    })
+    let at = until(
+        "a replica promoted and the cluster ok",
+        Duration::from_secs(30),
+        || {
+            owner = tokio::task::block_in_place(|| {
+                let o = owner_of(live[0], slot).filter(|p| *p != dead)?;
+                live.iter()
+                    .all(|p| redis_cli(*p, &["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+                    .then_some(o)
+            });
+            owner.is_some()
+        },
+    )
     .await;
     (owner.expect("promoted"), at)
 }
@@ -448,10 +450,14 @@ async fn wait_replicated(cluster: &RedisCluster) {
 async fn rejoin(cluster: &mut RedisCluster, i: usize) -> Instant {
     tokio::task::block_in_place(|| cluster.nodes[i].restart());
     let port = cluster.nodes[i].port;
-    until("the restarted node replicating", Duration::from_secs(30), || {
-        let info = tokio::task::block_in_place(|| redis_cli(port, &["INFO", "replication"]));
-        info.contains("role:slave") && info.contains("master_link_status:up")
-    })
+    until(
+        "the restarted node replicating",
+        Duration::from_secs(30),
+        || {
+            let info = tokio::task::block_in_place(|| redis_cli(port, &["INFO", "replication"]));
+            info.contains("role:slave") && info.contains("master_link_status:up")
+        },
+    )
     .await
 }
 
@@ -510,8 +516,8 @@ async fn failover_round(
     let endpoints: Vec<String> = servers.iter().map(Binary::endpoint).collect();
     let any = cluster.nodes[0].port;
 
-    let hot_master = tokio::task::block_in_place(|| owner_of(any, slot_of(&prefix, "hot/0")))
-        .expect("an owner");
+    let hot_master =
+        tokio::task::block_in_place(|| owner_of(any, slot_of(&prefix, "hot/0"))).expect("an owner");
     let hot_slots: Vec<(u16, u16)> = tokio::task::block_in_place(|| {
         cluster_nodes(any)
             .into_iter()
@@ -552,9 +558,11 @@ async fn failover_round(
     };
     let mut since = history.started;
     for round in 0..p.kills {
-        until("hot grants before the kill", Duration::from_secs(60), || {
-            grants_after(&history, &hot, since).len() >= p.grants_between
-        })
+        until(
+            "hot grants before the kill",
+            Duration::from_secs(60),
+            || grants_after(&history, &hot, since).len() >= p.grants_between,
+        )
         .await;
         let master = tokio::task::block_in_place(|| {
             let live = cluster
@@ -571,14 +579,38 @@ async fn failover_round(
             "round {round}: SIGKILL primary 127.0.0.1:{master} (owns the hot keys)"
         ));
         tokio::task::block_in_place(|| cluster.nodes[i].kill());
+        // A waiting Acquire on a lock of a healthy primary, on a channel
+        // no one subscribed yet, while the subscriber client reconnects:
+        // granted (regression: it failed with UNAVAILABLE until the
+        // failover was over).
+        let fresh = keys_where(&prefix, &format!("fresh/{round}"), 1, |s| !on_hot(s));
+        let mut raw = LockServiceClient::connect(endpoints[0].clone())
+            .await
+            .expect("connect");
+        let fresh_grant = raw
+            .acquire(acquire_wait(&fresh[0], 1_000, 5_000))
+            .await
+            .map(|r| r.into_inner().acquired);
+        let fresh_at = Instant::now();
         let (new_master, promoted_at) = wait_promoted(cluster, master, hot_slot).await;
+        assert_eq!(
+            fresh_grant.map_err(|s| s.to_string()),
+            Ok(true),
+            "a waiting Acquire on a healthy primary during the failover"
+        );
+        assert!(
+            fresh_at < promoted_at,
+            "the waiting Acquire was held up by the failover"
+        );
         let rejoined_at = rejoin(cluster, i).await;
         history.fault(format!(
             "round {round}: 127.0.0.1:{master} restarted, replica of 127.0.0.1:{new_master}"
         ));
-        let resumed = until("a hot grant after the rejoin", Duration::from_secs(60), || {
-            !grants_after(&history, &hot, rejoined_at.max(promoted_at)).is_empty()
-        })
+        let resumed = until(
+            "a hot grant after the rejoin",
+            Duration::from_secs(60),
+            || !grants_after(&history, &hot, rejoined_at.max(promoted_at)).is_empty(),
+        )
         .await;
         let hot_outage = largest_gap(&history, &hot, killed_at, resumed);
         figures.failover.push(promoted_at - killed_at);
@@ -601,9 +633,11 @@ async fn failover_round(
         );
         since = rejoined_at;
     }
-    until("hot grants after the last rejoin", Duration::from_secs(60), || {
-        grants_after(&history, &hot, since).len() >= p.grants_between
-    })
+    until(
+        "hot grants after the last rejoin",
+        Duration::from_secs(60),
+        || grants_after(&history, &hot, since).len() >= p.grants_between,
+    )
     .await;
     let errors = crew.stop().await;
     drop(servers);
@@ -711,7 +745,13 @@ async fn flood(port: u16, tag: &str, mib: usize) {
     let value = "x".repeat(1 << 20);
     for i in 0..mib {
         let _: () = client
-            .set(format!("flood{{{tag}}}:{i}"), value.as_str(), None, None, false)
+            .set(
+                format!("flood{{{tag}}}:{i}"),
+                value.as_str(),
+                None,
+                None,
+                false,
+            )
             .await
             .expect("SET");
     }
@@ -816,9 +856,21 @@ async fn scenario_1b_failover_loses_an_unreplicated_grant() {
     history.end("b", key, fb, Instant::now(), End::Released);
     assert!(b_guard.release().await.expect("release"));
     let report = check(&history, &resource, Instant::now());
+    let b_at = history
+        .grants_of(key)
+        .last()
+        .map(|w| w.start)
+        .expect("b's grant");
+    let learned = if learned_at >= b_at {
+        format!("{} after b's grant", secs(learned_at - b_at))
+    } else {
+        format!("{} before b's grant", secs(b_at - learned_at))
+    };
     eprintln!(
-        "scenario 1b (--min-replica-acks 0): failover {}; {report}",
-        secs(promoted_at - killed_at)
+        "scenario 1b (--min-replica-acks 0): failover {}; b granted {} after the kill, while a's 30 s lease had {} to run; a learned of its loss {learned}; {report}",
+        secs(promoted_at - killed_at),
+        secs(b_at - killed_at),
+        secs(ttl.saturating_sub(b_at - history.grants_of(key)[0].start)),
     );
     report.assert_fencing_holds();
     // Whether a learned of its loss before b's grant is a race (a's
@@ -828,9 +880,11 @@ async fn scenario_1b_failover_loses_an_unreplicated_grant() {
     let overlap = report.max_overlap();
 
     // --min-replica-acks 1: the same freeze; the grant is not answered.
-    let rejoined = rejoin(&mut cluster, m).await;
-    let (r_port, m_pid) = (cluster.nodes[r].port, cluster.nodes[m].pid().expect("running"));
-    let _ = rejoined;
+    rejoin(&mut cluster, m).await;
+    let (r_port, m_pid) = (
+        cluster.nodes[r].port,
+        cluster.nodes[m].pid().expect("running"),
+    );
     signal(m_pid, "STOP");
     let mut raw = LockServiceClient::connect(acked.endpoint())
         .await
@@ -846,7 +900,11 @@ async fn scenario_1b_failover_loses_an_unreplicated_grant() {
     );
     // WAIT gives up after half the store timeout (2 s); then the undo.
     assert!(took < Duration::from_millis(2_500), "took {took:?}");
-    let d = raw.describe(describe(key)).await.expect("describe").into_inner();
+    let d = raw
+        .describe(describe(key))
+        .await
+        .expect("describe")
+        .into_inner();
     assert!(!d.held, "the unacknowledged grant was undone");
     history.fault(format!("SIGKILL primary 127.0.0.1:{r_port}"));
     tokio::task::block_in_place(|| cluster.nodes[r].kill());
@@ -858,7 +916,9 @@ async fn scenario_1b_failover_loses_an_unreplicated_grant() {
         // fred may need a moment to route to the new primary.
         match raw.acquire(acquire(key, 30_000)).await {
             Err(s) if s.message().contains("replica(s) online") => break s,
-            Err(s) if s.code() == Code::Unavailable && start.elapsed() < Duration::from_secs(20) => {
+            Err(s)
+                if s.code() == Code::Unavailable && start.elapsed() < Duration::from_secs(20) =>
+            {
                 tokio::time::sleep(Duration::from_millis(50)).await
             }
             other => panic!("expected a refusal for want of replicas, got {other:?}"),
@@ -866,7 +926,10 @@ async fn scenario_1b_failover_loses_an_unreplicated_grant() {
     };
     assert_eq!(status.code(), Code::Unavailable);
     let quick = Instant::now();
-    let again = raw.acquire(acquire(key, 30_000)).await.expect_err("refused");
+    let again = raw
+        .acquire(acquire(key, 30_000))
+        .await
+        .expect_err("refused");
     assert!(again.message().contains("replica(s) online"), "{again:?}");
     assert!(quick.elapsed() < Duration::from_millis(500));
     // Without the flag the same primary grants (availability over safety).
@@ -895,7 +958,7 @@ async fn scenario_1b_failover_loses_an_unreplicated_grant() {
     assert!(c_guard.fencing_token() > lease.fencing_token);
     assert!(c_guard.release().await.expect("release"));
     eprintln!(
-        "scenario 1b: with --min-replica-acks 0 the unreplicated grant was lost and two clients overlapped for {}; with --min-replica-acks 1 the same grant was refused (UNAVAILABLE after {}) and nothing overlapped",
+        "scenario 1b: with --min-replica-acks 0 the unreplicated grant was lost (validity windows overlapped for {}); with --min-replica-acks 1 the same grant was refused (UNAVAILABLE after {}) and nobody held the lock in the meantime",
         secs(overlap),
         secs(took)
     );
@@ -913,7 +976,7 @@ async fn scenario_2_leasehold_server_killed() {
     };
     let url = cluster_url();
     let prefix = unique_prefix();
-    let mut servers = vec![serve(&url, &prefix, &[]), serve(&url, &prefix, &[])];
+    let mut servers = [serve(&url, &prefix, &[]), serve(&url, &prefix, &[])];
     let endpoints: Vec<String> = servers.iter().map(Binary::endpoint).collect();
     let history = Arc::new(History::new());
     let resource = Arc::new(Resource::new());
@@ -972,9 +1035,7 @@ async fn scenario_2_leasehold_server_killed() {
         let addr = servers[victim].addr.clone();
         let killed_at = history.fault(format!("round {round}: SIGKILL leasehold serve {addr}"));
         servers[victim].signal("KILL");
-        let _ = tokio::task::block_in_place(|| {
-            servers[victim].wait_exit(Duration::from_secs(10))
-        });
+        let _ = tokio::task::block_in_place(|| servers[victim].wait_exit(Duration::from_secs(10)));
         // Every held lock is renewed through the other server before its
         // TTL runs out: its remaining TTL, read after the kill, jumps up.
         let observer = sdk(&[servers[1 - victim].endpoint()], Duration::from_secs(20)).await;
@@ -1048,7 +1109,13 @@ async fn scenario_2_leasehold_server_killed() {
         assert_eq!(info.fencing_token, guard.fencing_token());
     }
     for (name, key, guard, _) in held.drain(..) {
-        history.end(&name, &key, guard.fencing_token(), Instant::now(), End::Released);
+        history.end(
+            &name,
+            &key,
+            guard.fencing_token(),
+            Instant::now(),
+            End::Released,
+        );
         assert!(guard.release().await.expect("release"), "{key}");
     }
     let report = check(&history, &resource, Instant::now());
@@ -1127,10 +1194,11 @@ async fn scenario_3_client_process_killed() {
         let _ = child.wait();
         history.end_all(&holder.name, killed_at, End::Killed);
         for task in waiting {
-            let (key, sent, at, guard, _client) = tokio::time::timeout(Duration::from_secs(20), task)
-                .await
-                .expect("waiter finished")
-                .expect("waiter task");
+            let (key, sent, at, guard, _client) =
+                tokio::time::timeout(Duration::from_secs(20), task)
+                    .await
+                    .expect("waiter finished")
+                    .expect("waiter task");
             let guard = guard.expect("the waiter got the dead client's lock");
             history.grant("waiter", &key, guard.fencing_token(), sent, at);
             assert!(guard.fencing_token() > holder_fences[&key]);
@@ -1141,7 +1209,13 @@ async fn scenario_3_client_process_killed() {
                 output.all().join("\n")
             );
             latencies.push(latency);
-            history.end("waiter", &key, guard.fencing_token(), Instant::now(), End::Released);
+            history.end(
+                "waiter",
+                &key,
+                guard.fencing_token(),
+                Instant::now(),
+                End::Released,
+            );
             assert!(guard.release().await.expect("release"));
         }
     }
@@ -1150,7 +1224,10 @@ async fn scenario_3_client_process_killed() {
     eprintln!(
         "scenario 3: {rounds} client process(es) SIGKILLed holding 3 locks each; kill → waiter granted: max {:?}, median {:?}; {report}",
         latencies.last().copied().unwrap_or_default(),
-        latencies.get(latencies.len() / 2).copied().unwrap_or_default(),
+        latencies
+            .get(latencies.len() / 2)
+            .copied()
+            .unwrap_or_default(),
     );
     report.assert_fencing_holds();
     assert!(report.overlaps.is_empty(), "{:?}", report.overlaps);
@@ -1294,8 +1371,10 @@ async fn scenario_5_redis_unreachable() {
         &resource,
     )
     .await;
-    let mut lines = Vec::new();
-    for (round, mode) in [proxy::Mode::Cut, proxy::Mode::Pause].into_iter().enumerate() {
+    for (round, mode) in [proxy::Mode::Cut, proxy::Mode::Pause]
+        .into_iter()
+        .enumerate()
+    {
         let key = format!("outage/held/{round}");
         let sent = Instant::now();
         let guard = holder
@@ -1362,11 +1441,19 @@ async fn scenario_5_redis_unreachable() {
         .await
         .expect("the held lock survived the outage");
         assert_eq!(futures_util::FutureExt::now_or_never(&mut lost), None);
-        history.end("holder", &key, guard.fencing_token(), Instant::now(), End::Released);
+        history.end(
+            "holder",
+            &key,
+            guard.fencing_token(),
+            Instant::now(),
+            End::Released,
+        );
         assert!(guard.release().await.expect("release"));
-        let first_worker_grant = until("a worker grant after recovery", Duration::from_secs(20), || {
-            !grants_after(&history, &["outage/cycle".to_string()], restored_at).is_empty()
-        })
+        let first_worker_grant = until(
+            "a worker grant after recovery",
+            Duration::from_secs(20),
+            || !grants_after(&history, &["outage/cycle".to_string()], restored_at).is_empty(),
+        )
         .await;
         latencies.sort();
         let line = format!(
@@ -1379,7 +1466,6 @@ async fn scenario_5_redis_unreachable() {
             secs(first_worker_grant - restored_at),
         );
         eprintln!("scenario 5: {line}");
-        lines.push(line);
     }
     let _errors = crew.stop().await;
     let report = check(&history, &resource, Instant::now());

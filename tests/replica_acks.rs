@@ -20,11 +20,7 @@ use tonic::transport::Channel;
 /// A primary and one replica, in sync.
 fn primary_and_replica() -> (RedisServer, RedisServer) {
     let primary = RedisServer::start();
-    let replica = RedisServer::start_with(&[
-        "--replicaof",
-        "127.0.0.1",
-        &primary.port.to_string(),
-    ]);
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
     wait_until("the replica in sync", Duration::from_secs(30), || {
         replica
             .cli(&["INFO", "replication"])
@@ -63,14 +59,25 @@ async fn grants_wait_for_a_replica_and_are_undone_without_one() {
     let mut c = client(&server).await;
 
     // With the replica answering: granted, and the grant is on the replica.
-    let lease = lease_of(c.acquire(acquire("acks/a", 30_000)).await.unwrap().into_inner());
+    let lease = lease_of(
+        c.acquire(acquire("acks/a", 30_000))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
     let n = names(&prefix, "acks/a");
     assert_eq!(
         tokio::task::block_in_place(|| replica.cli(&["HGET", &n.lock, "fence"])),
         lease.fencing_token.to_string(),
         "an acknowledged grant is on the replica"
     );
-    assert!(c.release(release("acks/a", &lease.token)).await.unwrap().into_inner().released);
+    assert!(
+        c.release(release("acks/a", &lease.token))
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    );
 
     // Frozen replica: WAIT gives up after half the store timeout, the
     // grant is undone, the caller gets UNAVAILABLE.
@@ -96,7 +103,12 @@ async fn grants_wait_for_a_replica_and_are_undone_without_one() {
             .cli(&["INFO", "replication"])
             .contains("master_link_status:up")
     });
-    let again = lease_of(c.acquire(acquire("acks/b", 30_000)).await.unwrap().into_inner());
+    let again = lease_of(
+        c.acquire(acquire("acks/b", 30_000))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
     assert!(again.fencing_token > lease.fencing_token);
 }
 
@@ -111,7 +123,11 @@ async fn without_enough_replicas_nothing_is_granted_at_once() {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("replica(s) online"), "{status:?}");
     // Refused by the script itself, without waiting in WAIT.
-    assert!(start.elapsed() < Duration::from_millis(400), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        start.elapsed()
+    );
     let n = names(&prefix, "acks/none");
     assert_eq!(
         tokio::task::block_in_place(|| primary.cli(&["EXISTS", &n.lock, &n.fence])),
@@ -119,7 +135,11 @@ async fn without_enough_replicas_nothing_is_granted_at_once() {
         "nothing was written"
     );
     // Renew, Release and Describe do not wait for replicas.
-    let d = c.describe(describe("acks/none")).await.unwrap().into_inner();
+    let d = c
+        .describe(describe("acks/none"))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!d.held);
 }
 
@@ -149,8 +169,19 @@ async fn a_lease_returned_by_request_id_is_acknowledged_too() {
     // before (so the retry below brings no write of its own but the
     // script's).
     let mut a = client(&acked).await;
-    let warm = lease_of(a.acquire(acquire("acks/warm", 30_000)).await.unwrap().into_inner());
-    assert!(a.release(release("acks/warm", &warm.token)).await.unwrap().into_inner().released);
+    let warm = lease_of(
+        a.acquire(acquire("acks/warm", 30_000))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert!(
+        a.release(release("acks/warm", &warm.token))
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    );
     // A server without the flag grants while the replica is frozen: the
     // lease is on the primary only (as after a server crash between a
     // grant and its WAIT).

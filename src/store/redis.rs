@@ -21,12 +21,12 @@ use fred::types::{ClusterHash, CustomCommand};
 use futures_util::future::join_all;
 
 use super::LockStore;
-use route::Route;
 use crate::lock::{
     AcquireOutcome, AcquireSpec, Grant, LockError, LockInfo, LockKey, Metadata, Token, remaining_ms,
 };
 use crate::task::TaskGuard;
 use crate::wait::WaitQueues;
+use route::Route;
 
 mod route;
 
@@ -258,11 +258,7 @@ impl RedisStore {
         let (client, left) = self
             .client_for(keys.first().map(String::as_str).unwrap_or_default())
             .await?;
-        let result = bounded(
-            left,
-            evalsha(&client, script, argv(script, keys, args)),
-        )
-        .await;
+        let result = bounded(left, evalsha(&client, script, argv(script, keys, args))).await;
         self.check_route(&result);
         result
     }
@@ -353,7 +349,11 @@ const LATE_REPLY_LIMIT: Duration = Duration::from_secs(60);
 
 /// A client for `slot` from `route`, and what is left of `timeout` once
 /// it has one (a new primary's pool may take a moment to connect).
-async fn routed(route: &Route, slot: u16, timeout: Duration) -> Result<(Client, Duration), LockError> {
+async fn routed(
+    route: &Route,
+    slot: u16,
+    timeout: Duration,
+) -> Result<(Client, Duration), LockError> {
     let start = Instant::now();
     match tokio::time::timeout(timeout, route.client(slot)).await {
         Ok(client) => Ok((client?, timeout.saturating_sub(start.elapsed()))),
@@ -757,7 +757,10 @@ async fn wait_for_replicas(
     let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
     let reply: Value = client
         .with_options(&options)
-        .custom(cmd, vec![Value::from(i64::from(min)), Value::from(timeout_ms)])
+        .custom(
+            cmd,
+            vec![Value::from(i64::from(min)), Value::from(timeout_ms)],
+        )
         .await?;
     int(&reply).ok_or_else(|| Error::new(ErrorKind::Protocol, "WAIT: not an integer"))
 }

@@ -127,7 +127,11 @@ async fn serve(
     });
     let writer = tokio::spawn(async move {
         while let Some(line) = outbox.recv().await {
-            if write.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+            if write
+                .write_all(format!("{line}\n").as_bytes())
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -224,7 +228,11 @@ pub async fn run_client(spec: &str) -> Result<(), String> {
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
     let sender = tokio::spawn(async move {
         while let Some(line) = rx.recv().await {
-            if write.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+            if write
+                .write_all(format!("{line}\n").as_bytes())
+                .await
+                .is_err()
+            {
                 return;
             }
         }

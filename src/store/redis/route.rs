@@ -24,7 +24,7 @@ pub(super) enum Route {
     /// One node, or Sentinel's primary.
     Pool(Pool),
     /// A Redis Cluster: a pool per primary.
-    Shards(Shards),
+    Shards(Box<Shards>),
 }
 
 /// A pool per cluster primary, made on first use.
@@ -56,13 +56,13 @@ impl Route {
             .get_config()
             .is_some_and(|c| c.server.is_clustered());
         if clustered {
-            return Ok(Self::Shards(Shards {
+            return Ok(Self::Shards(Box::new(Shards {
                 template: builder.clone(),
                 size,
                 timeout,
                 discovery: discovery.clone(),
                 pools: Mutex::new(HashMap::new()),
-            }));
+            })));
         }
         if !own {
             return Ok(Self::Pool(discovery.clone()));
