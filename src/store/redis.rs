@@ -240,10 +240,10 @@ impl RedisStore {
     }
 
     /// A client with a live connection to the node that owns `name`'s
-    /// hash slot. While fred is reconnecting to it, every call fails at
-    /// once with UNAVAILABLE instead of queueing until the store timeout:
-    /// a client can retry elsewhere immediately.
-    /// Returns with the time left of the store timeout.
+    /// hash slot, and what is left of the store timeout. While fred is
+    /// reconnecting to that node, every call fails at once with
+    /// UNAVAILABLE instead of queueing until the store timeout: a client
+    /// can retry elsewhere immediately.
     async fn client_for(&self, name: &str) -> Result<(Client, Duration), LockError> {
         routed(&self.route, slot_of(name), self.timeout).await
     }
