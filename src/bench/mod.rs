@@ -108,6 +108,15 @@ pub struct BenchArgs {
     /// One JSON line per scenario instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Replicas to start for the spawned redis-server (with --spawn and no
+    /// --redis-url), in sync before the measurements.
+    #[arg(long, default_value_t = 0)]
+    pub replicas: usize,
+    /// With --spawn, `cycles` also measures a Redis-backed server with
+    /// `--min-replica-acks N`, next to the one without (needs replicas:
+    /// --replicas, or a --redis-url primary that has them).
+    #[arg(long, default_value_t = 0)]
+    pub min_replica_acks: u32,
 }
 
 /// Flags of the hidden `bench-floor` subcommand.
@@ -200,6 +209,12 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     } else {
         None
     };
+    let mut replicas = Vec::new();
+    if let Some(primary) = &spawned_redis {
+        for _ in 0..args.replicas {
+            replicas.push(spawn::redis_replica(&primary.addr).await?);
+        }
+    }
     let redis_url = args.redis_url.clone().or_else(|| {
         spawned_redis
             .as_ref()
@@ -220,6 +235,9 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         } else {
             print_report(&report);
         }
+    }
+    for replica in replicas {
+        replica.kill().await;
     }
     if let Some(redis) = spawned_redis {
         redis.kill().await;
@@ -305,6 +323,26 @@ async fn cycles(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, Stri
     let redis_cpu = pair(b, a);
     rows.push(cycles_row("leasehold, redis store", &r, redis_cpu));
 
+    // The same server with every grant confirmed by WAIT.
+    let acked = if args.min_replica_acks > 0 {
+        let mut server_args = args.server_args.clone();
+        server_args.push(format!("--min-replica-acks={}", args.min_replica_acks));
+        let s = spawn::leasehold(Some(url), &server_args).await?;
+        let (k, b, a) = cycles_against(args, &s.endpoint(), Some(s.pid)).await?;
+        s.kill().await;
+        rows.push(cycles_row(
+            &format!(
+                "leasehold, redis store, --min-replica-acks {}",
+                args.min_replica_acks
+            ),
+            &k,
+            pair(b, a),
+        ));
+        Some(k)
+    } else {
+        None
+    };
+
     let pool = load::redis_pool(url, args.connections).await?;
     load::cycles_redis(&pool, args.workers, args.keys, warmup(args.duration)).await;
     let d = load::cycles_redis(&pool, args.workers, args.keys, args.duration).await;
@@ -330,6 +368,7 @@ async fn cycles(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, Stri
             "redis_over_floor": ratio(r.rate(), f.rate()),
             "redis_over_direct_redis": ratio(r.rate(), d.rate()),
             "redis_cpu_per_rpc_over_floor": ratio(cpu_per_rpc(&r, redis_cpu), cpu_per_rpc(&f, floor_cpu)),
+            "replica_acks_over_redis": acked.as_ref().map(|k| ratio(k.rate(), r.rate())),
         },
         "machine": machine(),
     }))

@@ -88,6 +88,23 @@ async fn start(mut cmd: Command, needle: &str, what: &str) -> Result<(Child, Str
 
 /// A non-persistent redis-server on a free port.
 pub async fn redis_server() -> Result<Spawned, String> {
+    redis(&[], "Ready to accept connections", "redis-server").await
+}
+
+/// A replica of the redis-server at `primary`, once in sync.
+pub async fn redis_replica(primary: &str) -> Result<Spawned, String> {
+    let (host, port) = primary
+        .rsplit_once(':')
+        .ok_or_else(|| format!("not host:port: {primary}"))?;
+    redis(
+        &["--replicaof", host, port],
+        "MASTER <-> REPLICA sync: Finished with success",
+        "a redis-server replica",
+    )
+    .await
+}
+
+async fn redis(extra: &[&str], ready: &str, what: &str) -> Result<Spawned, String> {
     let port = free_port()?;
     let mut cmd = Command::new("redis-server");
     cmd.args([
@@ -101,8 +118,17 @@ pub async fn redis_server() -> Result<Spawned, String> {
         "no",
         "--logfile",
         "",
-    ]);
-    let (child, _) = start(cmd, "Ready to accept connections", "redis-server").await?;
+        // Replicas sync at once instead of 5 s after they attach.
+        "--repl-diskless-sync-delay",
+        "0",
+        // Nothing read from or written to the working directory.
+        "--repl-diskless-load",
+        "swapdb",
+        "--dbfilename",
+        &format!("leasehold-bench-{port}.rdb"),
+    ])
+    .args(extra);
+    let (child, _) = start(cmd, ready, what).await?;
     let pid = child.id().unwrap_or(0);
     Ok(Spawned {
         child,

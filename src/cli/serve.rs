@@ -59,6 +59,12 @@ pub struct ServeArgs {
     /// Redis connections in the command pool.
     #[arg(long, env = "LEASEHOLD_POOL_SIZE", default_value_t = 4)]
     pub pool_size: usize,
+    /// Replicas that must acknowledge each grant (Redis WAIT) before it is
+    /// answered; if fewer do within half the store timeout, the grant is
+    /// undone and the call fails with UNAVAILABLE. 0: answer at once.
+    /// See documentation/safety.md.
+    #[arg(long, env = "LEASEHOLD_MIN_REPLICA_ACKS", default_value_t = 0)]
+    pub min_replica_acks: u32,
     /// How often the health check pings the store.
     #[arg(long, env = "LEASEHOLD_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub health_interval: Duration,
@@ -326,6 +332,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
                 pool_size: args.pool_size,
                 timeout: args.store_timeout,
                 tls: redis_tls,
+                min_replica_acks: args.min_replica_acks,
             };
             let store = Arc::new(RedisStore::connect(&redis, waiters.clone()).await?);
             tracing::info!(%addr, store = "redis", tls = config.tls.is_some(), "listening");

@@ -121,7 +121,17 @@ impl<S: LockStore> Core<S> {
         // Join the queue and subscribe *before* the first check, so a
         // release between the check and the wait cannot be missed.
         let waiter = self.waiters.register(spec.key.as_str())?;
-        self.store.watch(&spec.key).await?;
+        if let Err(e) = self.store.watch(&spec.key).await {
+            // Not fatal: without release notifications (the subscriber is
+            // reconnecting, say, while one cluster primary fails over) the
+            // waiter still wakes at the holder's TTL and on its retries.
+            tracing::debug!(
+                rpc = "Acquire",
+                key = spec.key.as_str(),
+                error = %e,
+                "release notifications unavailable; waiting on retries"
+            );
+        }
         let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
         // Others already wait here for this key, so it is held: queue
         // behind them instead of trying first. It saves a store call per

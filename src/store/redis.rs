@@ -26,6 +26,9 @@ use crate::lock::{
 };
 use crate::task::TaskGuard;
 use crate::wait::WaitQueues;
+use route::Route;
+
+mod route;
 
 /// How long an unused fencing counter lives. The TIME floor covers its loss,
 /// so this only bounds the memory of lock names never used again.
@@ -49,6 +52,9 @@ pub struct RedisConfig {
     pub timeout: Duration,
     /// Trust and identity for `rediss://`; `None` trusts the system's CAs.
     pub tls: Option<RedisTls>,
+    /// Replicas that must acknowledge a grant (`WAIT`) before it is
+    /// answered; 0 answers as soon as the primary granted.
+    pub min_replica_acks: u32,
 }
 
 /// TLS settings for a `rediss://` URL, PEM as read from the files.
@@ -107,6 +113,7 @@ impl Default for RedisConfig {
             pool_size: 4,
             timeout: Duration::from_secs(2),
             tls: None,
+            min_replica_acks: 0,
         }
     }
 }
@@ -164,12 +171,16 @@ fn redis_tls_connector(tls: &RedisTls) -> Result<fred::types::config::TlsConnect
 /// The Redis [`LockStore`].
 pub struct RedisStore {
     pool: Pool,
+    /// The clients scripts run on (on a cluster, a pool per primary).
+    route: Arc<Route>,
     subscriber: SubscriberClient,
     scripts: Scripts,
     waiters: Arc<WaitQueues>,
     local_releases: Arc<LocalReleases>,
     prefix: String,
     timeout: Duration,
+    /// `--min-replica-acks`: set when grants must be confirmed by WAIT.
+    acks: Option<ReplicaAcks>,
     /// Release channels subscribed, with when a waiter last needed each.
     watched: Arc<Mutex<HashMap<String, Instant>>>,
     /// Serialises SSUBSCRIBE/SUNSUBSCRIBE so an unsubscribe of an idle
@@ -269,6 +280,14 @@ impl RedisStore {
         let subscriber = builder
             .build_subscriber_client()
             .map_err(|e| format!("redis subscriber: {}", e.details()))?;
+        let route = Arc::new(Route::build(
+            &builder,
+            config.pool_size.max(1),
+            timeout,
+            &pool,
+            false,
+        )?);
+        let acks = ReplicaAcks::start(&builder, config, &pool)?;
 
         // The connection tasks run for the life of the clients; fred ends
         // them on quit. Waiting for the first connection is bounded.
@@ -325,6 +344,7 @@ impl RedisStore {
             waiters: waiters.clone(),
             local_releases,
             pool,
+            route,
             subscriber,
             scripts: Scripts {
                 acquire: Script::from_lua(include_str!("scripts/acquire.lua")),
@@ -334,6 +354,7 @@ impl RedisStore {
             },
             prefix,
             timeout,
+            acks,
             watched,
             subscribing,
             _tasks: tasks,
@@ -344,18 +365,13 @@ impl RedisStore {
         Names::of(&self.prefix, key)
     }
 
-    /// A pooled client with a live connection. While fred is reconnecting
-    /// every call fails at once with UNAVAILABLE instead of queueing until
-    /// the store timeout: a client can retry elsewhere immediately.
-    fn connected(&self) -> Result<&Client, LockError> {
-        let client = self.pool.next_connected();
-        if client.is_connected() {
-            Ok(client)
-        } else {
-            Err(LockError::Unavailable(
-                "not connected to Redis (reconnecting)".into(),
-            ))
-        }
+    /// A client with a live connection to the node that owns `name`'s
+    /// hash slot, and what is left of the store timeout. While fred is
+    /// reconnecting to that node, every call fails at once with
+    /// UNAVAILABLE instead of queueing until the store timeout: a client
+    /// can retry elsewhere immediately.
+    async fn client_for(&self, name: &str) -> Result<(Client, Duration), LockError> {
+        routed(&self.route, slot_of(name), self.timeout).await
     }
 
     /// Runs one script with the store timeout.
@@ -365,12 +381,21 @@ impl RedisStore {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> Result<Value, LockError> {
-        let client = self.connected()?;
-        bounded(
-            self.timeout,
-            evalsha(client, script, argv(script, keys, args)),
-        )
-        .await
+        let (client, left) = self
+            .client_for(keys.first().map(String::as_str).unwrap_or_default())
+            .await?;
+        let result = bounded(left, evalsha(&client, script, argv(script, keys, args))).await;
+        self.check_route(&result);
+        result
+    }
+
+    /// A `MOVED` or `ASK` reply means the routing table is stale.
+    fn check_route<T>(&self, result: &Result<T, LockError>) {
+        if let Err(LockError::Unavailable(e)) = result {
+            if e.contains("MOVED") || e.contains("ASK ") {
+                self.route.refresh();
+            }
+        }
     }
 
     /// Like [`Self::eval`], but if the reply comes after the store timeout
@@ -385,12 +410,18 @@ impl RedisStore {
         args: Vec<String>,
         late: impl FnOnce() -> L,
     ) -> Result<Value, LockError> {
-        let client = self.connected()?.clone();
+        let (client, left) = self
+            .client_for(keys.first().map(String::as_str).unwrap_or_default())
+            .await?;
         let script = script.clone();
         let argv = argv(&script, keys, args);
         let mut call = Box::pin(async move { evalsha(&client, &script, argv).await });
-        match tokio::time::timeout(self.timeout, &mut call).await {
-            Ok(result) => result.map_err(|e| map_error(&e)),
+        match tokio::time::timeout(left, &mut call).await {
+            Ok(result) => {
+                let result = result.map_err(|e| map_error(&e));
+                self.check_route(&result);
+                result
+            }
             Err(_) => {
                 let late = late();
                 tokio::spawn(async move {
@@ -409,7 +440,7 @@ impl RedisStore {
     /// A callback for a late Acquire reply: releases the lock if that reply
     /// says the grant went to `token`.
     fn undo_if_granted(&self, key: &LockKey, token: &Token) -> impl FnOnce(Value) + Send + 'static {
-        let client = self.pool.next().clone();
+        let route = self.route.clone();
         let script = self.scripts.release.clone();
         let names = self.names(key);
         let token = token.clone();
@@ -419,6 +450,13 @@ impl RedisStore {
                 return;
             }
             tokio::spawn(async move {
+                let client = match route.client(slot_of(&names.lock)).await {
+                    Ok(client) => client,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not undo a late grant; it expires with its TTL");
+                        return;
+                    }
+                };
                 let argv = argv(
                     &script,
                     vec![names.lock],
@@ -434,6 +472,27 @@ impl RedisStore {
 
 /// How long a reply that missed the store timeout is still awaited.
 const LATE_REPLY_LIMIT: Duration = Duration::from_secs(60);
+
+/// A client for `slot` from `route`, and what is left of `timeout` once
+/// it has one (a new primary's pool may take a moment to connect).
+async fn routed(
+    route: &Route,
+    slot: u16,
+    timeout: Duration,
+) -> Result<(Client, Duration), LockError> {
+    let start = Instant::now();
+    match tokio::time::timeout(timeout, route.client(slot)).await {
+        Ok(client) => Ok((client?, timeout.saturating_sub(start.elapsed()))),
+        Err(_) => Err(LockError::Unavailable(format!(
+            "no connection to Redis within {timeout:?}"
+        ))),
+    }
+}
+
+/// The cluster hash slot of a Redis key.
+fn slot_of(name: &str) -> u16 {
+    fred::util::redis_keyslot(name.as_bytes())
+}
 
 /// `EVALSHA` arguments: `sha, numkeys, keys..., args...`.
 fn argv(script: &Script, keys: Vec<String>, args: Vec<String>) -> Vec<Value> {
@@ -465,6 +524,11 @@ fn parse_acquire(reply: Value) -> Result<AcquireOutcome, LockError> {
                 retry_after_ms: remaining_ms(pttl),
             })
         }
+        // Retryable: a replica may come back or be attached.
+        Some(2) if items.len() == 2 => Err(LockError::Unavailable(format!(
+            "not granted: {} replica(s) online, fewer than --min-replica-acks requires",
+            int(&items[1]).unwrap_or(0)
+        ))),
         _ => Err(LockError::Internal("malformed acquire reply".into())),
     }
 }
@@ -696,22 +760,188 @@ fn ttl_u32(v: i64) -> u32 {
     v.clamp(0, i64::from(u32::MAX)) as u32
 }
 
+/// The acquire script's arguments (`min_replicas` 0: no replica check).
+fn acquire_args(spec: &AcquireSpec, min_replicas: u32) -> Vec<String> {
+    vec![
+        spec.token.expose().to_owned(),
+        spec.ttl_ms.to_string(),
+        spec.owner.clone(),
+        spec.metadata.encode(),
+        spec.request_id.clone().unwrap_or_default(),
+        COUNTER_TTL.as_millis().to_string(),
+        min_replicas.to_string(),
+    ]
+}
+
+/// `--min-replica-acks N`: every grant is followed by `WAIT N` on the
+/// connection that ran the grant script, and answered only once N replicas
+/// acknowledged it; otherwise it is undone and the caller gets UNAVAILABLE.
+/// These Acquires have a pool of their own, because a WAIT holds its
+/// connection until the replicas answer: renewals and releases on the main
+/// pool never queue behind one.
+struct ReplicaAcks {
+    /// Replicas that must acknowledge a grant.
+    min: u32,
+    /// WAIT's own timeout: half the store timeout, so that an undo still
+    /// fits in the call's budget.
+    wait: Duration,
+    route: Route,
+}
+
+impl ReplicaAcks {
+    /// The acks pool, connecting in the background; `None` when
+    /// `min_replica_acks` is 0.
+    fn start(
+        builder: &Builder,
+        config: &RedisConfig,
+        discovery: &Pool,
+    ) -> Result<Option<Self>, String> {
+        if config.min_replica_acks == 0 {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            min: config.min_replica_acks,
+            wait: (config.timeout / 2).max(Duration::from_millis(1)),
+            route: Route::build(
+                builder,
+                config.pool_size.max(1),
+                config.timeout,
+                discovery,
+                true,
+            )?,
+        }))
+    }
+}
+
+impl RedisStore {
+    /// Acquire with `--min-replica-acks`: the grant script, then `WAIT` on
+    /// the same client (so the same connection to the slot's primary),
+    /// then, if too few replicas acknowledged, the release script, all
+    /// within the store timeout. A result that comes after the timeout
+    /// (the caller already got UNAVAILABLE) undoes a grant it made.
+    async fn acquire_acked(
+        &self,
+        acks: &ReplicaAcks,
+        spec: &AcquireSpec,
+    ) -> Result<AcquireOutcome, LockError> {
+        let n = self.names(&spec.key);
+        let slot = slot_of(&n.lock);
+        let (client, left) = routed(&acks.route, slot, self.timeout).await?;
+        let grant = argv(
+            &self.scripts.acquire,
+            vec![n.lock.clone(), n.fence],
+            acquire_args(spec, acks.min),
+        );
+        let (acquire, release) = (self.scripts.acquire.clone(), self.scripts.release.clone());
+        let (min, wait, token) = (acks.min, acks.wait, spec.token.clone());
+        let undo_client = client.clone();
+        let mut call = Box::pin(async move {
+            let outcome = parse_acquire(
+                evalsha(&client, &acquire, grant)
+                    .await
+                    .map_err(|e| map_error(&e))?,
+            )?;
+            let AcquireOutcome::Acquired(lease) = &outcome else {
+                return Ok(outcome);
+            };
+            let acked = wait_for_replicas(&client, slot, min, wait).await;
+            if matches!(acked, Ok(k) if k >= i64::from(min)) {
+                return Ok(outcome);
+            }
+            // Only a grant this call made is undone; a lease returned
+            // again by request id stays with whoever retries for it.
+            if lease.token == token {
+                let undo = argv(
+                    &release,
+                    vec![n.lock],
+                    vec![token.expose().to_owned(), n.channel],
+                );
+                if let Err(e) = evalsha(&client, &release, undo).await {
+                    tracing::warn!(error = %e, "could not undo an unacknowledged grant; it expires with its TTL");
+                }
+            }
+            Err(LockError::Unavailable(match acked {
+                Ok(k) => format!(
+                    "the grant was acknowledged by {k} of {min} replica(s) within {wait:?}; not granted"
+                ),
+                Err(e) => format!("could not confirm the grant with WAIT ({e}); not granted"),
+            }))
+        });
+        match tokio::time::timeout(left, &mut call).await {
+            Ok(result) => {
+                if let Err(LockError::Unavailable(e)) = &result {
+                    if e.contains("MOVED") || e.contains("ASK ") {
+                        acks.route.refresh();
+                    }
+                }
+                result
+            }
+            Err(_) => {
+                let (release, names, token) = (
+                    self.scripts.release.clone(),
+                    self.names(&spec.key),
+                    spec.token.clone(),
+                );
+                tokio::spawn(async move {
+                    let late = tokio::time::timeout(LATE_REPLY_LIMIT, call).await;
+                    if matches!(late, Ok(Ok(AcquireOutcome::Acquired(ref g))) if g.token == token) {
+                        let undo = argv(
+                            &release,
+                            vec![names.lock],
+                            vec![token.expose().to_owned(), names.channel],
+                        );
+                        if let Err(e) = evalsha(&undo_client, &release, undo).await {
+                            tracing::warn!(error = %e, "could not undo a late grant; it expires with its TTL");
+                        }
+                    }
+                });
+                Err(LockError::Unavailable(format!(
+                    "no reply from Redis within {:?}",
+                    self.timeout
+                )))
+            }
+        }
+    }
+}
+
+/// `WAIT min timeout` on `client`'s connection to the primary of `slot`:
+/// how many replicas acknowledged every write that connection made. Sent
+/// once: a resend after a reconnect would be a new connection, whose WAIT
+/// knows nothing of the grant.
+async fn wait_for_replicas(
+    client: &Client,
+    slot: u16,
+    min: u32,
+    timeout: Duration,
+) -> Result<i64, Error> {
+    let options = Options {
+        max_attempts: Some(1),
+        ..Default::default()
+    };
+    let cmd = CustomCommand::new_static("WAIT", ClusterHash::Custom(slot), false);
+    let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+    let reply: Value = client
+        .with_options(&options)
+        .custom(
+            cmd,
+            vec![Value::from(i64::from(min)), Value::from(timeout_ms)],
+        )
+        .await?;
+    int(&reply).ok_or_else(|| Error::new(ErrorKind::Protocol, "WAIT: not an integer"))
+}
+
 impl LockStore for RedisStore {
     async fn acquire(&self, spec: &AcquireSpec) -> Result<AcquireOutcome, LockError> {
+        if let Some(acks) = &self.acks {
+            return self.acquire_acked(acks, spec).await;
+        }
         let n = self.names(&spec.key);
         let late = || self.undo_if_granted(&spec.key, &spec.token);
         let reply = self
             .eval_or_late(
                 &self.scripts.acquire,
                 vec![n.lock, n.fence],
-                vec![
-                    spec.token.expose().to_owned(),
-                    spec.ttl_ms.to_string(),
-                    spec.owner.clone(),
-                    spec.metadata.encode(),
-                    spec.request_id.clone().unwrap_or_default(),
-                    COUNTER_TTL.as_millis().to_string(),
-                ],
+                acquire_args(spec, 0),
                 late,
             )
             .await?;
@@ -809,26 +1039,22 @@ impl LockStore for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), LockError> {
-        let client = self.connected()?;
         // On a cluster, every primary must answer: a lock on a slot whose
         // primary is down cannot be served.
-        let primaries = if client.is_clustered() {
-            client
-                .cached_cluster_state()
-                .map(|s| s.unique_primary_nodes())
-                .unwrap_or_default()
-        } else {
-            Vec::new()
+        let Some(primaries) = self.route.primaries() else {
+            let client = self.route.client(0).await?;
+            return bounded(self.timeout, client.ping::<()>(None)).await;
         };
         if primaries.is_empty() {
-            return bounded(self.timeout, client.ping::<()>(None)).await;
+            return Err(LockError::Unavailable(
+                "no Redis Cluster primary known yet".into(),
+            ));
         }
-        let pings = primaries.into_iter().map(|server| async move {
-            bounded(
-                self.timeout,
-                client.with_cluster_node(server).ping::<()>(None),
-            )
-            .await
+        let pings = primaries.into_iter().map(|(server, client)| async move {
+            let client = client.ok_or_else(|| {
+                LockError::Unavailable(format!("not connected to the primary {server}"))
+            })?;
+            bounded(self.timeout, client.ping::<()>(None)).await
         });
         join_all(pings)
             .await
@@ -847,10 +1073,17 @@ impl Drop for RedisStore {
         let pool = self.pool.clone();
         let subscriber = self.subscriber.clone();
         // Close connections in the background; nothing waits for it.
+        let mut pools = self.route.own_pools();
+        if let Some(acks) = &self.acks {
+            pools.extend(acks.route.own_pools());
+        }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let _ = pool.quit().await;
                 let _ = subscriber.quit().await;
+                for pool in pools {
+                    let _ = pool.quit().await;
+                }
             });
         }
     }

@@ -301,6 +301,13 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> Self {
+        Self::start_with_node_timeout(2000)
+    }
+
+    /// A cluster of its own, with `cluster-node-timeout` (ms): how long a
+    /// silent primary takes to be failed over. For tests that kill nodes.
+    pub fn start_with_node_timeout(node_timeout_ms: u32) -> Self {
+        let timeout = node_timeout_ms.to_string();
         let nodes: Vec<RedisServer> = (0..6)
             .map(|_| {
                 RedisServer::start_with(&[
@@ -309,7 +316,10 @@ impl RedisCluster {
                     "--cluster-config-file",
                     "nodes.conf",
                     "--cluster-node-timeout",
-                    "2000",
+                    &timeout,
+                    // Replicas sync at once instead of 5 s after they attach.
+                    "--repl-diskless-sync-delay",
+                    "0",
                 ])
             })
             .collect();
@@ -474,7 +484,7 @@ impl TestServer {
                     prefix: prefix.clone(),
                     pool_size: 2,
                     timeout: config.store_timeout,
-                    tls: None,
+                    ..RedisConfig::default()
                 };
                 let store = Arc::new(
                     RedisStore::connect(&redis, waiters.clone())
