@@ -10,10 +10,11 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use tokio::sync::Notify;
 
-use crate::lock::LockError;
+use crate::lock::{AcquireSpec, Grant, LockError};
 
 /// All waiters of one server, by lock key.
 #[derive(Debug)]
@@ -36,6 +37,135 @@ struct Entry {
     /// Woken by a release and not yet done trying: the next release goes to
     /// someone else.
     woken: bool,
+    /// Set when the waiter accepts the lock straight from a release.
+    seat: Option<Arc<Seat>>,
+}
+
+/// What gives back a grant nobody will collect.
+type GiveBack = Box<dyn FnOnce(Grant) + Send>;
+
+/// A waiter's standing offer to take the lock straight from a release on
+/// this server (a handoff): the releasing call grants the lock to this
+/// waiter's request in the same store call, instead of freeing it and
+/// waking the waiter to take it in a second one.
+pub struct Seat {
+    /// The waiter's request; a handoff grants exactly this (same token), so
+    /// the waiter's own attempts and a handoff can never disagree.
+    spec: Arc<AcquireSpec>,
+    /// No handoff after this: past it the waiter is giving up.
+    grant_until: Instant,
+    /// Releases a grant that arrives after the waiter left.
+    on_orphan: Mutex<Option<GiveBack>>,
+    state: Mutex<SeatState>,
+}
+
+impl std::fmt::Debug for Seat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Seat")
+            .field("key", &self.spec.key)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Default)]
+struct SeatState {
+    phase: Phase,
+    grant: Option<Grant>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    #[default]
+    Waiting,
+    Acquired,
+    Left,
+}
+
+impl Seat {
+    /// A seat for `spec`, open until `grant_until`; `on_orphan` gives back a
+    /// grant that lands after the waiter has gone.
+    pub fn new(
+        spec: Arc<AcquireSpec>,
+        grant_until: Instant,
+        on_orphan: impl FnOnce(Grant) + Send + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            spec,
+            grant_until,
+            on_orphan: Mutex::new(Some(Box::new(on_orphan))),
+            state: Mutex::new(SeatState::default()),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, SeatState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn orphan(&self, grant: Grant) {
+        let undo = self
+            .on_orphan
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(undo) = undo {
+            undo(grant);
+        }
+    }
+}
+
+/// The oldest open seat of a key, chosen by a release for a handoff. It
+/// was marked woken, so no other release picks it meanwhile.
+#[derive(Debug)]
+pub struct Offer {
+    queues: Arc<WaitQueues>,
+    key: String,
+    id: u64,
+    notify: Arc<Notify>,
+    seat: Arc<Seat>,
+}
+
+impl Offer {
+    /// The request to grant.
+    pub fn spec(&self) -> &AcquireSpec {
+        &self.seat.spec
+    }
+
+    /// The store granted the lock to the seat: hand it over, or give it
+    /// back if the waiter has already left.
+    pub fn deliver(self, grant: Grant) {
+        let mut state = self.seat.state();
+        match state.phase {
+            Phase::Waiting => {
+                state.grant = Some(grant);
+                drop(state);
+                self.notify.notify_one();
+            }
+            // It took the same grant itself (same token): nothing to do.
+            Phase::Acquired => {}
+            Phase::Left => {
+                drop(state);
+                self.seat.orphan(grant);
+            }
+        }
+    }
+
+    /// The lock came free but was not handed over: the waiter tries itself.
+    pub fn retry(self) {
+        self.notify.notify_one();
+    }
+
+    /// Nothing changed (the release did not happen): the waiter stays as it
+    /// was, and the next release may pick it again.
+    pub fn cancel(self) {
+        let mut inner = self.queues.lock();
+        if let Some(entry) = inner
+            .keys
+            .get_mut(&self.key)
+            .and_then(|q| q.iter_mut().find(|e| e.id == self.id))
+        {
+            entry.woken = false;
+        }
+    }
 }
 
 impl WaitQueues {
@@ -56,6 +186,20 @@ impl WaitQueues {
     /// Joins the queue for `key`, or fails with RESOURCE_EXHAUSTED when the
     /// server already has its maximum of waiters.
     pub fn register(self: &Arc<Self>, key: &str) -> Result<Waiter, LockError> {
+        self.join(key, None)
+    }
+
+    /// Joins the queue with a seat, so that a release on this server can
+    /// hand the lock over directly ([`WaitQueues::offer`]).
+    pub fn register_seat(
+        self: &Arc<Self>,
+        key: &str,
+        seat: Arc<Seat>,
+    ) -> Result<Waiter, LockError> {
+        self.join(key, Some(seat))
+    }
+
+    fn join(self: &Arc<Self>, key: &str, seat: Option<Arc<Seat>>) -> Result<Waiter, LockError> {
         let mut inner = self.lock();
         if inner.total >= self.max_waiters {
             return Err(LockError::ResourceExhausted(format!(
@@ -76,12 +220,35 @@ impl WaitQueues {
                 id,
                 notify: notify.clone(),
                 woken: false,
+                seat: seat.clone(),
             });
         Ok(Waiter {
             queues: self.clone(),
             key: key.to_owned(),
             id,
             notify,
+            seat,
+        })
+    }
+
+    /// The oldest waiter of `key` that can take the lock from a release
+    /// right now (open seat, not already trying, not past its cutoff).
+    pub fn offer(self: &Arc<Self>, key: &str) -> Option<Offer> {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let entry = inner.keys.get_mut(key)?.iter_mut().find(|e| {
+            !e.woken
+                && e.seat
+                    .as_ref()
+                    .is_some_and(|s| s.grant_until > now && s.state().phase == Phase::Waiting)
+        })?;
+        entry.woken = true;
+        Some(Offer {
+            queues: self.clone(),
+            key: key.to_owned(),
+            id: entry.id,
+            notify: entry.notify.clone(),
+            seat: entry.seat.clone()?,
         })
     }
 
@@ -134,6 +301,7 @@ pub struct Waiter {
     key: String,
     id: u64,
     notify: Arc<Notify>,
+    seat: Option<Arc<Seat>>,
 }
 
 impl Waiter {
@@ -165,14 +333,33 @@ impl Waiter {
             .unwrap_or(0)
     }
 
+    /// A grant handed over by a release, if one arrived.
+    pub fn take_grant(&self) -> Option<Grant> {
+        self.seat.as_ref()?.state().grant.take()
+    }
+
     /// The wait ended with the lock taken: leave without passing a wake-up on.
     pub fn acquired(self) {
+        if let Some(seat) = &self.seat {
+            seat.state().phase = Phase::Acquired;
+        }
         self.rearm();
     }
 }
 
 impl Drop for Waiter {
     fn drop(&mut self) {
+        if let Some(seat) = &self.seat {
+            let mut state = seat.state();
+            if state.phase == Phase::Waiting {
+                state.phase = Phase::Left;
+                let late = state.grant.take();
+                drop(state);
+                if let Some(grant) = late {
+                    seat.orphan(grant);
+                }
+            }
+        }
         let mut inner = self.queues.lock();
         inner.total = inner.total.saturating_sub(1);
         crate::metrics::waiters(-1.0);
@@ -228,6 +415,74 @@ mod tests {
         q.released("k");
         a.rearm();
         assert!(is_woken(&a).await);
+    }
+
+    fn seat(counter: &Arc<std::sync::atomic::AtomicUsize>) -> Arc<Seat> {
+        let spec = AcquireSpec {
+            key: crate::lock::LockKey::parse("k", 512).unwrap(),
+            token: crate::lock::Token::generate(),
+            ttl_ms: 1000,
+            owner: String::new(),
+            metadata: Default::default(),
+            request_id: None,
+        };
+        let counter = counter.clone();
+        Seat::new(
+            Arc::new(spec),
+            Instant::now() + Duration::from_secs(60),
+            move |_| {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            },
+        )
+    }
+
+    fn grant(spec: &AcquireSpec) -> Grant {
+        Grant {
+            token: spec.token.clone(),
+            fencing_token: 7,
+            ttl_ms: 1000,
+        }
+    }
+
+    #[tokio::test]
+    async fn handoff_reaches_the_oldest_waiter() {
+        let orphans = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let q = WaitQueues::new(10);
+        let a = q.register_seat("k", seat(&orphans)).unwrap();
+        let b = q.register_seat("k", seat(&orphans)).unwrap();
+        let offer = q.offer("k").expect("a seat is open");
+        let g = grant(offer.spec());
+        // The next release must not pick the same waiter.
+        let second = q.offer("k").expect("b's seat");
+        second.cancel();
+        offer.deliver(g.clone());
+        assert!(is_woken(&a).await);
+        assert_eq!(a.take_grant(), Some(g));
+        a.acquired();
+        assert!(!is_woken(&b).await);
+        drop(b);
+        assert_eq!(orphans.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_grant_for_a_waiter_that_left_is_given_back() {
+        let orphans = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let q = WaitQueues::new(10);
+        // Delivered after the waiter left.
+        let a = q.register_seat("k", seat(&orphans)).unwrap();
+        let offer = q.offer("k").unwrap();
+        let g = grant(offer.spec());
+        drop(a);
+        offer.deliver(g);
+        assert_eq!(orphans.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Delivered, then the waiter left without taking it.
+        let b = q.register_seat("k", seat(&orphans)).unwrap();
+        let offer = q.offer("k").unwrap();
+        let g = grant(offer.spec());
+        offer.deliver(g);
+        drop(b);
+        assert_eq!(orphans.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert!(q.offer("k").is_none());
     }
 
     #[test]

@@ -155,6 +155,18 @@ async fn metrics_cover_rpcs_streams_waiters_and_the_store() {
         m.contains("leasehold_store_call_duration_seconds_bucket{store=\"memory\",op=\"acquire\""),
         "{m}"
     );
+    // The stream's end handed the lock to the waiter in one store call.
+    assert_eq!(
+        value(
+            &m,
+            &[
+                "leasehold_store_call_duration_seconds_count{",
+                "op=\"handoff\""
+            ]
+        ),
+        Some(1.0),
+        "{m}"
+    );
     // Low cardinality, and nothing secret: no key, no token in any series.
     assert!(!m.contains("billing-job"), "a lock key leaked into metrics");
     assert!(!m.contains(&lease.token));

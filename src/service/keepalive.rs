@@ -273,13 +273,13 @@ impl<S: LockStore> Session<S> {
 
     /// The store call for one op.
     fn call(&self, op: Op) -> Pin<Box<dyn std::future::Future<Output = Done> + Send>> {
-        let store = self.core.store.clone();
+        let core = self.core.clone();
         async move {
             let start = Instant::now();
             let result = if op.release {
-                store.release(&op.key, &op.token).await.map(|_| None)
+                core.release(&op.key, &op.token).await.map(|_| None)
             } else {
-                store.renew(&op.key, &op.token, op.ttl_ms).await
+                core.store.renew(&op.key, &op.token, op.ttl_ms).await
             };
             let outcome = match &result {
                 Ok(Some(_)) => "alive",
@@ -358,13 +358,12 @@ impl<S: LockStore> Session<S> {
             return;
         }
         let locks: Vec<(LockKey, Token)> = self.attached.drain().collect();
-        let store = self.core.store.clone();
+        let core = &self.core;
         let results = futures_util::future::join_all(locks.iter().map(|(key, token)| {
-            let store = store.clone();
             async move {
-                match store.release(key, token).await {
+                match core.release(key, token).await {
                     // One retry covers a blip; after that the TTL frees it.
-                    Err(LockError::Unavailable(_)) => store.release(key, token).await,
+                    Err(LockError::Unavailable(_)) => core.release(key, token).await,
                     other => other,
                 }
             }

@@ -14,6 +14,7 @@ use rand::Rng;
 use super::Core;
 use crate::lock::{AcquireOutcome, AcquireSpec, LockError};
 use crate::store::LockStore;
+use crate::wait::Seat;
 
 /// First fallback retry, before jitter.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
@@ -120,7 +121,15 @@ impl<S: LockStore> Core<S> {
             || LockError::DeadlineExceeded("the lock was still held at the call's deadline".into());
         // Join the queue and subscribe *before* the first check, so a
         // release between the check and the wait cannot be missed.
-        let waiter = self.waiters.register(spec.key.as_str())?;
+        // The seat lets a release on this server hand the lock over in its
+        // own store call; a grant that lands after we left is given back.
+        let seat = {
+            let (store, key) = (self.store.clone(), spec.key.clone());
+            Seat::new(spec.clone(), end, move |grant| {
+                super::undo_grant(store, key, grant.token)
+            })
+        };
+        let waiter = self.waiters.register_seat(spec.key.as_str(), seat)?;
         if let Err(e) = self.store.watch(&spec.key).await {
             // Not fatal: without release notifications (the subscriber is
             // reconnecting, say, while one cluster primary fails over) the
@@ -140,6 +149,10 @@ impl<S: LockStore> Core<S> {
         let mut skip_attempt =
             waiter.position() > 0 && end.saturating_duration_since(Instant::now()) > BACKOFF_BASE;
         loop {
+            if let Some(grant) = waiter.take_grant() {
+                waiter.acquired();
+                return Ok(AcquireOutcome::Acquired(grant));
+            }
             if by_deadline && Instant::now() >= end {
                 return Err(past_deadline());
             }
@@ -164,6 +177,10 @@ impl<S: LockStore> Core<S> {
             }
             let now = Instant::now();
             if let Some(retry_after_ms) = retry_after_ms.filter(|_| now >= end) {
+                if let Some(grant) = waiter.take_grant().filter(|_| !by_deadline) {
+                    waiter.acquired();
+                    return Ok(AcquireOutcome::Acquired(grant));
+                }
                 return if by_deadline {
                     Err(past_deadline())
                 } else {

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::time::Instant;
 
 use super::LockStore;
-use crate::lock::{AcquireOutcome, AcquireSpec, LockError, LockInfo, LockKey, Token};
+use crate::lock::{AcquireOutcome, AcquireSpec, Grant, LockError, LockInfo, LockKey, Token};
 
 /// Times and counts the calls of the store it wraps.
 #[derive(Debug)]
@@ -30,6 +30,20 @@ impl<S: LockStore> LockStore for Instrumented<S> {
 
     async fn release(&self, key: &LockKey, token: &Token) -> Result<bool, LockError> {
         timed(self.0.name(), "release", self.0.release(key, token)).await
+    }
+
+    async fn release_and_grant(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        next: &AcquireSpec,
+    ) -> Result<(bool, Option<Grant>), LockError> {
+        timed(
+            self.0.name(),
+            "handoff",
+            self.0.release_and_grant(key, token, next),
+        )
+        .await
     }
 
     async fn renew(

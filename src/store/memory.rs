@@ -118,6 +118,25 @@ async fn sweep(inner: Weak<Inner>) {
     }
 }
 
+/// Gives `slot` to `spec`, with a fencing token above every earlier one.
+fn grant(slot: &mut Slot, spec: &AcquireSpec, now: Instant) -> Grant {
+    let fence = (slot.fence + 1).max(monotonic_unix_micros());
+    slot.fence = fence;
+    slot.lease = Some(Held {
+        token: spec.token.clone(),
+        owner: spec.owner.clone(),
+        metadata: spec.metadata.clone(),
+        ttl_ms: spec.ttl_ms,
+        request_id: spec.request_id.clone(),
+        expires_at: now + Duration::from_millis(spec.ttl_ms.into()),
+    });
+    Grant {
+        token: spec.token.clone(),
+        fencing_token: fence,
+        ttl_ms: spec.ttl_ms,
+    }
+}
+
 impl LockStore for MemoryStore {
     async fn acquire(&self, spec: &AcquireSpec) -> Result<AcquireOutcome, LockError> {
         let now = Instant::now();
@@ -139,21 +158,33 @@ impl LockStore for MemoryStore {
                 retry_after_ms: held.remaining_ms(now),
             });
         }
-        let fence = (slot.fence + 1).max(monotonic_unix_micros());
-        slot.fence = fence;
-        slot.lease = Some(Held {
-            token: spec.token.clone(),
-            owner: spec.owner.clone(),
-            metadata: spec.metadata.clone(),
-            ttl_ms: spec.ttl_ms,
-            request_id: spec.request_id.clone(),
-            expires_at: now + Duration::from_millis(spec.ttl_ms.into()),
-        });
-        Ok(AcquireOutcome::Acquired(Grant {
-            token: spec.token.clone(),
-            fencing_token: fence,
-            ttl_ms: spec.ttl_ms,
-        }))
+        Ok(AcquireOutcome::Acquired(grant(slot, spec, now)))
+    }
+
+    async fn release_and_grant(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        next: &AcquireSpec,
+    ) -> Result<(bool, Option<Grant>), LockError> {
+        let now = Instant::now();
+        if next.key != *key {
+            return Ok((self.release(key, token).await?, None));
+        }
+        let handed = {
+            let mut map = self.inner.shard(key.as_str());
+            map.get_mut(key.as_str())
+                .filter(|slot| {
+                    slot.lease
+                        .as_ref()
+                        .is_some_and(|h| h.token == *token && h.live(now))
+                })
+                .map(|slot| grant(slot, next, now))
+        };
+        match handed {
+            Some(granted) => Ok((true, Some(granted))),
+            None => Ok((self.release(key, token).await?, None)),
+        }
     }
 
     async fn release(&self, key: &LockKey, token: &Token) -> Result<bool, LockError> {

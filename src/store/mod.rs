@@ -11,7 +11,7 @@ pub mod redis;
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::lock::{AcquireOutcome, AcquireSpec, LockError, LockInfo, LockKey, Token};
+use crate::lock::{AcquireOutcome, AcquireSpec, Grant, LockError, LockInfo, LockKey, Token};
 
 pub use instrumented::Instrumented;
 pub use memory::MemoryStore;
@@ -33,6 +33,22 @@ pub trait LockStore: Send + Sync + 'static {
         key: &LockKey,
         token: &Token,
     ) -> impl Future<Output = Result<bool, LockError>> + Send;
+
+    /// Releases the lock if `token` holds it and, in the same atomic step,
+    /// grants it to `next` (a waiter on this server): the handoff that
+    /// saves the waiter a second store call. `(released, granted)`;
+    /// `granted` is `None` when the store did not hand over (the default:
+    /// it only releases, and the waiter takes the lock itself). No release
+    /// notification is published for a handoff: the lock never came free.
+    fn release_and_grant(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        next: &AcquireSpec,
+    ) -> impl Future<Output = Result<(bool, Option<Grant>), LockError>> + Send {
+        let _ = next;
+        async move { Ok((self.release(key, token).await?, None)) }
+    }
 
     /// Extends the lease if `token` holds it: `Some(ttl in force)`, or `None`
     /// when the lock is lost. `ttl_ms = None` keeps the TTL granted.
@@ -74,6 +90,14 @@ impl<S: LockStore> LockStore for Arc<S> {
         token: &Token,
     ) -> impl Future<Output = Result<bool, LockError>> + Send {
         (**self).release(key, token)
+    }
+    fn release_and_grant(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        next: &AcquireSpec,
+    ) -> impl Future<Output = Result<(bool, Option<Grant>), LockError>> + Send {
+        (**self).release_and_grant(key, token, next)
     }
     fn renew(
         &self,

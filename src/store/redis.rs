@@ -203,6 +203,7 @@ struct Scripts {
     release: Script,
     renew: Script,
     describe: Script,
+    handoff: Script,
 }
 
 /// The Redis names of one lock: its record, its fencing counter and its
@@ -351,6 +352,7 @@ impl RedisStore {
                 release: Script::from_lua(include_str!("scripts/release.lua")),
                 renew: Script::from_lua(include_str!("scripts/renew.lua")),
                 describe: Script::from_lua(include_str!("scripts/describe.lua")),
+                handoff: Script::from_lua(include_str!("scripts/handoff.lua")),
             },
             prefix,
             timeout,
@@ -946,6 +948,42 @@ impl LockStore for RedisStore {
             )
             .await?;
         parse_acquire(reply)
+    }
+
+    async fn release_and_grant(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        next: &AcquireSpec,
+    ) -> Result<(bool, Option<Grant>), LockError> {
+        // Grants under --min-replica-acks go through the acknowledged path.
+        if self.acks.is_some() || next.key != *key {
+            return Ok((self.release(key, token).await?, None));
+        }
+        let n = self.names(key);
+        let mut args = acquire_args(next, 0);
+        args.truncate(6);
+        args.insert(0, token.expose().to_owned());
+        let items = array(
+            self.eval(&self.scripts.handoff, vec![n.lock, n.fence], args)
+                .await?,
+        )?;
+        match items.first().and_then(int) {
+            Some(0) => Ok((false, None)),
+            Some(1) if items.len() == 4 => {
+                let fence = int(&items[2]).ok_or_else(|| unexpected(&items[2]))?;
+                let ttl = int(&items[3]).ok_or_else(|| unexpected(&items[3]))?;
+                Ok((
+                    true,
+                    Some(Grant {
+                        token: next.token.clone(),
+                        fencing_token: u64::try_from(fence).map_err(|_| unexpected(&items[2]))?,
+                        ttl_ms: ttl_u32(ttl),
+                    }),
+                ))
+            }
+            _ => Err(LockError::Internal("malformed handoff reply".into())),
+        }
     }
 
     async fn release(&self, key: &LockKey, token: &Token) -> Result<bool, LockError> {
