@@ -86,7 +86,8 @@ impl Cycles {
         self.cycles as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
-    fn merge(&mut self, other: &Cycles) {
+    /// Adds another measurement of the same target (interleaved slices).
+    pub fn merge(&mut self, other: &Cycles) {
         self.cycles += other.cycles;
         self.contended += other.contended;
         self.errors += other.errors;
@@ -262,6 +263,21 @@ pub struct Hot {
 }
 
 impl Hot {
+    /// Adds another slice of the same target; workers are matched by index.
+    pub fn merge(&mut self, other: &Hot) {
+        self.handoffs += other.handoffs;
+        self.timeouts += other.timeouts;
+        self.errors += other.errors;
+        self.elapsed += other.elapsed;
+        self.wait.merge(&other.wait);
+        if self.per_worker.len() < other.per_worker.len() {
+            self.per_worker.resize(other.per_worker.len(), 0);
+        }
+        for (total, n) in self.per_worker.iter_mut().zip(&other.per_worker) {
+            *total += n;
+        }
+    }
+
     /// Handoffs per second.
     pub fn rate(&self) -> f64 {
         self.handoffs as f64 / self.elapsed.as_secs_f64().max(1e-9)

@@ -92,9 +92,14 @@ pub struct BenchArgs {
     /// Lock TTL (keepalive); renewals go out at a third of it.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
-    /// Rounds (crash).
+    /// Rounds (crash, handoff).
     #[arg(long, default_value_t = 100)]
     pub rounds: usize,
+    /// With --spawn, `cycles` and `hot` load each target in this many
+    /// alternating slices of --duration, so drift on a shared machine
+    /// weighs on every target alike.
+    #[arg(long, default_value_t = 5)]
+    pub interleave: usize,
     /// Store of spawned servers for keepalive and crash.
     #[arg(long, value_enum, default_value_t = StoreChoice::Redis)]
     pub store: StoreChoice,
@@ -284,6 +289,18 @@ fn cycles_row(name: &str, c: &Cycles, cpu: Option<(ProcSample, ProcSample)>) -> 
     })
 }
 
+/// Throughput of the `--min-replica-acks` row, when there is one (it sits
+/// right after the plain Redis row).
+fn acked_server_rate(
+    totals: &[(Cycles, Option<(ProcSample, ProcSample)>)],
+    acks: u32,
+) -> Option<f64> {
+    (acks > 0).then(|| totals[3].0.rate())
+}
+
+/// A gRPC target's connections and server process id.
+type Loaded = (Vec<tonic::transport::Channel>, u32);
+
 fn pair(b: Option<ProcSample>, a: Option<ProcSample>) -> Option<(ProcSample, ProcSample)> {
     Some((b?, a?))
 }
@@ -305,52 +322,102 @@ async fn cycles(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, Stri
             json!({"scenario": "cycles", "workers": args.workers, "keys": args.keys, "duration_s": args.duration.as_secs_f64(), "rows": rows, "machine": machine()}),
         );
     }
-    let floor = spawn::floor().await?;
-    let (f, b, a) = cycles_against(args, &floor.endpoint(), Some(floor.pid)).await?;
-    floor.kill().await;
-    let floor_cpu = pair(b, a);
-    rows.push(cycles_row("grpc floor (tonic + HashMap)", &f, floor_cpu));
-
-    let mem = spawn::leasehold(None, &args.server_args).await?;
-    let (m, b, a) = cycles_against(args, &mem.endpoint(), Some(mem.pid)).await?;
-    mem.kill().await;
-    rows.push(cycles_row("leasehold, memory store", &m, pair(b, a)));
-
+    // Every target runs at once and is loaded in turn, in `--interleave`
+    // slices each, so that a machine whose speed drifts during the run
+    // (shared hosts do) weighs on all of them alike.
     let url = redis_url.ok_or("cycles --spawn needs Redis")?;
+    let floor = spawn::floor().await?;
+    let mem = spawn::leasehold(None, &args.server_args).await?;
     let red = spawn::leasehold(Some(url), &args.server_args).await?;
-    let (r, b, a) = cycles_against(args, &red.endpoint(), Some(red.pid)).await?;
-    red.kill().await;
-    let redis_cpu = pair(b, a);
-    rows.push(cycles_row("leasehold, redis store", &r, redis_cpu));
-
-    // The same server with every grant confirmed by WAIT.
-    let acked = if args.min_replica_acks > 0 {
+    let acked_server = if args.min_replica_acks > 0 {
         let mut server_args = args.server_args.clone();
         server_args.push(format!("--min-replica-acks={}", args.min_replica_acks));
-        let s = spawn::leasehold(Some(url), &server_args).await?;
-        let (k, b, a) = cycles_against(args, &s.endpoint(), Some(s.pid)).await?;
-        s.kill().await;
-        rows.push(cycles_row(
-            &format!(
-                "leasehold, redis store, --min-replica-acks {}",
-                args.min_replica_acks
-            ),
-            &k,
-            pair(b, a),
-        ));
-        Some(k)
+        Some(spawn::leasehold(Some(url), &server_args).await?)
     } else {
         None
     };
-
     let pool = load::redis_pool(url, args.connections).await?;
-    load::cycles_redis(&pool, args.workers, args.keys, warmup(args.duration)).await;
-    let d = load::cycles_redis(&pool, args.workers, args.keys, args.duration).await;
-    rows.push(cycles_row(
-        "direct redis (fred, SET NX PX + CAS delete)",
-        &d,
-        None,
+    let mut targets: Vec<(String, Option<Loaded>)> = Vec::new();
+    targets.push((
+        "grpc floor (tonic + HashMap)".into(),
+        Some((
+            load::connect(&floor.endpoint(), args.connections).await?,
+            floor.pid,
+        )),
     ));
+    targets.push((
+        "leasehold, memory store".into(),
+        Some((
+            load::connect(&mem.endpoint(), args.connections).await?,
+            mem.pid,
+        )),
+    ));
+    targets.push((
+        "leasehold, redis store".into(),
+        Some((
+            load::connect(&red.endpoint(), args.connections).await?,
+            red.pid,
+        )),
+    ));
+    if let Some(s) = &acked_server {
+        targets.push((
+            format!(
+                "leasehold, redis store, --min-replica-acks {}",
+                args.min_replica_acks
+            ),
+            Some((load::connect(&s.endpoint(), args.connections).await?, s.pid)),
+        ));
+    }
+    targets.push(("direct redis (fred, SET NX PX + CAS delete)".into(), None));
+    let slices = args.interleave.max(1);
+    let slice = args.duration / slices as u32;
+    let mut totals: Vec<(Cycles, Option<(ProcSample, ProcSample)>)> = Vec::new();
+    for (_, target) in &targets {
+        // Warm-up: connections, scripts, allocator.
+        match target {
+            Some((channels, _)) => drop(
+                load::cycles_grpc(channels, args.workers, args.keys, warmup(args.duration)).await,
+            ),
+            None => drop(
+                load::cycles_redis(&pool, args.workers, args.keys, warmup(args.duration)).await,
+            ),
+        }
+        totals.push((Cycles::default(), None));
+    }
+    for _ in 0..slices {
+        for ((_, target), (total, cpu)) in targets.iter().zip(totals.iter_mut()) {
+            let pid = target.as_ref().map(|(_, pid)| *pid);
+            let before = pid.and_then(ProcSample::read);
+            let part = match target {
+                Some((channels, _)) => {
+                    load::cycles_grpc(channels, args.workers, args.keys, slice).await
+                }
+                None => load::cycles_redis(&pool, args.workers, args.keys, slice).await,
+            };
+            let after = pid.and_then(ProcSample::read);
+            total.merge(&part);
+            total.elapsed += part.elapsed;
+            if let Some((b, a)) = pair(before, after) {
+                let (sb, sa) = cpu.get_or_insert((ProcSample::default(), ProcSample::default()));
+                sa.cpu += a.cpu - b.cpu;
+                sb.rss = b.rss.max(sb.rss);
+                sa.rss = a.rss.max(sa.rss);
+            }
+        }
+    }
+    for s in [floor, mem, red].into_iter().chain(acked_server) {
+        s.kill().await;
+    }
+    for ((name, _), (total, cpu)) in targets.iter().zip(&totals) {
+        rows.push(cycles_row(name, total, *cpu));
+    }
+    let f = totals[0].0.clone();
+    let floor_cpu = totals[0].1;
+    let m = totals[1].0.clone();
+    let r = totals[2].0.clone();
+    let redis_cpu = totals[2].1;
+    let acked = acked_server_rate(&totals, args.min_replica_acks);
+    let d = totals[totals.len() - 1].0.clone();
 
     let cpu_per_rpc = |c: &Cycles, s: Option<(ProcSample, ProcSample)>| {
         s.map(|(b, a)| {
@@ -368,7 +435,7 @@ async fn cycles(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, Stri
             "redis_over_floor": ratio(r.rate(), f.rate()),
             "redis_over_direct_redis": ratio(r.rate(), d.rate()),
             "redis_cpu_per_rpc_over_floor": ratio(cpu_per_rpc(&r, redis_cpu), cpu_per_rpc(&f, floor_cpu)),
-            "replica_acks_over_redis": acked.as_ref().map(|k| ratio(k.rate(), r.rate())),
+            "replica_acks_over_redis": acked.map(|k| ratio(k, r.rate())),
         },
         "machine": machine(),
     }))
@@ -410,18 +477,59 @@ async fn hot(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, String>
             json!({"scenario": "hot", "workers": args.workers, "duration_s": args.duration.as_secs_f64(), "rows": rows, "machine": machine()}),
         );
     }
-    let mem = spawn::leasehold(None, &args.server_args).await?;
-    let (m, cpu) = hot_against(args, &mem.endpoint(), Some(mem.pid)).await?;
-    mem.kill().await;
-    rows.push(hot_row("leasehold, memory store", &m, cpu));
+    // Interleaved like `cycles`: all targets up, loaded in turn.
     let url = redis_url.ok_or("hot --spawn needs Redis")?;
+    let mem = spawn::leasehold(None, &args.server_args).await?;
     let red = spawn::leasehold(Some(url), &args.server_args).await?;
-    let (r, cpu) = hot_against(args, &red.endpoint(), Some(red.pid)).await?;
-    red.kill().await;
-    rows.push(hot_row("leasehold, redis store", &r, cpu));
     let pool = load::redis_pool(url, args.connections).await?;
-    let d = load::hot_redis(&pool, args.workers, args.duration).await;
-    rows.push(hot_row("direct redis, polling with backoff", &d, None));
+    let targets = [
+        (
+            "leasehold, memory store",
+            Some((
+                load::connect(&mem.endpoint(), args.connections).await?,
+                mem.pid,
+            )),
+        ),
+        (
+            "leasehold, redis store",
+            Some((
+                load::connect(&red.endpoint(), args.connections).await?,
+                red.pid,
+            )),
+        ),
+        ("direct redis, polling with backoff", None),
+    ];
+    let slices = args.interleave.max(1);
+    let slice = args.duration / slices as u32;
+    let mut totals: Vec<(Hot, Option<(ProcSample, ProcSample)>)> = Vec::new();
+    for (_, target) in &targets {
+        if let Some((channels, _)) = target {
+            drop(load::hot_grpc(channels, args.workers, warmup(args.duration)).await);
+        }
+        totals.push((Hot::default(), None));
+    }
+    for _ in 0..slices {
+        for ((_, target), (total, cpu)) in targets.iter().zip(totals.iter_mut()) {
+            let pid = target.as_ref().map(|(_, pid)| *pid);
+            let before = pid.and_then(ProcSample::read);
+            let part = match target {
+                Some((channels, _)) => load::hot_grpc(channels, args.workers, slice).await,
+                None => load::hot_redis(&pool, args.workers, slice).await,
+            };
+            let after = pid.and_then(ProcSample::read);
+            total.merge(&part);
+            if let Some((b, a)) = pair(before, after) {
+                let (_, sa) = cpu.get_or_insert((ProcSample::default(), ProcSample::default()));
+                sa.cpu += a.cpu - b.cpu;
+            }
+        }
+    }
+    mem.kill().await;
+    red.kill().await;
+    for ((name, _), (total, cpu)) in targets.iter().zip(&totals) {
+        rows.push(hot_row(name, total, *cpu));
+    }
+    let (m, r, d) = (&totals[0].0, &totals[1].0, &totals[2].0);
     Ok(json!({
         "scenario": "hot", "workers": args.workers, "duration_s": args.duration.as_secs_f64(),
         "rows": rows,
