@@ -22,11 +22,20 @@ fn primary_and_replica() -> (RedisServer, RedisServer) {
     let primary = RedisServer::start();
     let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
     wait_until("the replica in sync", Duration::from_secs(30), || {
-        replica
-            .cli(&["INFO", "replication"])
-            .contains("master_link_status:up")
+        in_sync(&primary, &replica)
     });
     (primary, replica)
+}
+
+/// Both sides agree: the replica's link is up, and the primary counts it
+/// online (what the acquire script checks), which can come a moment later.
+fn in_sync(primary: &RedisServer, replica: &RedisServer) -> bool {
+    replica
+        .cli(&["INFO", "replication"])
+        .contains("master_link_status:up")
+        && primary
+            .cli(&["INFO", "replication"])
+            .contains("state=online")
 }
 
 fn serve(url: &str, prefix: &str, acks: &str) -> Binary {
@@ -99,9 +108,7 @@ async fn grants_wait_for_a_replica_and_are_undone_without_one() {
 
     // Thawed: granted again, fenced above everything before.
     wait_until("the replica back in sync", Duration::from_secs(30), || {
-        replica
-            .cli(&["INFO", "replication"])
-            .contains("master_link_status:up")
+        in_sync(&primary, &replica)
     });
     let again = lease_of(
         c.acquire(acquire("acks/b", 30_000))
@@ -204,9 +211,7 @@ async fn a_lease_returned_by_request_id_is_acknowledged_too() {
     assert_eq!(d.fencing_token, lease.fencing_token);
     // Once the replica has caught up, the retry gets the very same lease.
     wait_until("the replica back in sync", Duration::from_secs(30), || {
-        replica
-            .cli(&["INFO", "replication"])
-            .contains("master_link_status:up")
+        in_sync(&primary, &replica)
     });
     let again = lease_of(a.acquire(req).await.unwrap().into_inner());
     assert_eq!(again.token, lease.token);

@@ -348,11 +348,17 @@ impl RedisStore {
             route,
             subscriber,
             scripts: Scripts {
-                acquire: Script::from_lua(include_str!("scripts/acquire.lua")),
+                acquire: Script::from_lua(concat!(
+                    include_str!("scripts/grant.lua"),
+                    include_str!("scripts/acquire.lua")
+                )),
                 release: Script::from_lua(include_str!("scripts/release.lua")),
                 renew: Script::from_lua(include_str!("scripts/renew.lua")),
                 describe: Script::from_lua(include_str!("scripts/describe.lua")),
-                handoff: Script::from_lua(include_str!("scripts/handoff.lua")),
+                handoff: Script::from_lua(concat!(
+                    include_str!("scripts/grant.lua"),
+                    include_str!("scripts/handoff.lua")
+                )),
             },
             prefix,
             timeout,

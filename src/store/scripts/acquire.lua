@@ -27,18 +27,5 @@ if mine then
   end
   return {1, cur[1], tonumber(cur[3]), tonumber(cur[4])}
 end
--- fence = max(counter + 1, TIME in microseconds): strictly increasing even
--- when the counter key was evicted or lost in a failover (DESIGN §2).
-local t = redis.call('TIME')
-local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local fence = redis.call('INCR', KEYS[2])
-if fence < now_us then
-  fence = now_us
-  redis.call('SET', KEYS[2], string.format('%d', fence), 'PX', ARGV[6])
-else
-  redis.call('PEXPIRE', KEYS[2], ARGV[6])
-end
-redis.call('HSET', KEYS[1], 'token', ARGV[1], 'fence', string.format('%d', fence),
-  'ttl', ARGV[2], 'owner', ARGV[3], 'meta', ARGV[4], 'rid', ARGV[5])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local fence = grant(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 return {1, ARGV[1], fence, tonumber(ARGV[2])}

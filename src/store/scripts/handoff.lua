@@ -11,16 +11,5 @@ local cur = redis.call('HMGET', KEYS[1], 'token', 'fence')
 if cur[1] ~= ARGV[1] then
   return {0}
 end
-local t = redis.call('TIME')
-local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local fence = redis.call('INCR', KEYS[2])
-if fence < now_us then
-  fence = now_us
-  redis.call('SET', KEYS[2], string.format('%d', fence), 'PX', ARGV[7])
-else
-  redis.call('PEXPIRE', KEYS[2], ARGV[7])
-end
-redis.call('HSET', KEYS[1], 'token', ARGV[2], 'fence', string.format('%d', fence),
-  'ttl', ARGV[3], 'owner', ARGV[4], 'meta', ARGV[5], 'rid', ARGV[6])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local fence = grant(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
 return {1, tonumber(cur[2]), fence, tonumber(ARGV[3])}

@@ -1,0 +1,22 @@
+-- Shared by acquire.lua and handoff.lua: prepended to each at build time
+-- (src/store/redis.rs), so the two ways of granting cannot drift apart.
+--
+-- Gives the lock record `lock` to `token` with a fencing token of
+-- max(counter + 1, TIME in microseconds): strictly increasing even when the
+-- counter key was evicted or lost in a failover (DESIGN §2). The counter
+-- outlives the lock and expires `counter_ttl` ms after its last grant.
+local function grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl)
+  local t = redis.call('TIME')
+  local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local fence = redis.call('INCR', counter)
+  if fence < now_us then
+    fence = now_us
+    redis.call('SET', counter, string.format('%d', fence), 'PX', counter_ttl)
+  else
+    redis.call('PEXPIRE', counter, counter_ttl)
+  end
+  redis.call('HSET', lock, 'token', token, 'fence', string.format('%d', fence),
+    'ttl', ttl, 'owner', owner, 'meta', meta, 'rid', rid)
+  redis.call('PEXPIRE', lock, ttl)
+  return fence
+end
