@@ -182,6 +182,12 @@ pub async fn redis_pool(url: &str, size: usize) -> Result<Pool, String> {
     Ok(pool)
 }
 
+/// Closes a pool from [`redis_pool`] before bench stops the Redis it
+/// spawned, so fred does not warn about connections that Redis closed.
+pub async fn close(pool: Pool) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), pool.quit()).await;
+}
+
 async fn redis_try(pool: &Pool, key: &str, token: &str, ttl_ms: i64) -> Result<bool, Error> {
     let r: Option<String> = pool
         .set(

@@ -408,6 +408,7 @@ async fn cycles(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, Stri
     for s in [floor, mem, red].into_iter().chain(acked_server) {
         s.kill().await;
     }
+    load::close(pool).await;
     for ((name, _), (total, cpu)) in targets.iter().zip(&totals) {
         rows.push(cycles_row(name, total, *cpu));
     }
@@ -526,6 +527,7 @@ async fn hot(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, String>
     }
     mem.kill().await;
     red.kill().await;
+    load::close(pool).await;
     for ((name, _), (total, cpu)) in targets.iter().zip(&totals) {
         rows.push(hot_row(name, total, *cpu));
     }
@@ -744,6 +746,7 @@ async fn baseline(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, St
     let pool = load::redis_pool(url, args.connections).await?;
     let d = load::cycles_redis(&pool, args.workers, args.keys, args.duration).await;
     let h = load::hot_redis(&pool, args.workers, args.duration).await;
+    load::close(pool).await;
     Ok(json!({
         "scenario": "baseline",
         "rows": [

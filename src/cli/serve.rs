@@ -65,6 +65,11 @@ pub struct ServeArgs {
     /// See documentation/safety.md.
     #[arg(long, env = "LEASEHOLD_MIN_REPLICA_ACKS", default_value_t = 0)]
     pub min_replica_acks: u32,
+    /// Most Acquire/Release/renewal calls sent to a single Redis node in one
+    /// script call when they queue behind each other; 1 sends each alone.
+    /// Not used on a Redis Cluster. See documentation/redis.md.
+    #[arg(long, env = "LEASEHOLD_REDIS_BATCH", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub redis_batch: u64,
     /// How often the health check pings the store.
     #[arg(long, env = "LEASEHOLD_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub health_interval: Duration,
@@ -333,6 +338,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
                 timeout: args.store_timeout,
                 tls: redis_tls,
                 min_replica_acks: args.min_replica_acks,
+                batch_max: usize::try_from(args.redis_batch).unwrap_or(1),
             };
             let store = Arc::new(RedisStore::connect(&redis, waiters.clone()).await?);
             tracing::info!(%addr, store = "redis", tls = config.tls.is_some(), "listening");

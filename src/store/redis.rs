@@ -26,8 +26,10 @@ use crate::lock::{
 };
 use crate::task::TaskGuard;
 use crate::wait::WaitQueues;
+use batch::{Batcher, Op};
 use route::Route;
 
+mod batch;
 mod route;
 
 /// How long an unused fencing counter lives. The TIME floor covers its loss,
@@ -55,6 +57,9 @@ pub struct RedisConfig {
     /// Replicas that must acknowledge a grant (`WAIT`) before it is
     /// answered; 0 answers as soon as the primary granted.
     pub min_replica_acks: u32,
+    /// The most operations sent to a single node in one script call; 1
+    /// sends each alone. Ignored on a Redis Cluster.
+    pub batch_max: usize,
 }
 
 /// TLS settings for a `rediss://` URL, PEM as read from the files.
@@ -83,6 +88,8 @@ impl std::fmt::Debug for RedisConfig {
             .field("pool_size", &self.pool_size)
             .field("timeout", &self.timeout)
             .field("tls", &self.tls)
+            .field("min_replica_acks", &self.min_replica_acks)
+            .field("batch_max", &self.batch_max)
             .finish()
     }
 }
@@ -114,6 +121,7 @@ impl Default for RedisConfig {
             timeout: Duration::from_secs(2),
             tls: None,
             min_replica_acks: 0,
+            batch_max: 64,
         }
     }
 }
@@ -181,6 +189,9 @@ pub struct RedisStore {
     timeout: Duration,
     /// `--min-replica-acks`: set when grants must be confirmed by WAIT.
     acks: Option<ReplicaAcks>,
+    /// On one node (not a cluster): Acquire, Release and renewals that
+    /// queue behind each other go to Redis together (`batch.rs`).
+    batch: Option<Batcher>,
     /// Release channels subscribed, with when a waiter last needed each.
     watched: Arc<Mutex<HashMap<String, Instant>>>,
     /// Serialises SSUBSCRIBE/SUNSUBSCRIBE so an unsubscribe of an idle
@@ -204,6 +215,33 @@ struct Scripts {
     renew: Script,
     describe: Script,
     handoff: Script,
+    batch: Script,
+}
+
+/// `grant.lua` and `ops.lua`, the functions every writing script starts
+/// with, so a grant, a release or a renewal is the same code alone, in a
+/// handoff or in a batch.
+macro_rules! with_ops {
+    ($file:literal) => {
+        concat!(
+            include_str!("scripts/grant.lua"),
+            include_str!("scripts/ops.lua"),
+            include_str!($file)
+        )
+    };
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            acquire: Script::from_lua(with_ops!("scripts/acquire.lua")),
+            release: Script::from_lua(with_ops!("scripts/release.lua")),
+            renew: Script::from_lua(with_ops!("scripts/renew.lua")),
+            describe: Script::from_lua(include_str!("scripts/describe.lua")),
+            handoff: Script::from_lua(with_ops!("scripts/handoff.lua")),
+            batch: Script::from_lua(with_ops!("scripts/batch.lua")),
+        }
+    }
 }
 
 /// The Redis names of one lock: its record, its fencing counter and its
@@ -289,6 +327,16 @@ impl RedisStore {
             false,
         )?);
         let acks = ReplicaAcks::start(&builder, config, &pool)?;
+        let scripts = Scripts::new();
+        let batch = (matches!(*route, Route::Pool(_)) && config.batch_max > 1).then(|| {
+            Batcher::start(
+                route.clone(),
+                scripts.batch.clone(),
+                timeout,
+                config.pool_size.max(1),
+                config.batch_max,
+            )
+        });
 
         // The connection tasks run for the life of the clients; fred ends
         // them on quit. Waiting for the first connection is bounded.
@@ -347,22 +395,11 @@ impl RedisStore {
             pool,
             route,
             subscriber,
-            scripts: Scripts {
-                acquire: Script::from_lua(concat!(
-                    include_str!("scripts/grant.lua"),
-                    include_str!("scripts/acquire.lua")
-                )),
-                release: Script::from_lua(include_str!("scripts/release.lua")),
-                renew: Script::from_lua(include_str!("scripts/renew.lua")),
-                describe: Script::from_lua(include_str!("scripts/describe.lua")),
-                handoff: Script::from_lua(concat!(
-                    include_str!("scripts/grant.lua"),
-                    include_str!("scripts/handoff.lua")
-                )),
-            },
+            scripts,
             prefix,
             timeout,
             acks,
+            batch,
             watched,
             subscribing,
             _tasks: tasks,
@@ -397,6 +434,22 @@ impl RedisStore {
         result
     }
 
+    /// A Release or renewal: into the next batch when calls are queued on
+    /// a single node, otherwise alone with its own `script`, holding a
+    /// connection slot so that calls meanwhile gather into a batch.
+    async fn eval_or_batch(
+        &self,
+        op: Op,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Value, LockError> {
+        match self.batch.as_ref().map(|b| (b, b.idle())) {
+            Some((batch, None)) => batch.call(op, keys, args, None, self.timeout).await,
+            _slot => self.eval(script, keys, args).await,
+        }
+    }
+
     /// A `MOVED` or `ASK` reply means the routing table is stale.
     fn check_route<T>(&self, result: &Result<T, LockError>) {
         if let Err(LockError::Unavailable(e)) = result {
@@ -411,7 +464,7 @@ impl RedisStore {
     /// makes (only then, off the fast path) still gets it,
     /// in the background and within [`LATE_REPLY_LIMIT`], so a write that
     /// landed after we gave up can be undone in order.
-    async fn eval_or_late<L: FnOnce(Value) + Send + 'static>(
+    async fn eval_or_late<L: FnOnce(Option<Value>) + Send + 'static>(
         &self,
         script: &Script,
         keys: Vec<String>,
@@ -434,7 +487,7 @@ impl RedisStore {
                 let late = late();
                 tokio::spawn(async move {
                     if let Ok(Ok(value)) = tokio::time::timeout(LATE_REPLY_LIMIT, call).await {
-                        late(value);
+                        late(Some(value));
                     }
                 });
                 Err(LockError::Unavailable(format!(
@@ -446,15 +499,22 @@ impl RedisStore {
     }
 
     /// A callback for a late Acquire reply: releases the lock if that reply
-    /// says the grant went to `token`.
-    fn undo_if_granted(&self, key: &LockKey, token: &Token) -> impl FnOnce(Value) + Send + 'static {
+    /// says the grant went to `token`, or if there is no reply to tell.
+    fn undo_if_granted(
+        &self,
+        key: &LockKey,
+        token: &Token,
+    ) -> impl FnOnce(Option<Value>) + Send + 'static {
         let route = self.route.clone();
         let script = self.scripts.release.clone();
         let names = self.names(key);
         let token = token.clone();
         move |reply| {
-            if !matches!(parse_acquire(reply), Ok(AcquireOutcome::Acquired(grant)) if grant.token == token)
-            {
+            // No reply (the call failed after it was sent): undo anyway; a
+            // release with this call's own token removes only its grant.
+            if reply.is_some_and(|reply| {
+                !matches!(parse_acquire(reply), Ok(AcquireOutcome::Acquired(grant)) if grant.token == token)
+            }) {
                 return;
             }
             tokio::spawn(async move {
@@ -944,6 +1004,27 @@ impl LockStore for RedisStore {
             return self.acquire_acked(acks, spec).await;
         }
         let n = self.names(&spec.key);
+        // A busy server batches; otherwise the call goes alone, holding a
+        // connection slot so that calls meanwhile gather into a batch.
+        let _slot = match self.batch.as_ref().map(|b| (b, b.idle())) {
+            Some((batch, None)) => {
+                let mut args = acquire_args(spec, 0);
+                args.truncate(6);
+                let undo = Box::new(self.undo_if_granted(&spec.key, &spec.token));
+                let reply = batch
+                    .call(
+                        Op::Acquire,
+                        vec![n.lock, n.fence],
+                        args,
+                        Some(undo),
+                        self.timeout,
+                    )
+                    .await?;
+                return parse_acquire(reply);
+            }
+            Some((_, slot)) => slot,
+            None => None,
+        };
         let late = || self.undo_if_granted(&spec.key, &spec.token);
         let reply = self
             .eval_or_late(
@@ -994,12 +1075,9 @@ impl LockStore for RedisStore {
 
     async fn release(&self, key: &LockKey, token: &Token) -> Result<bool, LockError> {
         let n = self.names(key);
+        let (keys, args) = (vec![n.lock], vec![token.expose().to_owned(), n.channel]);
         let reply = self
-            .eval(
-                &self.scripts.release,
-                vec![n.lock],
-                vec![token.expose().to_owned(), n.channel],
-            )
+            .eval_or_batch(Op::Release, &self.scripts.release, keys, args)
             .await?;
         let fence = int(&reply).ok_or_else(|| unexpected(&reply))?;
         if fence <= 0 {
@@ -1021,12 +1099,12 @@ impl LockStore for RedisStore {
         ttl_ms: Option<u32>,
     ) -> Result<Option<u32>, LockError> {
         let n = self.names(key);
+        let (keys, args) = (
+            vec![n.lock],
+            vec![token.expose().to_owned(), ttl_ms.unwrap_or(0).to_string()],
+        );
         let reply = self
-            .eval(
-                &self.scripts.renew,
-                vec![n.lock],
-                vec![token.expose().to_owned(), ttl_ms.unwrap_or(0).to_string()],
-            )
+            .eval_or_batch(Op::Renew, &self.scripts.renew, keys, args)
             .await?;
         let ttl = int(&reply).ok_or_else(|| unexpected(&reply))?;
         Ok((ttl >= 0).then(|| ttl_u32(ttl)))
