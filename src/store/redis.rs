@@ -1,7 +1,9 @@
 //! The Redis store (fred): single node, Sentinel or Redis Cluster, chosen by
 //! the URL scheme. Each operation is one Lua script run with `EVALSHA`
 //! (reloaded on `NOSCRIPT`) on the node owning the lock's hash slot, so
-//! every check-and-set is atomic there and costs one round trip.
+//! every check-and-set is atomic there and costs one round trip. On a
+//! single node, calls that queue behind each other share one script call
+//! (`batch.rs`), each operation still run and answered on its own.
 //!
 //! Key layout, all in one hash slot per lock (DESIGN §3):
 //! `<prefix>{<tag>}:lock` (hash: token, fence, ttl, owner, meta, rid),
