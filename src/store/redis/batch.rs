@@ -1,9 +1,8 @@
 //! Batching on one Redis node (single node or Sentinel's primary).
 //!
-//! Why: on a busy server most of the cost of an operation on Redis is not
-//! Redis's work but the round trip around it — fred's routing and encoding,
-//! one `writev` per script call (fred flushes after every `EVALSHA`), the
-//! reader's wake-up, Redis's own read and write. Operations that queue
+//! Why: each script call has a cost around Redis's own work — fred's
+//! routing and encoding, one `writev` (fred flushes after every `EVALSHA`),
+//! the reader's wake-up, Redis's read and write. Operations that queue
 //! behind each other here are sent together as one `batch.lua` call, which
 //! runs each with the same function as its own script (`ops.lua`) and
 //! answers each separately. At most `in_flight` batches (or single calls)
@@ -11,6 +10,10 @@
 //! next batch. With a connection free and nothing queued, an operation goes
 //! out at once, alone, with its own script ([`Batcher::idle`]): batching
 //! adds no wait and no work to a server that is not busy.
+//!
+//! Measured (documentation/benchmarks.md#batching): with 30 000 renewals a
+//! second, a third less server CPU and the renewal p99 from 22 to 8 ms; no
+//! change this machine can resolve under Acquire/Release cycles.
 //!
 //! Not used on a Redis Cluster, where one script may only touch one slot.
 
