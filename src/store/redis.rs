@@ -608,10 +608,13 @@ fn parse_acquire(reply: Value) -> Result<AcquireOutcome, LockError> {
 /// newly promoted node). Argument 2, the first key, routes it on a cluster.
 async fn evalsha(client: &Client, script: &Script, argv: Vec<Value>) -> Result<Value, Error> {
     let cmd = || CustomCommand::new_static("EVALSHA", ClusterHash::Offset(2), false);
-    match client.custom(cmd(), argv.clone()).await {
+    // fred's command futures are several KiB each; boxed, they do not make
+    // every future that awaits a script (up to the gRPC handler's) that
+    // much larger, and that much more to copy on every call.
+    match Box::pin(client.custom(cmd(), argv.clone())).await {
         Err(e) if e.details().starts_with("NOSCRIPT") => {
-            script.load(client).await?;
-            client.custom(cmd(), argv).await
+            Box::pin(script.load(client)).await?;
+            Box::pin(client.custom(cmd(), argv)).await
         }
         result => result,
     }
