@@ -1157,7 +1157,11 @@ impl LockStore for RedisStore {
         if touch(&mut self.watched.lock().unwrap_or_else(|e| e.into_inner())) {
             return Ok(());
         }
-        bounded(self.timeout, self.subscriber.ssubscribe(channel.clone())).await?;
+        bounded(
+            self.timeout,
+            Box::pin(self.subscriber.ssubscribe(channel.clone())),
+        )
+        .await?;
         self.watched
             .lock()
             .unwrap_or_else(|e| e.into_inner())
