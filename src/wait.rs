@@ -157,14 +157,7 @@ impl Offer {
     /// Nothing changed (the release did not happen): the waiter stays as it
     /// was, and the next release may pick it again.
     pub fn cancel(self) {
-        let mut inner = self.queues.lock();
-        if let Some(entry) = inner
-            .keys
-            .get_mut(&self.key)
-            .and_then(|q| q.iter_mut().find(|e| e.id == self.id))
-        {
-            entry.woken = false;
-        }
+        self.queues.rearm(&self.key, self.id);
     }
 }
 
@@ -181,6 +174,19 @@ impl WaitQueues {
         // A panic while holding this lock leaves the queues consistent
         // (every mutation is a single push/remove), so poisoning is ignored.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks waiter `id` on `key` as waiting again, if it still waits: the
+    /// next release may wake it.
+    fn rearm(&self, key: &str, id: u64) {
+        let mut inner = self.lock();
+        if let Some(entry) = inner
+            .keys
+            .get_mut(key)
+            .and_then(|q| q.iter_mut().find(|e| e.id == id))
+        {
+            entry.woken = false;
+        }
     }
 
     /// Joins the queue for `key`, or fails with RESOURCE_EXHAUSTED when the
@@ -313,14 +319,7 @@ impl Waiter {
     /// Done trying after a wake-up and going back to wait: the next release
     /// may wake this waiter again.
     pub fn rearm(&self) {
-        let mut inner = self.queues.lock();
-        if let Some(entry) = inner
-            .keys
-            .get_mut(&self.key)
-            .and_then(|q| q.iter_mut().find(|e| e.id == self.id))
-        {
-            entry.woken = false;
-        }
+        self.queues.rearm(&self.key, self.id);
     }
 
     /// This waiter's place in its queue, 0 for the oldest.

@@ -304,19 +304,10 @@ impl Drop for HealthLog {
     }
 }
 
-/// `leasehold serve` on `url` under `prefix` with short health and store
-/// timeouts, plus `extra` flags; ready once SERVING.
+/// `leasehold serve` on `url` under `prefix` with a short health interval,
+/// plus `extra` flags; ready once SERVING.
 fn serve(url: &str, prefix: &str, extra: &[&str]) -> Binary {
-    let mut args = vec![
-        "--redis-url",
-        url,
-        "--key-prefix",
-        prefix,
-        "--health-interval",
-        "100ms",
-        "--shutdown-grace",
-        "5s",
-    ];
+    let mut args = on_redis_args(url, prefix);
     args.extend_from_slice(extra);
     tokio::task::block_in_place(|| Binary::start(&args))
 }

@@ -17,27 +17,6 @@ use leasehold::pb::lock_service_client::LockServiceClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
-/// A primary and one replica, in sync.
-fn primary_and_replica() -> (RedisServer, RedisServer) {
-    let primary = RedisServer::start();
-    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
-    wait_until("the replica in sync", Duration::from_secs(30), || {
-        in_sync(&primary, &replica)
-    });
-    (primary, replica)
-}
-
-/// Both sides agree: the replica's link is up, and the primary counts it
-/// online (what the acquire script checks), which can come a moment later.
-fn in_sync(primary: &RedisServer, replica: &RedisServer) -> bool {
-    replica
-        .cli(&["INFO", "replication"])
-        .contains("master_link_status:up")
-        && primary
-            .cli(&["INFO", "replication"])
-            .contains("state=online")
-}
-
 fn serve(url: &str, prefix: &str, acks: &str) -> Binary {
     Binary::start(&[
         "--redis-url",

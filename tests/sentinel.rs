@@ -79,17 +79,7 @@ impl Drop for Sentinel {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locks_through_sentinel_and_across_its_failover() {
-    let mut primary = tokio::task::block_in_place(RedisServer::start);
-    let replica = tokio::task::block_in_place(|| {
-        RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()])
-    });
-    tokio::task::block_in_place(|| {
-        wait_until("the replica to sync", Duration::from_secs(20), || {
-            replica
-                .cli(&["INFO", "replication"])
-                .contains("master_link_status:up")
-        })
-    });
+    let (mut primary, replica) = tokio::task::block_in_place(primary_and_replica);
     let sentinel = tokio::task::block_in_place(|| Sentinel::start(primary.port));
     let server = ServerProcess::start(&[
         "--redis-url",

@@ -833,17 +833,29 @@ fn ttl_u32(v: i64) -> u32 {
     v.clamp(0, i64::from(u32::MAX)) as u32
 }
 
-/// The acquire script's arguments (`min_replicas` 0: no replica check).
-fn acquire_args(spec: &AcquireSpec, min_replicas: u32) -> Vec<String> {
-    vec![
+/// What `grant()` (grant.lua) takes for `spec`: token, TTL, owner,
+/// metadata, request id, counter TTL; after `before`, if given (the
+/// handoff script's old token).
+fn grant_args(before: Option<&Token>, spec: &AcquireSpec) -> Vec<String> {
+    let mut args = Vec::with_capacity(8);
+    args.extend(before.map(|t| t.expose().to_owned()));
+    args.extend([
         spec.token.expose().to_owned(),
         spec.ttl_ms.to_string(),
         spec.owner.clone(),
         spec.metadata.encode(),
         spec.request_id.clone().unwrap_or_default(),
         COUNTER_TTL.as_millis().to_string(),
-        min_replicas.to_string(),
-    ]
+    ]);
+    args
+}
+
+/// The acquire script's arguments: the grant's, then `min_replicas` (0: no
+/// replica check).
+fn acquire_args(spec: &AcquireSpec, min_replicas: u32) -> Vec<String> {
+    let mut args = grant_args(None, spec);
+    args.push(min_replicas.to_string());
+    args
 }
 
 /// `--min-replica-acks N`: every grant is followed by `WAIT N` on the
@@ -1013,8 +1025,7 @@ impl LockStore for RedisStore {
         // connection slot so that calls meanwhile gather into a batch.
         let _slot = match self.batch.as_ref().map(|b| (b, b.idle())) {
             Some((batch, None)) => {
-                let mut args = acquire_args(spec, 0);
-                args.truncate(6);
+                let args = grant_args(None, spec);
                 let undo = Box::new(self.undo_if_granted(&spec.key, &spec.token));
                 let reply = batch
                     .call(
@@ -1053,9 +1064,7 @@ impl LockStore for RedisStore {
             return Ok((self.release(key, token).await?, None));
         }
         let n = self.names(key);
-        let mut args = acquire_args(next, 0);
-        args.truncate(6);
-        args.insert(0, token.expose().to_owned());
+        let args = grant_args(Some(token), next);
         let items = array(
             self.eval(&self.scripts.handoff, vec![n.lock, n.fence], args)
                 .await?,

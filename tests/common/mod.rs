@@ -294,6 +294,27 @@ pub fn redis_cli(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// A primary and one replica, in sync.
+pub fn primary_and_replica() -> (RedisServer, RedisServer) {
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    wait_until("the replica in sync", Duration::from_secs(30), || {
+        in_sync(&primary, &replica)
+    });
+    (primary, replica)
+}
+
+/// Both sides agree: the replica's link is up, and the primary counts it
+/// online (what the acquire script checks), which can come a moment later.
+pub fn in_sync(primary: &RedisServer, replica: &RedisServer) -> bool {
+    replica
+        .cli(&["INFO", "replication"])
+        .contains("master_link_status:up")
+        && primary
+            .cli(&["INFO", "replication"])
+            .contains("state=online")
+}
+
 /// A 3-master / 3-replica Redis Cluster on free ports.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
@@ -692,6 +713,22 @@ pub fn acquire_wait(key: &str, ttl_ms: u32, wait_ms: u32) -> pb::AcquireRequest 
     }
 }
 
+/// `serve` flags for a server on Redis (`url`, `prefix`) that tests kill,
+/// freeze or restart: a short health interval, so NOT_SERVING and SERVING
+/// show quickly, and a bounded shutdown grace.
+pub fn on_redis_args<'a>(url: &'a str, prefix: &'a str) -> Vec<&'a str> {
+    vec![
+        "--redis-url",
+        url,
+        "--key-prefix",
+        prefix,
+        "--health-interval",
+        "100ms",
+        "--shutdown-grace",
+        "5s",
+    ]
+}
+
 /// A real `leasehold serve` process, for tests that kill, freeze or restart
 /// servers. Its address comes from its `listening addr=...` log line.
 pub struct ServerProcess {
@@ -709,16 +746,7 @@ impl ServerProcess {
 
     /// A server on Redis (`url`, `prefix`) with a short health interval.
     pub fn on_redis(url: &str, prefix: &str) -> Self {
-        Self::start(&[
-            "--redis-url",
-            url,
-            "--key-prefix",
-            prefix,
-            "--health-interval",
-            "100ms",
-            "--shutdown-grace",
-            "5s",
-        ])
+        Self::start(&on_redis_args(url, prefix))
     }
 
     fn start_at(listen: &str, args: Vec<String>) -> Self {
