@@ -44,6 +44,7 @@ impl LockService for Floor {
                 token,
                 fencing_token: 1,
                 ttl_ms: req.ttl_ms,
+                valid_for_ms: 0,
             }),
             retry_after_ms: 0,
         }))

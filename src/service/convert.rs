@@ -38,6 +38,7 @@ pub fn acquire_response(key: &LockKey, outcome: AcquireOutcome) -> pb::AcquireRe
                 token: grant.token.into_secret(),
                 fencing_token: grant.fencing_token,
                 ttl_ms: grant.ttl_ms,
+                valid_for_ms: 0,
             }),
             retry_after_ms: 0,
         },
