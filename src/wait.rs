@@ -41,8 +41,8 @@ struct Entry {
     seat: Option<Arc<Seat>>,
 }
 
-/// What gives back a grant nobody will collect.
-type GiveBack = Box<dyn FnOnce(Grant) + Send>;
+/// What gives back the seat's grant (its token) when nobody will collect it.
+type GiveBack = Box<dyn FnOnce() + Send>;
 
 /// A waiter's standing offer to take the lock straight from a release on
 /// this server (a handoff): the releasing call grants the lock to this
@@ -54,7 +54,8 @@ pub struct Seat {
     spec: Arc<AcquireSpec>,
     /// No handoff after this: past it the waiter is giving up.
     grant_until: Instant,
-    /// Releases a grant that arrives after the waiter left.
+    /// Gives back a grant that arrives after the waiter left, or that may
+    /// have been made (an ambiguous handoff) and was never collected.
     on_orphan: Mutex<Option<GiveBack>>,
     state: Mutex<SeatState>,
 }
@@ -71,6 +72,8 @@ impl std::fmt::Debug for Seat {
 struct SeatState {
     phase: Phase,
     grant: Option<Grant>,
+    /// A handoff to this seat failed ambiguously: it may have granted.
+    maybe_granted: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -82,12 +85,13 @@ enum Phase {
 }
 
 impl Seat {
-    /// A seat for `spec`, open until `grant_until`; `on_orphan` gives back a
-    /// grant that lands after the waiter has gone.
+    /// A seat for `spec`, open until `grant_until`; `on_orphan` gives back
+    /// `spec.token`'s grant when it lands after the waiter has gone (or may
+    /// have landed, and the waiter leaves without it).
     pub fn new(
         spec: Arc<AcquireSpec>,
         grant_until: Instant,
-        on_orphan: impl FnOnce(Grant) + Send + 'static,
+        on_orphan: impl FnOnce() + Send + 'static,
     ) -> Arc<Self> {
         Arc::new(Self {
             spec,
@@ -101,14 +105,33 @@ impl Seat {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn orphan(&self, grant: Grant) {
+    fn orphan(&self) {
         let undo = self
             .on_orphan
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
         if let Some(undo) = undo {
-            undo(grant);
+            undo();
+        }
+    }
+
+    /// A grant reached this seat: hand it to the waiter, or give it back if
+    /// the waiter has already left.
+    fn land(&self, grant: Grant, notify: &Notify) {
+        let mut state = self.state();
+        match state.phase {
+            Phase::Waiting => {
+                state.grant = Some(grant);
+                drop(state);
+                notify.notify_one();
+            }
+            // It took the same grant itself (same token): nothing to do.
+            Phase::Acquired => {}
+            Phase::Left => {
+                drop(state);
+                self.orphan();
+            }
         }
     }
 }
@@ -133,25 +156,35 @@ impl Offer {
     /// The store granted the lock to the seat: hand it over, or give it
     /// back if the waiter has already left.
     pub fn deliver(self, grant: Grant) {
-        let mut state = self.seat.state();
-        match state.phase {
-            Phase::Waiting => {
-                state.grant = Some(grant);
-                drop(state);
-                self.notify.notify_one();
-            }
-            // It took the same grant itself (same token): nothing to do.
-            Phase::Acquired => {}
-            Phase::Left => {
-                drop(state);
-                self.seat.orphan(grant);
-            }
-        }
+        self.seat.land(grant, &self.notify);
+    }
+
+    /// For the store: a handoff grant learned only after the release call
+    /// failed (a reply after the store timeout) lands like a delivery.
+    pub fn late(&self) -> impl FnOnce(Grant) + Send + 'static {
+        let (seat, notify) = (self.seat.clone(), self.notify.clone());
+        move |grant| seat.land(grant, &notify)
     }
 
     /// The lock came free but was not handed over: the waiter tries itself.
     pub fn retry(self) {
         self.notify.notify_one();
+    }
+
+    /// The handoff failed ambiguously: it may have granted the lock to the
+    /// seat. The waiter tries itself with the same token (and so gets that
+    /// grant, if there was one); if it leaves without the lock, or has
+    /// left already, the seat's token is given back.
+    pub fn ambiguous(self) {
+        let mut state = self.seat.state();
+        state.maybe_granted = true;
+        if state.phase == Phase::Left {
+            drop(state);
+            self.seat.orphan();
+        } else {
+            drop(state);
+            self.notify.notify_one();
+        }
     }
 
     /// Nothing changed (the release did not happen): the waiter stays as it
@@ -352,10 +385,10 @@ impl Drop for Waiter {
             let mut state = seat.state();
             if state.phase == Phase::Waiting {
                 state.phase = Phase::Left;
-                let late = state.grant.take();
+                let uncollected = state.grant.take().is_some() || state.maybe_granted;
                 drop(state);
-                if let Some(grant) = late {
-                    seat.orphan(grant);
+                if uncollected {
+                    seat.orphan();
                 }
             }
         }
@@ -429,18 +462,14 @@ mod tests {
         Seat::new(
             Arc::new(spec),
             Instant::now() + Duration::from_secs(60),
-            move |_| {
+            move || {
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             },
         )
     }
 
     fn grant(spec: &AcquireSpec) -> Grant {
-        Grant {
-            token: spec.token.clone(),
-            fencing_token: 7,
-            ttl_ms: 1000,
-        }
+        Grant::fresh(spec.token.clone(), 7, 1000, Instant::now())
     }
 
     #[tokio::test]

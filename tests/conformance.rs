@@ -86,9 +86,10 @@ async fn release_frees_the_lock(backend: Backend) {
             .released
     );
     assert!(!c.describe(describe("r")).await.unwrap().into_inner().held);
-    // A second release with the same token: no longer held.
+    // A second release with the same token (a retry whose first reply was
+    // lost) answers what happened: released. It frees nothing else.
     assert!(
-        !c.release(release("r", &lease.token))
+        c.release(release("r", &lease.token))
             .await
             .unwrap()
             .into_inner()
@@ -97,6 +98,25 @@ async fn release_frees_the_lock(backend: Backend) {
     let again = lease_of(c.acquire(acquire("r", 10_000)).await.unwrap().into_inner());
     assert_ne!(again.token, lease.token);
     assert!(again.fencing_token > lease.fencing_token);
+    // Retried once more after someone else took the lock: still "released",
+    // and the new holder keeps it.
+    assert!(
+        c.release(release("r", &lease.token))
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    );
+    let d = c.describe(describe("r")).await.unwrap().into_inner();
+    assert!(d.held && d.fencing_token == again.fencing_token);
+    // A token that never held it is refused.
+    assert!(
+        !c.release(release("r", "never-held"))
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    );
 }
 
 async fn renew_extends_and_keeps_the_granted_ttl(backend: Backend) {
@@ -283,7 +303,24 @@ async fn request_id_makes_acquire_idempotent(backend: Backend) {
     let first = lease_of(c.acquire(req()).await.unwrap().into_inner());
     tokio::time::sleep(Duration::from_millis(300)).await;
     let retry = lease_of(c.acquire(req()).await.unwrap().into_inner());
-    assert_eq!(retry, first, "a retry returns the same lease unchanged");
+    assert_eq!(
+        pb::Lease {
+            valid_for_ms: 0,
+            ..retry.clone()
+        },
+        pb::Lease {
+            valid_for_ms: 0,
+            ..first.clone()
+        },
+        "a retry returns the same lease unchanged"
+    );
+    // ...and says how much of it is left, not the whole TTL again.
+    assert!(first.valid_for_ms >= 10_000, "{}", first.valid_for_ms);
+    assert!(
+        retry.valid_for_ms < 9_900,
+        "a replay must not promise the whole TTL: {}",
+        retry.valid_for_ms
+    );
     let d = c.describe(describe("idem")).await.unwrap().into_inner();
     assert!(
         d.ttl_ms < 9_900,

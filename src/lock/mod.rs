@@ -139,6 +139,53 @@ pub struct Grant {
     pub fencing_token: u64,
     /// The TTL granted.
     pub ttl_ms: u32,
+    /// An instant no later than the one at which the store set the lease's
+    /// current expiry (the send time of the store call that granted or
+    /// replayed it).
+    pub at: std::time::Instant,
+    /// The TTL the lease had left at the store when it was granted (the
+    /// TTL granted) or replayed (what was left of it): the lease is sure to
+    /// last until `at + valid_ms`, which is what a client may believe
+    /// (`Lease.valid_for_ms`).
+    pub valid_ms: u32,
+}
+
+impl Grant {
+    /// A fresh grant of `token` for `ttl_ms`, made by a store call sent at
+    /// `at`.
+    pub fn fresh(token: Token, fencing_token: u64, ttl_ms: u32, at: std::time::Instant) -> Self {
+        Self {
+            token,
+            fencing_token,
+            ttl_ms,
+            at,
+            valid_ms: ttl_ms,
+        }
+    }
+}
+
+/// Which KeepAlive stream a lock was last attached through: the server's
+/// random id and the stream's number on it. The end of a stream releases a
+/// lock only while that stream is its latest attachment, so a lock the
+/// client re-attached on another server survives the old stream's end.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Attachment(String);
+
+impl Attachment {
+    /// A fresh attachment id, unique across servers and streams.
+    pub fn generate() -> Self {
+        use std::sync::OnceLock;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static SERVER: OnceLock<String> = OnceLock::new();
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let server = SERVER.get_or_init(|| hex::encode(rand::random::<[u8; 8]>()));
+        Self(format!("{server}.{}", NEXT.fetch_add(1, Ordering::Relaxed)))
+    }
+
+    /// The id as the store records it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// The result of one attempt to take a lock.

@@ -29,19 +29,33 @@ pub fn acquire_request(req: pb::AcquireRequest, limits: &Limits) -> Result<Acqui
 }
 
 /// Builds the reply to an Acquire.
-pub fn acquire_response(key: &LockKey, outcome: AcquireOutcome) -> pb::AcquireResponse {
+/// Builds the reply to an Acquire that arrived at `arrival`.
+/// `valid_for_ms` counts the lease's validity from the request's arrival
+/// (so from the client's send time, which is earlier): the store set the
+/// lease's expiry no earlier than `grant.at`, `valid_ms` ahead of it.
+pub fn acquire_response(
+    key: &LockKey,
+    outcome: AcquireOutcome,
+    arrival: std::time::Instant,
+) -> pb::AcquireResponse {
     match outcome {
-        AcquireOutcome::Acquired(grant) => pb::AcquireResponse {
-            acquired: true,
-            lease: Some(pb::Lease {
-                key: key.as_str().to_owned(),
-                token: grant.token.into_secret(),
-                fencing_token: grant.fencing_token,
-                ttl_ms: grant.ttl_ms,
-                valid_for_ms: 0,
-            }),
-            retry_after_ms: 0,
-        },
+        AcquireOutcome::Acquired(grant) => {
+            let waited = grant.at.saturating_duration_since(arrival).as_millis();
+            let valid_for_ms = u32::try_from(waited)
+                .unwrap_or(u32::MAX)
+                .saturating_add(grant.valid_ms);
+            pb::AcquireResponse {
+                acquired: true,
+                lease: Some(pb::Lease {
+                    key: key.as_str().to_owned(),
+                    token: grant.token.into_secret(),
+                    fencing_token: grant.fencing_token,
+                    ttl_ms: grant.ttl_ms,
+                    valid_for_ms,
+                }),
+                retry_after_ms: 0,
+            }
+        }
         AcquireOutcome::Held { retry_after_ms } => pb::AcquireResponse {
             acquired: false,
             lease: None,

@@ -33,9 +33,9 @@ use tonic::{Request, Status, Streaming};
 
 use super::{Core, KeepAliveStream};
 use crate::auth::Access;
-use crate::lock::{LockError, LockKey, Token};
+use crate::lock::{Attachment, LockError, LockKey, Token};
 use crate::pb;
-use crate::store::LockStore;
+use crate::store::{LockStore, Releasing};
 
 /// Responses buffered per stream before the session waits for the client.
 /// (tokio allocates channel slots 32 at a time; each slot is kept small by
@@ -58,6 +58,7 @@ pub(super) fn start<S: LockStore>(
     let session = Session {
         core,
         access,
+        attachment: Arc::new(Attachment::generate()),
         tx,
         attached: HashMap::new(),
         queued: HashMap::new(),
@@ -132,6 +133,10 @@ struct Session<S: LockStore> {
     core: Arc<Core<S>>,
     /// Whose stream this is: every key is checked against it.
     access: Access,
+    /// This stream's id: each renewal records it as the lock's latest
+    /// attachment, and the release at the stream's end applies only to
+    /// locks whose latest attachment it still is.
+    attachment: Arc<Attachment>,
     tx: mpsc::Sender<Result<pb::KeepAliveResponse, Box<Status>>>,
     /// Locks this stream keeps alive, with the token each was attached with.
     attached: HashMap<LockKey, Token>,
@@ -271,13 +276,17 @@ impl<S: LockStore> Session<S> {
 
     /// The store call for one op.
     fn call(&self, op: Op) -> Pin<Box<dyn std::future::Future<Output = Done> + Send>> {
-        let core = self.core.clone();
+        let (core, attachment) = (self.core.clone(), self.attachment.clone());
         async move {
             let start = Instant::now();
             let result = if op.release {
-                core.release(&op.key, &op.token).await.map(|_| None)
+                core.release(&op.key, &op.token, Releasing::Holder)
+                    .await
+                    .map(|_| None)
             } else {
-                core.store.renew(&op.key, &op.token, op.ttl_ms).await
+                core.store
+                    .renew(&op.key, &op.token, op.ttl_ms, Some(&attachment))
+                    .await
             };
             let outcome = match &result {
                 Ok(Some(_)) => "alive",
@@ -356,12 +365,15 @@ impl<S: LockStore> Session<S> {
             return;
         }
         let locks: Vec<(LockKey, Token)> = self.attached.drain().collect();
-        let core = &self.core;
+        let (core, attachment) = (&self.core, &*self.attachment);
         let results = futures_util::future::join_all(locks.iter().map(|(key, token)| {
             async move {
-                match core.release(key, token).await {
+                // Only locks this stream is still the latest attachment of:
+                // one the client re-attached elsewhere stays with it.
+                let kind = Releasing::StreamEnd(attachment);
+                match core.release(key, token, kind).await {
                     // One retry covers a blip; after that the TTL frees it.
-                    Err(LockError::Unavailable(_)) => core.release(key, token).await,
+                    Err(LockError::Unavailable(_)) => core.release(key, token, kind).await,
                     other => other,
                 }
             }

@@ -23,9 +23,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::auth::Access;
-use crate::lock::{AcquireOutcome, AcquireSpec, Limits, LockError, LockKey, Token};
+use crate::lock::{AcquireOutcome, AcquireSpec, Grant, Limits, LockError, LockKey, Token};
 use crate::pb;
-use crate::store::LockStore;
+use crate::store::{LockStore, Releasing};
 use crate::wait::WaitQueues;
 
 /// What the service enforces besides per-field limits.
@@ -99,36 +99,57 @@ impl<S: LockStore> Core<S> {
     ///
     /// The store call runs as an owned future. If this call is dropped
     /// while it is in flight (the client cancelled), the future is finished
-    /// in the background and a grant it produced is released: only after the
-    /// grant, so the release can never overtake it. If the store fails
-    /// ambiguously (UNAVAILABLE after the script may have run), the token is
-    /// released too; releasing a token that never held the lock changes
-    /// nothing.
+    /// in the background and a grant it produced is given back: only after
+    /// the grant, so the give-back can never overtake it. If the store
+    /// fails ambiguously (UNAVAILABLE after the script may have run), or
+    /// its reply comes after the store timeout, the token is given back
+    /// too. Every path ends in [`Core::give_back`], which never releases a
+    /// lease that a `request_id` replay handed out.
     async fn attempt(&self, spec: &Arc<AcquireSpec>) -> Result<AcquireOutcome, LockError> {
         let (store, owned) = (self.store.clone(), spec.clone());
+        let late = self.give_back_late(spec);
         let pending = Pending {
-            fut: Some(Box::pin(async move { store.acquire(&owned).await })),
+            fut: Some(Box::pin(async move { store.acquire(&owned, late).await })),
             store: self.store.clone(),
             spec: spec.clone(),
         };
         let result = pending.await;
         if matches!(result, Err(LockError::Unavailable(_))) {
-            undo_grant(self.store.clone(), spec.key.clone(), spec.token.clone());
+            give_back(self.store.clone(), spec.key.clone(), spec.token.clone());
         }
         result
     }
-}
 
-impl<S: LockStore> Core<S> {
+    /// What the store calls when it learns of a grant to `spec` only after
+    /// the call failed: give it back (its caller was told it failed).
+    fn give_back_late(&self, spec: &AcquireSpec) -> impl FnOnce(Grant) + Send + 'static {
+        let (store, key, token) = (self.store.clone(), spec.key.clone(), spec.token.clone());
+        move |grant: Grant| {
+            if grant.token == token {
+                give_back(store, key, token);
+            }
+        }
+    }
+
     /// Gives a lock back. If a call on this server waits for the same key,
     /// the store hands the lock straight to it in the same step (one store
     /// call instead of a release, a notification and an acquire), and the
     /// waiter is woken with its grant in hand.
-    async fn release(&self, key: &LockKey, token: &Token) -> Result<bool, LockError> {
+    async fn release(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        kind: Releasing<'_>,
+    ) -> Result<bool, LockError> {
         let Some(offer) = self.waiters.offer(key.as_str()) else {
-            return self.store.release(key, token).await;
+            return self.store.release(key, token, kind).await;
         };
-        match self.store.release_and_grant(key, token, offer.spec()).await {
+        let late = offer.late();
+        match self
+            .store
+            .release_and_grant(key, token, kind, offer.spec(), late)
+            .await
+        {
             Ok((true, Some(grant))) => {
                 offer.deliver(grant);
                 Ok(true)
@@ -142,9 +163,10 @@ impl<S: LockStore> Core<S> {
                 Ok(false)
             }
             Err(e) => {
-                // Maybe handed over, maybe not: the waiter tries itself, with
-                // the same token, so it gets the grant if there was one.
-                offer.retry();
+                // Maybe handed over, maybe not: the waiter tries itself,
+                // with the same token, so it gets the grant if there was
+                // one; if it leaves first, its token is given back.
+                offer.ambiguous();
                 Err(e)
             }
         }
@@ -195,7 +217,7 @@ impl<S: LockStore> Drop for Pending<S> {
                 );
                 let ambiguous = matches!(&outcome, Ok(Err(LockError::Unavailable(_))));
                 if granted || ambiguous {
-                    undo_grant(store, spec.key.clone(), spec.token.clone());
+                    give_back(store, spec.key.clone(), spec.token.clone());
                 }
             }
             .instrument(tracing::debug_span!("abandoned-acquire")),
@@ -207,21 +229,42 @@ impl<S: LockStore> Drop for Pending<S> {
 /// background (to release what it granted).
 const ABANDONED_ATTEMPT_LIMIT: Duration = Duration::from_secs(60);
 
-/// Releases, in the background, a grant its client may never have seen.
-fn undo_grant<S: LockStore>(store: Arc<S>, key: LockKey, token: Token) {
+/// Gives back, in the background, a grant its client may never have seen:
+/// the one undo of every path (dropped call, store timeout, late reply,
+/// undelivered reply, handoff to a waiter that left). The store releases
+/// only if `token` still holds the lock and no `request_id` replay handed
+/// it out (documentation/semantics.md, "Every grant ends exactly once").
+pub(crate) fn give_back<S: LockStore>(store: Arc<S>, key: LockKey, token: Token) {
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         return;
     };
     rt.spawn(
         async move {
-            match store.release(&key, &token).await {
-                Ok(true) => tracing::debug!(key = key.as_str(), "released a grant its client never received"),
+            match store.release(&key, &token, Releasing::GiveBack).await {
+                Ok(true) => tracing::debug!(key = key.as_str(), "gave back a grant its client never received"),
                 Ok(false) => {}
-                Err(e) => tracing::warn!(key = key.as_str(), error = %e, "could not undo an undelivered grant; it expires with its TTL"),
+                Err(e) => tracing::warn!(key = key.as_str(), error = %e, "could not give back an undelivered grant; it expires with its TTL"),
             }
         }
-        .instrument(tracing::debug_span!("undo-grant")),
+        .instrument(tracing::debug_span!("give-back")),
     );
+}
+
+/// Binds a `request_id` to its caller: the store sees a digest of the
+/// tenant, the owner and the id, so a replay returns a lease only to the
+/// same tenant and owner that asked for it; anyone else presenting the same
+/// id makes an ordinary Acquire (the id is no bearer credential). The
+/// digest also keeps the client's id text out of Redis.
+fn bind_request_id(access: &Access, mut spec: AcquireSpec) -> AcquireSpec {
+    if let Some(id) = spec.request_id.take() {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for part in [access.tenant().unwrap_or(""), &spec.owner, &id] {
+            ctx.update(&(part.len() as u64).to_be_bytes());
+            ctx.update(part.as_bytes());
+        }
+        spec.request_id = Some(hex::encode(&ctx.finish().as_ref()[..16]));
+    }
+    spec
 }
 
 /// Counts and logs a request refused before it reached the store. The key
@@ -271,7 +314,7 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
             .and_then(|call| access.authorize(&call.spec.key).map(|()| call))
             .map_err(|e| rejected("Acquire", start, e))?;
         let key = call.spec.key.clone();
-        let spec = Arc::new(call.spec);
+        let spec = Arc::new(bind_request_id(&access, call.spec));
         let result = if call.wait_ms == 0 {
             self.core.attempt(&spec).await
         } else {
@@ -283,17 +326,20 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
             AcquireOutcome::Held { .. } => "held",
         });
         let outcome = result?;
+        // A reply that is not delivered gives its grant back; a replay's
+        // reply never does (the original, or another replay, may have been
+        // delivered: the lease is theirs too).
         let guard = match &outcome {
-            AcquireOutcome::Acquired(grant) => {
+            AcquireOutcome::Acquired(grant) if grant.token == spec.token => {
                 let (store, key, token) =
                     (self.core.store.clone(), key.clone(), grant.token.clone());
                 Some(delivery::DeliveryGuard::new(move || {
-                    undo_grant(store, key, token)
+                    give_back(store, key, token)
                 }))
             }
-            AcquireOutcome::Held { .. } => None,
+            _ => None,
         };
-        let mut response = Response::new(convert::acquire_response(&key, outcome));
+        let mut response = Response::new(convert::acquire_response(&key, outcome, start));
         if let Some(guard) = guard {
             response.extensions_mut().insert(guard);
         }
@@ -310,7 +356,7 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
         let (key, token) = convert::key_and_token(req.key, req.token, &self.core.limits.fields)
             .and_then(|(key, token)| access.authorize(&key).map(|()| (key, token)))
             .map_err(|e| rejected("Release", start, e))?;
-        let result = self.core.release(&key, &token).await;
+        let result = self.core.release(&key, &token, Releasing::Holder).await;
         log_result("Release", key.as_str(), start, &result, |r| {
             if *r { "released" } else { "not_held" }
         });
@@ -329,7 +375,7 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
                 .and_then(|(k, t)| access.authorize(&k).map(|()| (k, t)))
                 .and_then(|(k, t)| Ok((k, t, self.core.limits.fields.renew_ttl(req.ttl_ms)?)))
                 .map_err(|e| rejected("Renew", start, e))?;
-        let result = self.core.store.renew(&key, &token, ttl).await;
+        let result = self.core.store.renew(&key, &token, ttl, None).await;
         log_result("Renew", key.as_str(), start, &result, |r| {
             if r.is_some() { "renewed" } else { "lost" }
         });

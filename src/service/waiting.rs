@@ -124,9 +124,9 @@ impl<S: LockStore> Core<S> {
         // The seat lets a release on this server hand the lock over in its
         // own store call; a grant that lands after we left is given back.
         let seat = {
-            let (store, key) = (self.store.clone(), spec.key.clone());
-            Seat::new(spec.clone(), end, move |grant| {
-                super::undo_grant(store, key, grant.token)
+            let (store, key, token) = (self.store.clone(), spec.key.clone(), spec.token.clone());
+            Seat::new(spec.clone(), end, move || {
+                super::give_back(store, key, token)
             })
         };
         let waiter = self.waiters.register_seat(spec.key.as_str(), seat)?;
@@ -154,6 +154,7 @@ impl<S: LockStore> Core<S> {
                 return Ok(AcquireOutcome::Acquired(grant));
             }
             if by_deadline && Instant::now() >= end {
+                // Dropping the waiter gives back a grant that lands now.
                 return Err(past_deadline());
             }
             let retry_after_ms = if std::mem::take(&mut skip_attempt) {
@@ -177,7 +178,12 @@ impl<S: LockStore> Core<S> {
             }
             let now = Instant::now();
             if let Some(retry_after_ms) = retry_after_ms.filter(|_| now >= end) {
-                if let Some(grant) = waiter.take_grant().filter(|_| !by_deadline) {
+                // A grant handed over meanwhile is this call's to deliver,
+                // even at the deadline: the reply still has the margin to
+                // reach the caller, and if it does not, its delivery guard
+                // gives the grant back. (Dropping it here would leave the
+                // lock held by nobody until its TTL.)
+                if let Some(grant) = waiter.take_grant() {
                     waiter.acquired();
                     return Ok(AcquireOutcome::Acquired(grant));
                 }

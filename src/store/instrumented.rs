@@ -4,8 +4,10 @@
 use std::future::Future;
 use std::time::Instant;
 
-use super::LockStore;
-use crate::lock::{AcquireOutcome, AcquireSpec, Grant, LockError, LockInfo, LockKey, Token};
+use super::{LateGrant, LockStore, Releasing};
+use crate::lock::{
+    AcquireOutcome, AcquireSpec, Attachment, Grant, LockError, LockInfo, LockKey, Token,
+};
 
 /// Times and counts the calls of the store it wraps.
 #[derive(Debug)]
@@ -24,24 +26,39 @@ async fn timed<T>(
 }
 
 impl<S: LockStore> LockStore for Instrumented<S> {
-    async fn acquire(&self, spec: &AcquireSpec) -> Result<AcquireOutcome, LockError> {
-        timed(self.0.name(), "acquire", self.0.acquire(spec)).await
+    async fn acquire(
+        &self,
+        spec: &AcquireSpec,
+        late: impl LateGrant,
+    ) -> Result<AcquireOutcome, LockError> {
+        timed(self.0.name(), "acquire", self.0.acquire(spec, late)).await
     }
 
-    async fn release(&self, key: &LockKey, token: &Token) -> Result<bool, LockError> {
-        timed(self.0.name(), "release", self.0.release(key, token)).await
+    async fn release(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        kind: Releasing<'_>,
+    ) -> Result<bool, LockError> {
+        let op = match kind {
+            Releasing::GiveBack => "give_back",
+            _ => "release",
+        };
+        timed(self.0.name(), op, self.0.release(key, token, kind)).await
     }
 
     async fn release_and_grant(
         &self,
         key: &LockKey,
         token: &Token,
+        kind: Releasing<'_>,
         next: &AcquireSpec,
+        late: impl LateGrant,
     ) -> Result<(bool, Option<Grant>), LockError> {
         timed(
             self.0.name(),
             "handoff",
-            self.0.release_and_grant(key, token, next),
+            self.0.release_and_grant(key, token, kind, next, late),
         )
         .await
     }
@@ -51,8 +68,14 @@ impl<S: LockStore> LockStore for Instrumented<S> {
         key: &LockKey,
         token: &Token,
         ttl_ms: Option<u32>,
+        attachment: Option<&Attachment>,
     ) -> Result<Option<u32>, LockError> {
-        timed(self.0.name(), "renew", self.0.renew(key, token, ttl_ms)).await
+        timed(
+            self.0.name(),
+            "renew",
+            self.0.renew(key, token, ttl_ms, attachment),
+        )
+        .await
     }
 
     async fn describe(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError> {

@@ -11,9 +11,9 @@ use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use super::{LockStore, monotonic_unix_micros};
+use super::{LateGrant, LockStore, Releasing, monotonic_unix_micros};
 use crate::lock::{
-    AcquireOutcome, AcquireSpec, Grant, LockError, LockInfo, LockKey, Metadata, Token,
+    AcquireOutcome, AcquireSpec, Attachment, Grant, LockError, LockInfo, LockKey, Metadata, Token,
 };
 use crate::task::TaskGuard;
 use crate::wait::WaitQueues;
@@ -38,11 +38,36 @@ struct Inner {
 
 /// One key's state. The fencing counter outlives the lease; the slot is
 /// dropped once the monotonic clock has passed its last fencing token, since
-/// from then on the clock floor alone keeps tokens increasing.
+/// from then on the clock floor alone keeps tokens increasing, and once the
+/// last released token need no longer be remembered.
 #[derive(Debug)]
 struct Slot {
     fence: u64,
     lease: Option<Held>,
+    /// The token of the last release, remembered until `gone_until` (the
+    /// TTL the lease had left, or longer while a later lease lives), so a
+    /// retried Release of it answers true (as Redis's tombstone does).
+    gone: Option<Token>,
+    gone_until: Instant,
+}
+
+impl Slot {
+    fn empty(now: Instant) -> Self {
+        Self {
+            fence: 0,
+            lease: None,
+            gone: None,
+            gone_until: now,
+        }
+    }
+
+    /// Frees the lease, remembering its token.
+    fn free(&mut self) {
+        if let Some(held) = self.lease.take() {
+            self.gone_until = self.gone_until.max(held.expires_at);
+            self.gone = Some(held.token);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -53,6 +78,10 @@ struct Held {
     ttl_ms: u32,
     request_id: Option<String>,
     expires_at: Instant,
+    /// Handed out again to a `request_id` replay: no give-back releases it.
+    replayed: bool,
+    /// The KeepAlive stream that renewed it last.
+    attachment: Option<Attachment>,
 }
 
 impl Held {
@@ -108,7 +137,10 @@ async fn sweep(inner: Weak<Inner>) {
                     slot.lease = None;
                     expired.push(key.clone());
                 }
-                slot.lease.is_some() || slot.fence >= now_us
+                if slot.gone.is_some() && slot.gone_until <= now {
+                    slot.gone = None;
+                }
+                slot.lease.is_some() || slot.gone.is_some() || slot.fence >= now_us
             });
         }
         crate::metrics::expiries(expired.len() as u64);
@@ -122,42 +154,93 @@ async fn sweep(inner: Weak<Inner>) {
 fn grant(slot: &mut Slot, spec: &AcquireSpec, now: Instant) -> Grant {
     let fence = (slot.fence + 1).max(monotonic_unix_micros());
     slot.fence = fence;
+    let expires_at = now + Duration::from_millis(spec.ttl_ms.into());
+    slot.gone_until = slot.gone_until.max(expires_at);
     slot.lease = Some(Held {
         token: spec.token.clone(),
         owner: spec.owner.clone(),
         metadata: spec.metadata.clone(),
         ttl_ms: spec.ttl_ms,
         request_id: spec.request_id.clone(),
-        expires_at: now + Duration::from_millis(spec.ttl_ms.into()),
+        expires_at,
+        replayed: false,
+        attachment: None,
     });
-    Grant {
-        token: spec.token.clone(),
-        fencing_token: fence,
-        ttl_ms: spec.ttl_ms,
+    Grant::fresh(spec.token.clone(), fence, spec.ttl_ms, now)
+}
+
+/// Whether `kind` allows releasing `held` (which `token` holds).
+fn may_release(held: &Held, kind: Releasing<'_>) -> bool {
+    match kind {
+        Releasing::Holder => true,
+        Releasing::StreamEnd(att) => held.attachment.as_ref() == Some(att),
+        Releasing::GiveBack => !held.replayed,
+    }
+}
+
+/// The outcome of a release on one slot.
+enum Freed {
+    /// Released now (waiters must hear of it).
+    Now,
+    /// This token's release had happened already.
+    Before,
+    /// The token's lease had expired (and is swept now): not released.
+    Expired,
+    /// The token does not hold the lock, or `kind` forbade it.
+    No,
+}
+
+fn free_slot(slot: &mut Slot, token: &Token, kind: Releasing<'_>, now: Instant) -> Freed {
+    match slot.lease.as_ref() {
+        Some(h) if h.token == *token => {
+            if !h.live(now) {
+                // Expired but not swept yet: lost, but freed all the same,
+                // and waiters hear of it.
+                slot.free();
+                return Freed::Expired;
+            }
+            if !may_release(h, kind) {
+                return Freed::No;
+            }
+            slot.free();
+            Freed::Now
+        }
+        _ if slot.gone.as_ref() == Some(token) && slot.gone_until > now => Freed::Before,
+        _ => Freed::No,
     }
 }
 
 impl LockStore for MemoryStore {
-    async fn acquire(&self, spec: &AcquireSpec) -> Result<AcquireOutcome, LockError> {
+    async fn acquire(
+        &self,
+        spec: &AcquireSpec,
+        _late: impl LateGrant,
+    ) -> Result<AcquireOutcome, LockError> {
         let now = Instant::now();
         let mut map = self.inner.shard(spec.key.as_str());
-        let slot = map.entry(spec.key.as_str().to_owned()).or_insert(Slot {
-            fence: 0,
-            lease: None,
-        });
-        if let Some(held) = slot.lease.as_ref().filter(|h| h.live(now)) {
-            let same_request = spec.request_id.is_some() && held.request_id == spec.request_id;
-            if same_request || held.token == spec.token {
+        let slot = map
+            .entry(spec.key.as_str().to_owned())
+            .or_insert_with(|| Slot::empty(now));
+        let fence = slot.fence;
+        if let Some(held) = slot.lease.as_mut().filter(|h| h.live(now)) {
+            let same = held.token == spec.token;
+            let replay = !same && spec.request_id.is_some() && held.request_id == spec.request_id;
+            if same || replay {
+                held.replayed |= replay;
                 return Ok(AcquireOutcome::Acquired(Grant {
                     token: held.token.clone(),
-                    fencing_token: slot.fence,
+                    fencing_token: fence,
                     ttl_ms: held.ttl_ms,
+                    at: now,
+                    valid_ms: held.remaining_ms(now),
                 }));
             }
             return Ok(AcquireOutcome::Held {
                 retry_after_ms: held.remaining_ms(now),
             });
         }
+        // An expired lease counts as released at its expiry.
+        slot.free();
         Ok(AcquireOutcome::Acquired(grant(slot, spec, now)))
     }
 
@@ -165,11 +248,13 @@ impl LockStore for MemoryStore {
         &self,
         key: &LockKey,
         token: &Token,
+        kind: Releasing<'_>,
         next: &AcquireSpec,
+        _late: impl LateGrant,
     ) -> Result<(bool, Option<Grant>), LockError> {
         let now = Instant::now();
         if next.key != *key {
-            return Ok((self.release(key, token).await?, None));
+            return Ok((self.release(key, token, kind).await?, None));
         }
         let handed = {
             let mut map = self.inner.shard(key.as_str());
@@ -177,34 +262,45 @@ impl LockStore for MemoryStore {
                 .filter(|slot| {
                     slot.lease
                         .as_ref()
-                        .is_some_and(|h| h.token == *token && h.live(now))
+                        .is_some_and(|h| h.token == *token && h.live(now) && may_release(h, kind))
                 })
-                .map(|slot| grant(slot, next, now))
+                .map(|slot| {
+                    slot.free();
+                    grant(slot, next, now)
+                })
         };
         match handed {
             Some(granted) => Ok((true, Some(granted))),
-            None => Ok((self.release(key, token).await?, None)),
+            None => Ok((self.release(key, token, kind).await?, None)),
         }
     }
 
-    async fn release(&self, key: &LockKey, token: &Token) -> Result<bool, LockError> {
+    async fn release(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        kind: Releasing<'_>,
+    ) -> Result<bool, LockError> {
         let now = Instant::now();
-        let released = {
+        let freed = {
             let mut map = self.inner.shard(key.as_str());
             match map.get_mut(key.as_str()) {
-                Some(slot) if slot.lease.as_ref().is_some_and(|h| h.token == *token) => {
-                    let live = slot.lease.take().is_some_and(|h| h.live(now));
-                    // Expired-but-not-swept counts as lost, but it is freed
-                    // all the same, and waiters hear of it either way.
-                    Some(live)
-                }
-                _ => None,
+                Some(slot) => free_slot(slot, token, kind, now),
+                None => Freed::No,
             }
         };
-        if released.is_some() {
-            self.inner.waiters.released(key.as_str());
+        match freed {
+            Freed::Now => {
+                self.inner.waiters.released(key.as_str());
+                Ok(true)
+            }
+            Freed::Expired => {
+                self.inner.waiters.released(key.as_str());
+                Ok(false)
+            }
+            Freed::Before => Ok(true),
+            Freed::No => Ok(false),
         }
-        Ok(released.unwrap_or(false))
     }
 
     async fn renew(
@@ -212,6 +308,7 @@ impl LockStore for MemoryStore {
         key: &LockKey,
         token: &Token,
         ttl_ms: Option<u32>,
+        attachment: Option<&Attachment>,
     ) -> Result<Option<u32>, LockError> {
         let now = Instant::now();
         let mut map = self.inner.shard(key.as_str());
@@ -224,6 +321,11 @@ impl LockStore for MemoryStore {
         };
         if let Some(ttl) = ttl_ms {
             held.ttl_ms = ttl;
+        }
+        if let Some(att) = attachment {
+            if held.attachment.as_ref() != Some(att) {
+                held.attachment = Some(att.clone());
+            }
         }
         held.expires_at = now + Duration::from_millis(held.ttl_ms.into());
         Ok(Some(held.ttl_ms))

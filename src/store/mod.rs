@@ -1,6 +1,6 @@
 //! The storage seam. [`LockStore`] is what the gRPC layer calls; the Redis
 //! store (`redis`) is the product, the in-memory store (`memory`) is the
-//! embedded default for one process. Both honour DESIGN §2 and pass the same
+//! embedded default for one process. Both honour documentation/semantics.md and pass the same
 //! conformance suite (`tests/conformance.rs`). Stores speak domain types
 //! only: no protobuf type crosses this line.
 
@@ -11,7 +11,30 @@ pub mod redis;
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::lock::{AcquireOutcome, AcquireSpec, Grant, LockError, LockInfo, LockKey, Token};
+use crate::lock::{
+    AcquireOutcome, AcquireSpec, Attachment, Grant, LockError, LockInfo, LockKey, Token,
+};
+
+/// Which release a [`LockStore::release`] is. Every kind releases only a
+/// lock that `token` holds; they differ in what else must be true.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Releasing<'a> {
+    /// The holder gives the lock back (Release, KeepAlive `release`).
+    Holder,
+    /// A KeepAlive stream ended: only if it is still the lock's latest
+    /// attachment (a lock re-attached elsewhere survives).
+    StreamEnd(&'a Attachment),
+    /// A grant whose reply may not have reached its caller goes back: never
+    /// a lease that a `request_id` replay handed out, since that replay (or
+    /// the original) may have been delivered.
+    GiveBack,
+}
+
+/// Told of a grant the store learned of only after its call had already
+/// failed (a reply after the store timeout): the caller decides whether
+/// it is given back. Called at most once, and only for a grant.
+pub trait LateGrant: FnOnce(Grant) + Send + 'static {}
+impl<F: FnOnce(Grant) + Send + 'static> LateGrant for F {}
 
 pub use instrumented::Instrumented;
 pub use memory::MemoryStore;
@@ -20,18 +43,26 @@ pub use redis::{Names as RedisNames, RedisConfig, RedisStore, RedisTls, redact_u
 /// One atomic operation per method; each either completes within the store
 /// timeout or fails with [`LockError::Unavailable`].
 pub trait LockStore: Send + Sync + 'static {
-    /// One attempt to take a lock (no waiting: see `service::wait`).
+    /// One attempt to take a lock (no waiting: see `service::waiting`).
+    /// Idempotent for `spec.token`; a different token with the lease's
+    /// `request_id` is a replay of that lease. `late` hears of a grant whose
+    /// reply came after this call had failed.
     fn acquire(
         &self,
         spec: &AcquireSpec,
+        late: impl LateGrant,
     ) -> impl Future<Output = Result<AcquireOutcome, LockError>> + Send;
 
-    /// Gives the lock back if `token` holds it, and notifies waiters.
-    /// `Ok(false)`: the token does not hold it (anymore).
+    /// Gives the lock back if `token` holds it (and `kind` allows), and
+    /// notifies waiters. `Ok(true)` also when this token's release had
+    /// already happened (a retried Release whose reply was lost), as long
+    /// as the store still remembers it; `Ok(false)`: the token does not
+    /// hold it.
     fn release(
         &self,
         key: &LockKey,
         token: &Token,
+        kind: Releasing<'_>,
     ) -> impl Future<Output = Result<bool, LockError>> + Send;
 
     /// Releases the lock if `token` holds it and, in the same atomic step,
@@ -40,23 +71,29 @@ pub trait LockStore: Send + Sync + 'static {
     /// `granted` is `None` when the store did not hand over (the default:
     /// it only releases, and the waiter takes the lock itself). No release
     /// notification is published for a handoff: the lock never came free.
+    /// `late` hears of a handoff whose reply came after this call failed.
     fn release_and_grant(
         &self,
         key: &LockKey,
         token: &Token,
+        kind: Releasing<'_>,
         next: &AcquireSpec,
+        late: impl LateGrant,
     ) -> impl Future<Output = Result<(bool, Option<Grant>), LockError>> + Send {
-        let _ = next;
-        async move { Ok((self.release(key, token).await?, None)) }
+        let _ = (next, late);
+        async move { Ok((self.release(key, token, kind).await?, None)) }
     }
 
     /// Extends the lease if `token` holds it: `Some(ttl in force)`, or `None`
-    /// when the lock is lost. `ttl_ms = None` keeps the TTL granted.
+    /// when the lock is lost. `ttl_ms = None` keeps the TTL granted. With
+    /// `attachment` (a KeepAlive renewal), that stream becomes the lock's
+    /// latest attachment.
     fn renew(
         &self,
         key: &LockKey,
         token: &Token,
         ttl_ms: Option<u32>,
+        attachment: Option<&Attachment>,
     ) -> impl Future<Output = Result<Option<u32>, LockError>> + Send;
 
     /// Who holds `key` now, without the token.
@@ -81,31 +118,36 @@ impl<S: LockStore> LockStore for Arc<S> {
     fn acquire(
         &self,
         spec: &AcquireSpec,
+        late: impl LateGrant,
     ) -> impl Future<Output = Result<AcquireOutcome, LockError>> + Send {
-        (**self).acquire(spec)
+        (**self).acquire(spec, late)
     }
     fn release(
         &self,
         key: &LockKey,
         token: &Token,
+        kind: Releasing<'_>,
     ) -> impl Future<Output = Result<bool, LockError>> + Send {
-        (**self).release(key, token)
+        (**self).release(key, token, kind)
     }
     fn release_and_grant(
         &self,
         key: &LockKey,
         token: &Token,
+        kind: Releasing<'_>,
         next: &AcquireSpec,
+        late: impl LateGrant,
     ) -> impl Future<Output = Result<(bool, Option<Grant>), LockError>> + Send {
-        (**self).release_and_grant(key, token, next)
+        (**self).release_and_grant(key, token, kind, next, late)
     }
     fn renew(
         &self,
         key: &LockKey,
         token: &Token,
         ttl_ms: Option<u32>,
+        attachment: Option<&Attachment>,
     ) -> impl Future<Output = Result<Option<u32>, LockError>> + Send {
-        (**self).renew(key, token, ttl_ms)
+        (**self).renew(key, token, ttl_ms, attachment)
     }
     fn describe(
         &self,

@@ -22,9 +22,10 @@ use fred::types::scripts::Script;
 use fred::types::{ClusterHash, CustomCommand};
 use futures_util::future::join_all;
 
-use super::LockStore;
+use super::{LateGrant, LockStore, Releasing};
 use crate::lock::{
-    AcquireOutcome, AcquireSpec, Grant, LockError, LockInfo, LockKey, Metadata, Token, remaining_ms,
+    AcquireOutcome, AcquireSpec, Attachment, Grant, LockError, LockInfo, LockKey, Metadata, Token,
+    remaining_ms,
 };
 use crate::task::TaskGuard;
 use crate::wait::WaitQueues;
@@ -214,6 +215,7 @@ impl std::fmt::Debug for RedisStore {
 struct Scripts {
     acquire: Script,
     release: Script,
+    giveback: Script,
     renew: Script,
     describe: Script,
     handoff: Script,
@@ -238,6 +240,7 @@ impl Scripts {
         Self {
             acquire: Script::from_lua(with_ops!("scripts/acquire.lua")),
             release: Script::from_lua(with_ops!("scripts/release.lua")),
+            giveback: Script::from_lua(with_ops!("scripts/giveback.lua")),
             renew: Script::from_lua(with_ops!("scripts/renew.lua")),
             describe: Script::from_lua(include_str!("scripts/describe.lua")),
             handoff: Script::from_lua(with_ops!("scripts/handoff.lua")),
@@ -454,10 +457,8 @@ impl RedisStore {
 
     /// A `MOVED` or `ASK` reply means the routing table is stale.
     fn check_route<T>(&self, result: &Result<T, LockError>) {
-        if let Err(LockError::Unavailable(e)) = result {
-            if e.contains("MOVED") || e.contains("ASK ") {
-                self.route.refresh();
-            }
+        if is_redirect(result) {
+            self.route.refresh();
         }
     }
 
@@ -499,43 +500,19 @@ impl RedisStore {
             }
         }
     }
+}
 
-    /// A callback for a late Acquire reply: releases the lock if that reply
-    /// says the grant went to `token`, or if there is no reply to tell.
-    fn undo_if_granted(
-        &self,
-        key: &LockKey,
-        token: &Token,
-    ) -> impl FnOnce(Option<Value>) + Send + 'static {
-        let route = self.route.clone();
-        let script = self.scripts.release.clone();
-        let names = self.names(key);
-        let token = token.clone();
-        move |reply| {
-            // No reply (the call failed after it was sent): undo anyway; a
-            // release with this call's own token removes only its grant.
-            if reply.is_some_and(|reply| {
-                !matches!(parse_acquire(reply), Ok(AcquireOutcome::Acquired(grant)) if grant.token == token)
-            }) {
-                return;
-            }
-            tokio::spawn(async move {
-                let client = match route.client(slot_of(&names.lock)).await {
-                    Ok(client) => client,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "could not undo a late grant; it expires with its TTL");
-                        return;
-                    }
-                };
-                let argv = argv(
-                    &script,
-                    vec![names.lock],
-                    vec![token.expose().to_owned(), names.channel],
-                );
-                if let Err(e) = evalsha(&client, &script, argv).await {
-                    tracing::warn!(error = %e, "could not undo a late grant; it expires with its TTL");
-                }
-            });
+/// The callback for an Acquire reply that came after the call failed: it
+/// tells `late` of the grant, if the reply is one. (Without a reply there
+/// is nothing to tell: the caller gives the token back itself on any
+/// ambiguous failure.)
+fn late_acquire(
+    late: impl LateGrant,
+    sent: Instant,
+) -> impl FnOnce(Option<Value>) + Send + 'static {
+    move |reply| {
+        if let Some(Ok(AcquireOutcome::Acquired(grant))) = reply.map(|r| parse_acquire(r, sent)) {
+            late(grant);
         }
     }
 }
@@ -574,20 +551,24 @@ fn argv(script: &Script, keys: Vec<String>, args: Vec<String>) -> Vec<Value> {
     argv
 }
 
-/// Parses the acquire script's reply.
-fn parse_acquire(reply: Value) -> Result<AcquireOutcome, LockError> {
+/// Parses the acquire script's reply; `sent` is when the call was sent.
+fn parse_acquire(reply: Value, sent: Instant) -> Result<AcquireOutcome, LockError> {
     let items = array(reply)?;
     match items.first().and_then(int) {
-        Some(1) if items.len() == 4 => {
+        Some(1) if items.len() == 5 => {
             let token = text(&items[1]).ok_or_else(|| unexpected(&items[1]))?;
             let fence = int(&items[2]).ok_or_else(|| unexpected(&items[2]))?;
             let ttl = int(&items[3]).ok_or_else(|| unexpected(&items[3]))?;
+            let pttl = int(&items[4]).ok_or_else(|| unexpected(&items[4]))?;
             Ok(AcquireOutcome::Acquired(Grant {
                 token: Token::parse(token)?,
                 fencing_token: u64::try_from(fence).map_err(|_| unexpected(&items[2]))?,
                 ttl_ms: ttl_u32(ttl),
+                at: sent,
+                valid_ms: ttl_u32(pttl),
             }))
         }
+        Some(-9) => Err(script_error(&items)),
         Some(0) if items.len() == 2 => {
             let pttl = int(&items[1]).ok_or_else(|| unexpected(&items[1]))?;
             Ok(AcquireOutcome::Held {
@@ -635,10 +616,25 @@ async fn bounded<T>(
     }
 }
 
-/// Maps a fred error to what a client can act on.
+/// What a client is told when Redis moved a slot (the routing table is
+/// stale): how [`is_redirect`] knows such an error.
+const REDIRECTED: &str = "the Redis Cluster slot moved; retry";
+
+/// Whether `result` failed because a Redis Cluster slot moved.
+fn is_redirect<T>(result: &Result<T, LockError>) -> bool {
+    matches!(result, Err(LockError::Unavailable(e)) if e == REDIRECTED)
+}
+
+/// Maps a fred error to what a client can act on. Clients get a fixed,
+/// generic message per kind; Redis's own text (which names scripts, lines
+/// and memory settings) goes only to the log.
 fn map_error(e: &Error) -> LockError {
-    let details = e.details();
-    match e.kind() {
+    classify(e.kind(), e.details())
+}
+
+fn classify(kind: &ErrorKind, details: &str) -> LockError {
+    let starts = |prefixes: &[&str]| prefixes.iter().any(|p| details.starts_with(p));
+    match kind {
         // Connection loss, failover, timeouts, back-pressure: retryable.
         ErrorKind::IO
         | ErrorKind::Timeout
@@ -647,28 +643,59 @@ fn map_error(e: &Error) -> LockError {
         | ErrorKind::Routing
         | ErrorKind::Backpressure
         | ErrorKind::Sentinel
-        | ErrorKind::Tls => LockError::Unavailable(format!("{:?}: {details}", e.kind())),
+        | ErrorKind::Tls => {
+            tracing::debug!(kind = ?kind, details, "Redis call failed");
+            LockError::Unavailable(format!("no answer from Redis ({kind:?}); retry"))
+        }
         // Credentials refused: retryable once an operator fixes them.
         ErrorKind::Auth => {
-            LockError::Unavailable(format!("Redis refused our credentials: {details}"))
+            tracing::warn!(details, "Redis refused our credentials");
+            LockError::Unavailable("Redis refused the server's credentials".into())
         }
+        // The slot moved: retryable once the routing table is refreshed.
+        _ if starts(&["MOVED", "ASK "]) => LockError::Unavailable(REDIRECTED.into()),
         // Transient server states during failover or load: retryable.
-        _ if [
+        _ if starts(&[
             "LOADING",
             "MASTERDOWN",
             "TRYAGAIN",
             "CLUSTERDOWN",
             "READONLY",
             "BUSY",
-        ]
-        .iter()
-        .any(|p| details.starts_with(p)) =>
+            "NOREPLICAS",
+        ]) =>
         {
-            LockError::Unavailable(details.to_string())
+            tracing::debug!(details, "Redis is not serving writes right now");
+            LockError::Unavailable("Redis is loading, failing over or busy; retry".into())
+        }
+        // maxmemory with noeviction: retryable once memory is freed (a
+        // release still works: it only deletes).
+        _ if starts(&["OOM"]) || details.contains("OOM command not allowed") => {
+            tracing::warn!(details, "Redis is out of memory");
+            LockError::ResourceExhausted("the lock store is out of memory; retry later".into())
         }
         // Anything else is a reply we did not expect: a bug.
-        _ => LockError::Internal(format!("Redis: {details}")),
+        _ => {
+            tracing::warn!(details, "unexpected Redis error");
+            LockError::Internal("unexpected reply from the lock store".into())
+        }
     }
+}
+
+/// One operation's reply from a batch: an error if the operation failed
+/// there (`{-9, message}`), the reply otherwise.
+fn op_result(reply: Value) -> Result<Value, LockError> {
+    match &reply {
+        Value::Array(items) if items.first().and_then(int) == Some(-9) => Err(script_error(items)),
+        _ => Ok(reply),
+    }
+}
+
+/// The error of one operation that failed inside a batch or script
+/// (`{-9, message}`, see batch.lua).
+fn script_error(items: &[Value]) -> LockError {
+    let message = items.get(1).and_then(text).unwrap_or_default();
+    classify(&ErrorKind::Unknown, &message)
 }
 
 /// Escapes `%`, `{` and `}` so the tag has no braces and stays injective.
@@ -850,6 +877,43 @@ fn grant_args(before: Option<&Token>, spec: &AcquireSpec) -> Vec<String> {
     args
 }
 
+/// The attachment argument of the release and handoff scripts: the
+/// stream's id for a stream's end, '' otherwise.
+fn attachment_arg(kind: Releasing<'_>) -> String {
+    match kind {
+        Releasing::StreamEnd(att) => att.as_str().to_owned(),
+        Releasing::Holder | Releasing::GiveBack => String::new(),
+    }
+}
+
+/// Parses the handoff script's reply: `(released, grant to next)`.
+fn parse_handoff(
+    reply: Value,
+    next: &Token,
+    sent: Instant,
+) -> Result<(bool, Option<Grant>), LockError> {
+    let items = array(reply)?;
+    match items.first().and_then(int) {
+        Some(0) => Ok((false, None)),
+        Some(1) if items.len() == 5 => {
+            let fence = int(&items[2]).ok_or_else(|| unexpected(&items[2]))?;
+            let ttl = int(&items[3]).ok_or_else(|| unexpected(&items[3]))?;
+            let pttl = int(&items[4]).ok_or_else(|| unexpected(&items[4]))?;
+            Ok((
+                true,
+                Some(Grant {
+                    token: next.clone(),
+                    fencing_token: u64::try_from(fence).map_err(|_| unexpected(&items[2]))?,
+                    ttl_ms: ttl_u32(ttl),
+                    at: sent,
+                    valid_ms: ttl_u32(pttl),
+                }),
+            ))
+        }
+        _ => Err(LockError::Internal("malformed handoff reply".into())),
+    }
+}
+
 /// The acquire script's arguments: the grant's, then `min_replicas` (0: no
 /// replica check).
 fn acquire_args(spec: &AcquireSpec, min_replicas: u32) -> Vec<String> {
@@ -908,6 +972,7 @@ impl RedisStore {
         &self,
         acks: &ReplicaAcks,
         spec: &AcquireSpec,
+        late: impl LateGrant,
     ) -> Result<AcquireOutcome, LockError> {
         let n = self.names(&spec.key);
         let slot = slot_of(&n.lock);
@@ -917,14 +982,15 @@ impl RedisStore {
             vec![n.lock.clone(), n.fence],
             acquire_args(spec, acks.min),
         );
-        let (acquire, release) = (self.scripts.acquire.clone(), self.scripts.release.clone());
+        let (acquire, release) = (self.scripts.acquire.clone(), self.scripts.giveback.clone());
+        let sent = Instant::now();
         let (min, wait, token) = (acks.min, acks.wait, spec.token.clone());
-        let undo_client = client.clone();
         let mut call = Box::pin(async move {
             let outcome = parse_acquire(
                 evalsha(&client, &acquire, grant)
                     .await
                     .map_err(|e| map_error(&e))?,
+                sent,
             )?;
             let AcquireOutcome::Acquired(lease) = &outcome else {
                 return Ok(outcome);
@@ -933,8 +999,8 @@ impl RedisStore {
             if matches!(acked, Ok(k) if k >= i64::from(min)) {
                 return Ok(outcome);
             }
-            // Only a grant this call made is undone; a lease returned
-            // again by request id stays with whoever retries for it.
+            // Only a grant this call made is given back (and, by the
+            // script, never one a request_id replay handed out).
             if lease.token == token {
                 let undo = argv(
                     &release,
@@ -954,30 +1020,18 @@ impl RedisStore {
         });
         match tokio::time::timeout(left, &mut call).await {
             Ok(result) => {
-                if let Err(LockError::Unavailable(e)) = &result {
-                    if e.contains("MOVED") || e.contains("ASK ") {
-                        acks.route.refresh();
-                    }
+                if is_redirect(&result) {
+                    acks.route.refresh();
                 }
                 result
             }
             Err(_) => {
-                let (release, names, token) = (
-                    self.scripts.release.clone(),
-                    self.names(&spec.key),
-                    spec.token.clone(),
-                );
+                // A late, acknowledged grant is the caller's to give back.
                 tokio::spawn(async move {
-                    let late = tokio::time::timeout(LATE_REPLY_LIMIT, call).await;
-                    if matches!(late, Ok(Ok(AcquireOutcome::Acquired(ref g))) if g.token == token) {
-                        let undo = argv(
-                            &release,
-                            vec![names.lock],
-                            vec![token.expose().to_owned(), names.channel],
-                        );
-                        if let Err(e) = evalsha(&undo_client, &release, undo).await {
-                            tracing::warn!(error = %e, "could not undo a late grant; it expires with its TTL");
-                        }
+                    if let Ok(Ok(AcquireOutcome::Acquired(grant))) =
+                        tokio::time::timeout(LATE_REPLY_LIMIT, call).await
+                    {
+                        late(grant);
                     }
                 });
                 Err(LockError::Unavailable(format!(
@@ -1016,17 +1070,22 @@ async fn wait_for_replicas(
 }
 
 impl LockStore for RedisStore {
-    async fn acquire(&self, spec: &AcquireSpec) -> Result<AcquireOutcome, LockError> {
+    async fn acquire(
+        &self,
+        spec: &AcquireSpec,
+        late: impl LateGrant,
+    ) -> Result<AcquireOutcome, LockError> {
         if let Some(acks) = &self.acks {
-            return self.acquire_acked(acks, spec).await;
+            return self.acquire_acked(acks, spec, late).await;
         }
         let n = self.names(&spec.key);
+        let sent = Instant::now();
         // A busy server batches; otherwise the call goes alone, holding a
         // connection slot so that calls meanwhile gather into a batch.
         let _slot = match self.batch.as_ref().map(|b| (b, b.idle())) {
             Some((batch, None)) => {
                 let args = grant_args(None, spec);
-                let undo = Box::new(self.undo_if_granted(&spec.key, &spec.token));
+                let undo = Box::new(late_acquire(late, sent));
                 let reply = batch
                     .call(
                         Op::Acquire,
@@ -1036,66 +1095,77 @@ impl LockStore for RedisStore {
                         self.timeout,
                     )
                     .await?;
-                return parse_acquire(reply);
+                return parse_acquire(reply, sent);
             }
             Some((_, slot)) => slot,
             None => None,
         };
-        let late = || self.undo_if_granted(&spec.key, &spec.token);
         let reply = self
             .eval_or_late(
                 &self.scripts.acquire,
                 vec![n.lock, n.fence],
                 acquire_args(spec, 0),
-                late,
+                || late_acquire(late, sent),
             )
             .await?;
-        parse_acquire(reply)
+        parse_acquire(reply, sent)
     }
 
     async fn release_and_grant(
         &self,
         key: &LockKey,
         token: &Token,
+        kind: Releasing<'_>,
         next: &AcquireSpec,
+        late: impl LateGrant,
     ) -> Result<(bool, Option<Grant>), LockError> {
-        // Grants under --min-replica-acks go through the acknowledged path.
-        if self.acks.is_some() || next.key != *key {
-            return Ok((self.release(key, token).await?, None));
+        // Grants under --min-replica-acks go through the acknowledged path;
+        // a give-back never hands over.
+        if self.acks.is_some() || next.key != *key || kind == Releasing::GiveBack {
+            return Ok((self.release(key, token, kind).await?, None));
         }
         let n = self.names(key);
-        let args = grant_args(Some(token), next);
-        let items = array(
-            self.eval(&self.scripts.handoff, vec![n.lock, n.fence], args)
-                .await?,
-        )?;
-        match items.first().and_then(int) {
-            Some(0) => Ok((false, None)),
-            Some(1) if items.len() == 4 => {
-                let fence = int(&items[2]).ok_or_else(|| unexpected(&items[2]))?;
-                let ttl = int(&items[3]).ok_or_else(|| unexpected(&items[3]))?;
-                Ok((
-                    true,
-                    Some(Grant {
-                        token: next.token.clone(),
-                        fencing_token: u64::try_from(fence).map_err(|_| unexpected(&items[2]))?,
-                        ttl_ms: ttl_u32(ttl),
-                    }),
-                ))
-            }
-            _ => Err(LockError::Internal("malformed handoff reply".into())),
-        }
+        let mut args = grant_args(Some(token), next);
+        args.insert(1, attachment_arg(kind));
+        let sent = Instant::now();
+        let next_token = next.token.clone();
+        let reply = self
+            .eval_or_late(&self.scripts.handoff, vec![n.lock, n.fence], args, || {
+                move |reply: Option<Value>| {
+                    if let Some(Ok((true, Some(grant)))) =
+                        reply.map(|r| parse_handoff(r, &next_token, sent))
+                    {
+                        late(grant);
+                    }
+                }
+            })
+            .await?;
+        parse_handoff(reply, &next.token, sent)
     }
 
-    async fn release(&self, key: &LockKey, token: &Token) -> Result<bool, LockError> {
+    async fn release(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        kind: Releasing<'_>,
+    ) -> Result<bool, LockError> {
         let n = self.names(key);
-        let (keys, args) = (vec![n.lock], vec![token.expose().to_owned(), n.channel]);
-        let reply = self
-            .eval_or_batch(Op::Release, &self.scripts.release, keys, args)
-            .await?;
+        let reply = if kind == Releasing::GiveBack {
+            let args = vec![token.expose().to_owned(), n.channel];
+            self.eval(&self.scripts.giveback, vec![n.lock], args)
+                .await?
+        } else {
+            let args = vec![token.expose().to_owned(), n.channel, attachment_arg(kind)];
+            self.eval_or_batch(Op::Release, &self.scripts.release, vec![n.lock], args)
+                .await?
+        };
         let fence = int(&reply).ok_or_else(|| unexpected(&reply))?;
-        if fence <= 0 {
-            return Ok(false);
+        match fence {
+            // Released before (a resent or retried release): true, and
+            // nobody to wake.
+            -1 => return Ok(true),
+            f if f <= 0 => return Ok(false),
+            _ => {}
         }
         // Wake a waiter here now, instead of after the notification's trip
         // through Redis and back; that notification is then skipped.
@@ -1111,11 +1181,18 @@ impl LockStore for RedisStore {
         key: &LockKey,
         token: &Token,
         ttl_ms: Option<u32>,
+        attachment: Option<&Attachment>,
     ) -> Result<Option<u32>, LockError> {
         let n = self.names(key);
         let (keys, args) = (
             vec![n.lock],
-            vec![token.expose().to_owned(), ttl_ms.unwrap_or(0).to_string()],
+            vec![
+                token.expose().to_owned(),
+                ttl_ms.unwrap_or(0).to_string(),
+                attachment
+                    .map(|a| a.as_str().to_owned())
+                    .unwrap_or_default(),
+            ],
         );
         let reply = self
             .eval_or_batch(Op::Renew, &self.scripts.renew, keys, args)

@@ -26,7 +26,7 @@ use fred::types::scripts::Script;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::route::Route;
-use super::{LATE_REPLY_LIMIT, evalsha, map_error, routed};
+use super::{LATE_REPLY_LIMIT, evalsha, map_error, op_result, routed};
 use crate::lock::LockError;
 use crate::task::TaskGuard;
 
@@ -243,7 +243,7 @@ async fn send(
     match result {
         Ok(Value::Array(replies)) if replies.len() == batch.len() => {
             for (queued, reply) in batch.into_iter().zip(replies) {
-                if let Err(Ok(reply)) = queued.reply.send(Ok(reply)) {
+                if let Err(Ok(reply)) = queued.reply.send(op_result(reply)) {
                     if let Some(undo) = queued.undo {
                         undo(Some(reply));
                     }
@@ -258,15 +258,12 @@ async fn send(
             }
         }
         Err(e) => {
-            // The batch may have run in part (a script error midway, a
-            // connection lost after the send): a grant it made must not
-            // outlive the error its caller gets.
+            // The batch may have run (a connection lost after the send):
+            // each caller gets an ambiguous error, and an Acquire's caller
+            // gives its token back (`LockStore::acquire`).
             let error = map_error(&e);
             for queued in batch {
                 let _ = queued.reply.send(Err(error.clone()));
-                if let Some(undo) = queued.undo {
-                    undo(None);
-                }
             }
         }
     }

@@ -3,13 +3,19 @@
 -- release, a notification and an acquire). No release is published: the
 -- lock never comes free.
 -- KEYS[1] lock hash, KEYS[2] fencing counter (same hash slot)
--- ARGV: old token, then the waiter's: token, ttl_ms, owner, metadata,
---       request_id, counter_ttl_ms
--- Reply: {0} the old token does not hold the lock (nothing changed), or
---        {1, released fence, new fence, ttl_ms}.
-local cur = redis.call('HMGET', KEYS[1], 'token', 'fence')
-if cur[1] ~= ARGV[1] then
+-- ARGV: old token, attachment ('' unless a stream's end; see `release`),
+--       then the waiter's: token, ttl_ms, owner, metadata, request_id,
+--       counter_ttl_ms
+-- Reply: {0} the old token does not hold the lock (nothing changed),
+--        {1, released fence, new fence, ttl_ms, pttl_ms} handed over
+--        (released fence 0: a resent handoff that had already run).
+local cur = redis.call('HMGET', KEYS[1], 'token', 'fence', 'att')
+if cur[1] == ARGV[3] and cur[2] then
+  return {1, 0, tonumber(cur[2]), tonumber(ARGV[4]), redis.call('PTTL', KEYS[1])}
+end
+if cur[1] ~= ARGV[1] or not cur[2] or (ARGV[2] ~= '' and cur[3] ~= ARGV[2]) then
   return {0}
 end
-local fence = grant(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
-return {1, tonumber(cur[2]), fence, tonumber(ARGV[3])}
+redis.call('HDEL', KEYS[1], 'rep', 'att')
+local fence = grant(KEYS[1], KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[1])
+return {1, tonumber(cur[2]), fence, tonumber(ARGV[4]), tonumber(ARGV[4])}
