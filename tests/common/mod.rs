@@ -61,6 +61,22 @@ pub fn wait_until(what: &str, within: Duration, mut ready: impl FnMut() -> bool)
     }
 }
 
+/// The async twin of [`wait_until`]: `ready` is polled every 20 ms.
+pub async fn wait_until_async<F, Fut>(what: &str, within: Duration, mut ready: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + within;
+    while !ready().await {
+        assert!(
+            Instant::now() < end,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -480,6 +496,19 @@ impl TestServer {
         prefix: String,
         config: ServerConfig,
     ) -> Self {
+        Self::start_tuned(backend, redis_url, prefix, config, |_| {}).await
+    }
+
+    /// Like [`TestServer::start_on`], with the Redis store's settings
+    /// changed by `tune` (a one-connection pool, say, so that the order of
+    /// store calls is the order they were made).
+    pub async fn start_tuned(
+        backend: Backend,
+        redis_url: Option<String>,
+        prefix: String,
+        config: ServerConfig,
+        tune: impl FnOnce(&mut RedisConfig),
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -500,13 +529,14 @@ impl TestServer {
                 })
             }
             Some(url) => {
-                let redis = RedisConfig {
+                let mut redis = RedisConfig {
                     url: url.clone(),
                     prefix: prefix.clone(),
                     pool_size: 2,
                     timeout: config.store_timeout,
                     ..RedisConfig::default()
                 };
+                tune(&mut redis);
                 let store = Arc::new(
                     RedisStore::connect(&redis, waiters.clone())
                         .await
