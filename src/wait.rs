@@ -41,8 +41,12 @@ struct Entry {
     seat: Option<Arc<Seat>>,
 }
 
-/// What gives back the seat's grant (its token) when nobody will collect it.
-type GiveBack = Box<dyn FnOnce() + Send>;
+/// What gives back the seat's grant (its token) when nobody will collect
+/// it. It may run more than once (a give-back is idempotent): once when
+/// the waiter leaves with a handoff in doubt, and again when that handoff's
+/// late reply says it did grant, since the first may have reached Redis
+/// before the grant did (a NOSCRIPT reload reorders them).
+type GiveBack = Box<dyn Fn() + Send + Sync>;
 
 /// A waiter's standing offer to take the lock straight from a release on
 /// this server (a handoff): the releasing call grants the lock to this
@@ -56,7 +60,7 @@ pub struct Seat {
     grant_until: Instant,
     /// Gives back a grant that arrives after the waiter left, or that may
     /// have been made (an ambiguous handoff) and was never collected.
-    on_orphan: Mutex<Option<GiveBack>>,
+    on_orphan: GiveBack,
     state: Mutex<SeatState>,
 }
 
@@ -91,12 +95,12 @@ impl Seat {
     pub fn new(
         spec: Arc<AcquireSpec>,
         grant_until: Instant,
-        on_orphan: impl FnOnce() + Send + 'static,
+        on_orphan: impl Fn() + Send + Sync + 'static,
     ) -> Arc<Self> {
         Arc::new(Self {
             spec,
             grant_until,
-            on_orphan: Mutex::new(Some(Box::new(on_orphan))),
+            on_orphan: Box::new(on_orphan),
             state: Mutex::new(SeatState::default()),
         })
     }
@@ -106,14 +110,7 @@ impl Seat {
     }
 
     fn orphan(&self) {
-        let undo = self
-            .on_orphan
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(undo) = undo {
-            undo();
-        }
+        (self.on_orphan)();
     }
 
     /// A grant reached this seat: hand it to the waiter, or give it back if

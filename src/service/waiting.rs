@@ -126,7 +126,7 @@ impl<S: LockStore> Core<S> {
         let seat = {
             let (store, key, token) = (self.store.clone(), spec.key.clone(), spec.token.clone());
             Seat::new(spec.clone(), end, move || {
-                super::give_back(store, key, token)
+                super::give_back(store.clone(), key.clone(), token.clone())
             })
         };
         let waiter = self.waiters.register_seat(spec.key.as_str(), seat)?;

@@ -291,6 +291,63 @@ impl RedisServer {
     pub fn cli(&self, args: &[&str]) -> String {
         redis_cli(self.port, args)
     }
+
+    /// SIGSTOPs it: commands sent meanwhile wait, unread, in its sockets.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONTs it: it runs what waited, in the order each connection sent it.
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.pid().expect("running").to_string();
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill {sig} {pid}");
+    }
+
+    /// Bytes sent to this server that it has not read yet (the receive
+    /// queues of its sockets, from /proc/net/tcp): while it is frozen, this
+    /// grows with every command sent to it, a signal that a call reached it.
+    pub fn unread_bytes(&self) -> u64 {
+        let port = format!(":{:04X}", self.port);
+        ["/proc/net/tcp", "/proc/net/tcp6"]
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .flat_map(|text| {
+                text.lines()
+                    .skip(1)
+                    .filter_map(|line| {
+                        let fields: Vec<&str> = line.split_whitespace().collect();
+                        let local = fields.get(1)?;
+                        if !local.ends_with(&port) {
+                            return None;
+                        }
+                        let rx = fields.get(4)?.split(':').nth(1)?;
+                        u64::from_str_radix(rx, 16).ok()
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    }
+
+    /// Waits until more than `than` bytes wait unread at this (frozen)
+    /// server, and returns how many.
+    #[track_caller]
+    pub fn wait_unread_above(&self, than: u64) -> u64 {
+        let mut now = 0;
+        wait_until("a command to reach the frozen Redis", Duration::from_secs(5), || {
+            now = self.unread_bytes();
+            now > than
+        });
+        now
+    }
 }
 
 impl Drop for RedisServer {

@@ -1,0 +1,424 @@
+//! Every grant ends exactly once (documentation/semantics.md): delivered to
+//! the caller(s) entitled to it, or given back; nothing that did not
+//! produce a delivery releases a grant that was delivered. Each test makes
+//! one cleanup path run at its worst moment — Redis frozen with calls
+//! queued behind each other on a one-connection pool, a reply that cannot
+//! be delivered, a handoff whose reply is lost, Redis out of memory in the
+//! middle of a batch — and checks that nobody else's lease was touched and
+//! nothing was left behind.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use leasehold::pb;
+use leasehold::pb::lock_service_client::LockServiceClient;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+/// A server on `redis` whose store calls reach Redis in the order they are
+/// made: one connection, no batching, and a health ping only at start.
+async fn ordered_server(redis: &RedisServer) -> TestServer {
+    let config = leasehold::server::ServerConfig {
+        store_timeout: Duration::from_millis(800),
+        health_interval: Duration::from_secs(600),
+        ..test_config()
+    };
+    TestServer::start_tuned(
+        Backend::Redis,
+        Some(redis.url()),
+        unique_prefix(),
+        config,
+        |redis| {
+            redis.pool_size = 1;
+            redis.batch_max = 1;
+        },
+    )
+    .await
+}
+
+fn with_request_id(key: &str, request_id: &str, owner: &str) -> pb::AcquireRequest {
+    pb::AcquireRequest {
+        key: key.into(),
+        ttl_ms: 30_000,
+        owner: owner.into(),
+        request_id: request_id.into(),
+        ..Default::default()
+    }
+}
+
+async fn held(c: &mut LockServiceClient<Channel>, key: &str) -> bool {
+    c.describe(describe(key)).await.unwrap().into_inner().held
+}
+
+async fn renewed(c: &mut LockServiceClient<Channel>, key: &str, token: &str) -> bool {
+    let req = pb::RenewRequest {
+        key: key.into(),
+        token: token.into(),
+        ttl_ms: 0,
+    };
+    c.renew(req).await.unwrap().into_inner().renewed
+}
+
+/// `token` keeps `key` for all of `window`: Describe says held and a
+/// renewal with the token succeeds, again and again. (A cleanup that
+/// wrongly released it did so within milliseconds.)
+async fn keeps(c: &mut LockServiceClient<Channel>, key: &str, token: &str, window: Duration) {
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        assert!(held(c, key).await, "{key}: the lease was released behind its holder");
+        assert!(renewed(c, key, token).await, "{key}: the holder's token lost it");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Issue 12, case 1: the first attempt times out while its script is
+/// queued; the retry with the same request_id gets the lease; the first
+/// attempt's cleanup (its dropped call, the store timeout, the late reply)
+/// must not release what the retry was given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_retry_keeps_the_lease_the_first_attempt_got() {
+    let redis = tokio::task::block_in_place(RedisServer::start);
+    let server = ordered_server(&redis).await;
+    let mut c = server.client().await;
+    let req = || with_request_id("retried", "req-1", "me");
+
+    redis.freeze();
+    let base = redis.unread_bytes();
+    let mut first = Request::new(req());
+    first.set_timeout(Duration::from_millis(300));
+    let err = c.acquire(first).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    let queued = tokio::task::block_in_place(|| redis.wait_unread_above(base));
+    let retry = tokio::spawn({
+        let mut c = c.clone();
+        async move { c.acquire(req()).await }
+    });
+    tokio::task::block_in_place(|| redis.wait_unread_above(queued));
+    redis.thaw();
+    let lease = lease_of(retry.await.unwrap().unwrap().into_inner());
+
+    keeps(&mut c, "retried", &lease.token, Duration::from_millis(1_500)).await;
+    assert!(
+        !c.acquire(acquire("retried", 1_000))
+            .await
+            .unwrap()
+            .into_inner()
+            .acquired
+    );
+}
+
+/// Issue 12, case 2: a duplicated Acquire (same request_id) replays the
+/// delivered lease; the duplicate's reply cannot be delivered (the client
+/// gives no flow-control window, then resets the stream). Its undelivered
+/// reply must not release the original holder's lease.
+async fn an_undelivered_replay_leaves_the_delivered_lease(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut c = server.client().await;
+    let lease = lease_of(
+        c.acquire(with_request_id("dup", "req-d", "me"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    undelivered_acquire(server.addr, with_request_id("dup", "req-d", "me")).await;
+    keeps(&mut c, "dup", &lease.token, Duration::from_millis(1_000)).await;
+
+    // And a fresh grant whose reply is not delivered is given back.
+    undelivered_acquire(server.addr, with_request_id("lost", "req-l", "me")).await;
+    wait_until_async("the undelivered grant given back", Duration::from_secs(3), || {
+        let mut c = c.clone();
+        async move { !held(&mut c, "lost").await }
+    })
+    .await;
+}
+
+/// Sends an Acquire over a raw HTTP/2 connection that grants no window for
+/// the reply's body, waits for the reply's headers (the handler is done),
+/// then resets the stream: the reply is never delivered.
+async fn undelivered_acquire(addr: std::net::SocketAddr, req: pb::AcquireRequest) {
+    use prost::Message;
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut client, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let request = http::Request::post(format!("http://{addr}/leasehold.v1.LockService/Acquire"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let (response, mut send) = client.send_request(request, false).expect("send");
+    let message = req.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend((message.len() as u32).to_be_bytes());
+    frame.extend(message);
+    send.send_data(frame.into(), true).expect("send body");
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("reply headers within 5 s")
+        .expect("reply headers");
+    assert_eq!(response.status(), 200);
+    // Dropping every handle of an open stream resets it (RST_STREAM).
+    drop((response, send, client));
+    conn.abort();
+}
+
+/// Issue 12, case 3: a grant handed to a waiter just as its deadline
+/// comes is delivered or given back, never dropped. Trials race the
+/// holder's release against the waiter's deadline; after each, the lock is
+/// either the waiter's (it was told so) or free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_at_the_waiters_deadline_is_never_left_behind() {
+    let server = TestServer::start(Backend::Memory).await;
+    let mut c = server.client().await;
+    for trial in 0..30u64 {
+        let key = format!("edge-{trial}");
+        let holder = lease_of(c.acquire(acquire(&key, 30_000)).await.unwrap().into_inner());
+        let waiting = pb::AcquireRequest {
+            owner: "waiter".into(),
+            ..acquire_wait(&key, 30_000, 10_000)
+        };
+        // The server stops granting 40 ms before a 400 ms deadline; the
+        // release lands around then.
+        let waiter = tokio::spawn(acquire_with_server_deadline(
+            server.addr,
+            waiting,
+            Duration::from_millis(400),
+        ));
+        tokio::time::sleep(Duration::from_millis(345 + trial % 20)).await;
+        assert!(
+            c.release(release(&key, &holder.token))
+                .await
+                .unwrap()
+                .into_inner()
+                .released
+        );
+        match waiter.await.unwrap() {
+            Ok(reply) => {
+                let lease = lease_of(reply);
+                assert!(c.release(release(&key, &lease.token)).await.unwrap().into_inner().released);
+            }
+            Err((code, _)) => {
+                assert_eq!(code, Code::DeadlineExceeded as i32);
+                wait_until_async("nothing left behind", Duration::from_secs(2), || {
+                    let mut c = c.clone();
+                    let key = key.clone();
+                    async move { !held(&mut c, &key).await }
+                })
+                .await;
+            }
+        }
+    }
+}
+
+/// Issue 12, case 4: a handoff whose reply is lost (Redis frozen past the
+/// store timeout) to a waiter that has left: when the handoff runs after
+/// all, the waiter's grant is given back instead of holding the lock for
+/// its whole TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ambiguous_handoff_to_a_waiter_that_left_is_given_back() {
+    let redis = tokio::task::block_in_place(RedisServer::start);
+    let server = ordered_server(&redis).await;
+    let mut c = server.client().await;
+    let holder = lease_of(c.acquire(acquire("handed", 30_000)).await.unwrap().into_inner());
+    let waiter = tokio::spawn({
+        let mut c = c.clone();
+        async move {
+            let req = pb::AcquireRequest {
+                owner: "waiter".into(),
+                ..acquire_wait("handed", 30_000, 20_000)
+            };
+            c.acquire(req).await
+        }
+    });
+    wait_until("the waiter to queue", Duration::from_secs(5), || {
+        server.waiters.has_waiters("handed")
+    });
+
+    redis.freeze();
+    let base = redis.unread_bytes();
+    let releasing = tokio::spawn({
+        let mut c = c.clone();
+        let token = holder.token.clone();
+        async move { c.release(release("handed", &token)).await }
+    });
+    tokio::task::block_in_place(|| redis.wait_unread_above(base));
+    // The waiter's client gives up while the handoff is in flight.
+    waiter.abort();
+    wait_until("the waiter to leave", Duration::from_secs(5), || {
+        !server.waiters.has_waiters("handed")
+    });
+    let err = releasing.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    redis.thaw();
+
+    wait_until_async("the lost handoff given back", Duration::from_secs(3), || {
+        let mut c = c.clone();
+        async move { !held(&mut c, "handed").await }
+    })
+    .await;
+    // The holder's retried Release tells the truth: it was released.
+    assert!(
+        c.release(release("handed", &holder.token))
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    );
+}
+
+/// Issue 12, case 5, and issue 19's Redis errors: with Redis out of memory
+/// (maxmemory, noeviction), concurrent Releases and Acquires share script
+/// calls. Every Release still happens and says so; every Acquire fails on
+/// its own, as RESOURCE_EXHAUSTED with a message of ours, not Redis's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_memory_fails_only_the_operations_that_need_memory() {
+    let redis = tokio::task::block_in_place(RedisServer::start);
+    let config = leasehold::server::ServerConfig {
+        store_timeout: Duration::from_millis(2_000),
+        health_interval: Duration::from_secs(600),
+        ..test_config()
+    };
+    let server = TestServer::start_tuned(
+        Backend::Redis,
+        Some(redis.url()),
+        unique_prefix(),
+        config,
+        |redis| redis.pool_size = 1,
+    )
+    .await;
+    let c = server.client().await;
+    let mut leases = Vec::new();
+    for i in 0..40 {
+        let key = format!("full-{i}");
+        let lease = lease_of(c.clone().acquire(acquire(&key, 60_000)).await.unwrap().into_inner());
+        leases.push((key, lease.token));
+    }
+    tokio::task::block_in_place(|| {
+        redis.cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+        redis.cli(&["CONFIG", "SET", "maxmemory", "1"]);
+    });
+    let releases = leases.iter().map(|(key, token)| {
+        let mut c = c.clone();
+        async move { c.release(release(key, token)).await }
+    });
+    let acquires = (0..40).map(|i| {
+        let mut c = c.clone();
+        async move { c.acquire(acquire(&format!("new-{i}"), 60_000)).await }
+    });
+    let (released, acquired) = tokio::join!(
+        futures_util::future::join_all(releases),
+        futures_util::future::join_all(acquires)
+    );
+    tokio::task::block_in_place(|| redis.cli(&["CONFIG", "SET", "maxmemory", "0"]));
+    for (result, (key, _)) in released.into_iter().zip(&leases) {
+        let reply = result.unwrap_or_else(|e| panic!("{key}: release failed: {e:?}"));
+        assert!(reply.into_inner().released, "{key}");
+    }
+    // Redis lets a script that has written once go on writing (so that a
+    // script is never cut in half): an Acquire that shares a script call
+    // with a Release may be granted. Each Acquire's answer is true on its
+    // own: granted and held, or refused with our own message.
+    let mut c = c.clone();
+    let mut refused = 0;
+    for (i, result) in acquired.into_iter().enumerate() {
+        match result {
+            Ok(reply) => {
+                let lease = lease_of(reply.into_inner());
+                assert!(held(&mut c, &format!("new-{i}")).await);
+                assert!(!lease.token.is_empty());
+            }
+            Err(err) => {
+                refused += 1;
+                assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+                for redis_text in ["OOM", "maxmemory", "script", "user_script"] {
+                    assert!(!err.message().contains(redis_text), "{err:?}");
+                }
+            }
+        }
+    }
+    assert!(refused > 0, "Redis was out of memory for every Acquire that ran alone");
+    for (key, _) in &leases {
+        assert!(!held(&mut c, key).await, "{key}");
+    }
+}
+
+/// Issue 12, case 6: a request_id is not a bearer credential. Only the same
+/// owner (and tenant) gets the lease again; anyone else presenting the id
+/// makes an ordinary Acquire.
+async fn a_request_id_replays_only_to_its_owner(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut c = server.client().await;
+    let first = lease_of(
+        c.acquire(with_request_id("rid", "req-x", "alice"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let stolen = c
+        .acquire(with_request_id("rid", "req-x", "mallory"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!stolen.acquired && stolen.lease.is_none(), "{stolen:?}");
+    let again = lease_of(
+        c.acquire(with_request_id("rid", "req-x", "alice"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(again.token, first.token);
+}
+
+on_every_store!(
+    an_undelivered_replay_leaves_the_delivered_lease,
+    a_request_id_replays_only_to_its_owner,
+);
+
+/// The same, across tenants: team-b presenting team-a's request_id on a
+/// shared key gets no lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_replays_only_to_its_tenant() {
+    use leasehold::auth::{Authenticator, Policy};
+    let policy = Policy::parse(
+        r#"
+[[tenant]]
+name = "team-a"
+prefixes = ["shared/"]
+tokens = ["team-a-token-1f9e8d7c6b5a"]
+
+[[tenant]]
+name = "team-b"
+prefixes = ["shared/"]
+tokens = ["team-b-token-0a1b2c3d4e5f"]
+"#,
+    )
+    .expect("policy");
+    let config = leasehold::server::ServerConfig {
+        auth: Some(std::sync::Arc::new(Authenticator::new(policy, false))),
+        ..test_config()
+    };
+    let server = TestServer::start_with(Backend::Memory, config).await;
+    let mut c = server.client().await;
+    let as_tenant = |token: &str| {
+        let mut r = Request::new(with_request_id("shared/k", "req-t", "same-owner"));
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        r
+    };
+    let first = c.acquire(as_tenant("team-a-token-1f9e8d7c6b5a")).await.unwrap();
+    assert!(first.into_inner().acquired);
+    let other = c
+        .acquire(as_tenant("team-b-token-0a1b2c3d4e5f"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!other.acquired, "{other:?}");
+}
