@@ -600,8 +600,12 @@ async fn scripts_acquire_renew_describe_release() {
         "key=cli/s released=true"
     );
 
-    // Gone: release and renew say so with 76; describe says held=false.
-    let (code, out, err) = cli(&["release", "cli/s", &token]);
+    // Released: a retried release says so again (a release whose reply
+    // was lost is retried safely); renew says it is gone with 76;
+    // describe says held=false.
+    let (code, out, _) = cli(&["release", "cli/s", &token]);
+    assert_eq!((code, out[0].as_str()), (0, "key=cli/s released=true"));
+    let (code, out, err) = cli(&["release", "cli/s", "0123456789abcdef0123456789abcdef"]);
     assert_eq!((code, out[0].as_str()), (76, "key=cli/s released=false"));
     assert_eq!(err.len(), 1);
     let (code, _, _) = cli(&["renew", "cli/s", &token]);
