@@ -61,6 +61,9 @@ pub struct Seat {
     /// Gives back a grant that arrives after the waiter left, or that may
     /// have been made (an ambiguous handoff) and was never collected.
     on_orphan: GiveBack,
+    /// Whether the waiter may still be handed the lock (its credential
+    /// not revoked meanwhile).
+    allowed: Box<dyn Fn() -> bool + Send + Sync>,
     state: Mutex<SeatState>,
 }
 
@@ -96,11 +99,13 @@ impl Seat {
         spec: Arc<AcquireSpec>,
         grant_until: Instant,
         on_orphan: impl Fn() + Send + Sync + 'static,
+        allowed: impl Fn() -> bool + Send + Sync + 'static,
     ) -> Arc<Self> {
         Arc::new(Self {
             spec,
             grant_until,
             on_orphan: Box::new(on_orphan),
+            allowed: Box::new(allowed),
             state: Mutex::new(SeatState::default()),
         })
     }
@@ -274,9 +279,9 @@ impl WaitQueues {
         let now = Instant::now();
         let entry = inner.keys.get_mut(key)?.iter_mut().find(|e| {
             !e.woken
-                && e.seat
-                    .as_ref()
-                    .is_some_and(|s| s.grant_until > now && s.state().phase == Phase::Waiting)
+                && e.seat.as_ref().is_some_and(|s| {
+                    s.grant_until > now && s.state().phase == Phase::Waiting && (s.allowed)()
+                })
         })?;
         entry.woken = true;
         Some(Offer {
@@ -462,6 +467,7 @@ mod tests {
             move || {
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             },
+            || true,
         )
     }
 

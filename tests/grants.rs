@@ -67,8 +67,14 @@ async fn renewed(c: &mut LockServiceClient<Channel>, key: &str, token: &str) -> 
 async fn keeps(c: &mut LockServiceClient<Channel>, key: &str, token: &str, window: Duration) {
     let end = Instant::now() + window;
     while Instant::now() < end {
-        assert!(held(c, key).await, "{key}: the lease was released behind its holder");
-        assert!(renewed(c, key, token).await, "{key}: the holder's token lost it");
+        assert!(
+            held(c, key).await,
+            "{key}: the lease was released behind its holder"
+        );
+        assert!(
+            renewed(c, key, token).await,
+            "{key}: the holder's token lost it"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -102,7 +108,13 @@ async fn a_request_id_retry_keeps_the_lease_the_first_attempt_got() {
     redis.thaw();
     let lease = lease_of(retry.await.unwrap().unwrap().into_inner());
 
-    keeps(&mut c, "retried", &lease.token, Duration::from_millis(1_500)).await;
+    keeps(
+        &mut c,
+        "retried",
+        &lease.token,
+        Duration::from_millis(1_500),
+    )
+    .await;
     assert!(
         !c.acquire(acquire("retried", 1_000))
             .await
@@ -130,10 +142,14 @@ async fn an_undelivered_replay_leaves_the_delivered_lease(backend: Backend) {
 
     // And a fresh grant whose reply is not delivered is given back.
     undelivered_acquire(server.addr, with_request_id("lost", "req-l", "me")).await;
-    wait_until_async("the undelivered grant given back", Duration::from_secs(3), || {
-        let mut c = c.clone();
-        async move { !held(&mut c, "lost").await }
-    })
+    wait_until_async(
+        "the undelivered grant given back",
+        Duration::from_secs(3),
+        || {
+            let mut c = c.clone();
+            async move { !held(&mut c, "lost").await }
+        },
+    )
     .await;
 }
 
@@ -203,7 +219,13 @@ async fn a_handoff_at_the_waiters_deadline_is_never_left_behind() {
         match waiter.await.unwrap() {
             Ok(reply) => {
                 let lease = lease_of(reply);
-                assert!(c.release(release(&key, &lease.token)).await.unwrap().into_inner().released);
+                assert!(
+                    c.release(release(&key, &lease.token))
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .released
+                );
             }
             Err((code, _)) => {
                 assert_eq!(code, Code::DeadlineExceeded as i32);
@@ -227,7 +249,12 @@ async fn an_ambiguous_handoff_to_a_waiter_that_left_is_given_back() {
     let redis = tokio::task::block_in_place(RedisServer::start);
     let server = ordered_server(&redis).await;
     let mut c = server.client().await;
-    let holder = lease_of(c.acquire(acquire("handed", 30_000)).await.unwrap().into_inner());
+    let holder = lease_of(
+        c.acquire(acquire("handed", 30_000))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
     let waiter = tokio::spawn({
         let mut c = c.clone();
         async move {
@@ -259,10 +286,14 @@ async fn an_ambiguous_handoff_to_a_waiter_that_left_is_given_back() {
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     redis.thaw();
 
-    wait_until_async("the lost handoff given back", Duration::from_secs(3), || {
-        let mut c = c.clone();
-        async move { !held(&mut c, "handed").await }
-    })
+    wait_until_async(
+        "the lost handoff given back",
+        Duration::from_secs(3),
+        || {
+            let mut c = c.clone();
+            async move { !held(&mut c, "handed").await }
+        },
+    )
     .await;
     // The holder's retried Release tells the truth: it was released.
     assert!(
@@ -298,7 +329,13 @@ async fn out_of_memory_fails_only_the_operations_that_need_memory() {
     let mut leases = Vec::new();
     for i in 0..40 {
         let key = format!("full-{i}");
-        let lease = lease_of(c.clone().acquire(acquire(&key, 60_000)).await.unwrap().into_inner());
+        let lease = lease_of(
+            c.clone()
+                .acquire(acquire(&key, 60_000))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
         leases.push((key, lease.token));
     }
     tokio::task::block_in_place(|| {
@@ -344,7 +381,10 @@ async fn out_of_memory_fails_only_the_operations_that_need_memory() {
             }
         }
     }
-    assert!(refused > 0, "Redis was out of memory for every Acquire that ran alone");
+    assert!(
+        refused > 0,
+        "Redis was out of memory for every Acquire that ran alone"
+    );
     for (key, _) in &leases {
         assert!(!held(&mut c, key).await, "{key}");
     }
@@ -413,7 +453,10 @@ tokens = ["team-b-token-0a1b2c3d4e5f"]
             .insert("authorization", format!("Bearer {token}").parse().unwrap());
         r
     };
-    let first = c.acquire(as_tenant("team-a-token-1f9e8d7c6b5a")).await.unwrap();
+    let first = c
+        .acquire(as_tenant("team-a-token-1f9e8d7c6b5a"))
+        .await
+        .unwrap();
     assert!(first.into_inner().acquired);
     let other = c
         .acquire(as_tenant("team-b-token-0a1b2c3d4e5f"))

@@ -93,6 +93,19 @@ pub struct ServeArgs {
     /// Acquire calls that may wait at once on this server.
     #[arg(long, env = "LEASEHOLD_MAX_WAITERS", default_value_t = 10_000)]
     pub max_waiters: usize,
+    /// Acquire calls one tenant (without --auth-file: one connection) may
+    /// have waiting at once on this server, so that no caller can fill
+    /// --max-waiters alone. Past it, a waiting Acquire still tries once.
+    #[arg(long, env = "LEASEHOLD_MAX_WAITERS_PER_CALLER", default_value_t = crate::service::quota::DEFAULT_MAX_WAITERS_PER_CALLER)]
+    pub max_waiters_per_caller: usize,
+    /// KeepAlive streams one tenant (without --auth-file: one connection)
+    /// may have open at once on this server.
+    #[arg(long, env = "LEASEHOLD_MAX_STREAMS_PER_CALLER", default_value_t = crate::service::quota::DEFAULT_MAX_STREAMS_PER_CALLER)]
+    pub max_streams_per_caller: usize,
+    /// Locks one tenant (without --auth-file: one connection) may keep
+    /// alive over KeepAlive streams at once on this server.
+    #[arg(long, env = "LEASEHOLD_MAX_LOCKS_PER_CALLER", default_value_t = crate::service::quota::DEFAULT_MAX_LOCKS_PER_CALLER)]
+    pub max_locks_per_caller: usize,
     /// Serve Prometheus metrics over HTTP at this address (path /metrics).
     #[arg(long, env = "LEASEHOLD_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -210,6 +223,11 @@ impl ServeArgs {
                 fields,
                 max_streams_per_connection: self.max_streams_per_connection,
                 max_locks_per_stream: self.max_locks_per_stream,
+                per_caller: crate::service::quota::QuotaLimits {
+                    waiters: self.max_waiters_per_caller,
+                    streams: self.max_streams_per_caller,
+                    locks: self.max_locks_per_caller,
+                },
             },
             health_interval: self.health_interval,
             store_timeout: self.store_timeout,

@@ -31,6 +31,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Status, Streaming};
 
+use super::quota::{Caller, Kind, Share};
 use super::{Core, KeepAliveStream};
 use crate::auth::Access;
 use crate::lock::{Attachment, LockError, LockKey, Token};
@@ -52,6 +53,9 @@ pub(super) fn start<S: LockStore>(
     request: Request<Streaming<pb::KeepAliveRequest>>,
 ) -> Result<KeepAliveStream, Status> {
     let access = Access::of(request.extensions())?;
+    let caller = Caller::of(&access, request.remote_addr());
+    let stream_share = core.quotas.take(&caller, Kind::Streams, 1)?;
+    let locks = core.quotas.take(&caller, Kind::Locks, 0)?;
     let slot = StreamSlot::take(core.clone(), request.remote_addr())?;
     let inbound = request.into_inner();
     let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
@@ -59,6 +63,8 @@ pub(super) fn start<S: LockStore>(
         core,
         access,
         attachment: Arc::new(Attachment::generate()),
+        _stream_share: stream_share,
+        locks,
         tx,
         attached: HashMap::new(),
         queued: HashMap::new(),
@@ -137,6 +143,11 @@ struct Session<S: LockStore> {
     /// attachment, and the release at the stream's end applies only to
     /// locks whose latest attachment it still is.
     attachment: Arc<Attachment>,
+    /// This stream, counted against its caller's quota of streams.
+    _stream_share: Share,
+    /// The locks this stream tracks (attached or queued), counted against
+    /// its caller's quota of attached locks.
+    locks: Share,
     tx: mpsc::Sender<Result<pb::KeepAliveResponse, Box<Status>>>,
     /// Locks this stream keeps alive, with the token each was attached with.
     attached: HashMap<LockKey, Token>,
@@ -262,6 +273,9 @@ impl<S: LockStore> Session<S> {
                 ))
                 .into());
             }
+            if self.locks.count() <= tracked {
+                self.locks.grow(1)?;
+            }
         }
         self.pending += 1;
         match self.queued.get_mut(&op.key) {
@@ -343,6 +357,14 @@ impl<S: LockStore> Session<S> {
                 }
             }
         }
+        let tracked = self.attached.len()
+            + self
+                .queued
+                .keys()
+                .filter(|k| !self.attached.contains_key(*k))
+                .count();
+        self.locks
+            .shrink(self.locks.count().saturating_sub(tracked));
         self.respond(op.key.into_string(), ttl).await
     }
 

@@ -7,6 +7,7 @@ pub mod convert;
 mod deadline;
 pub mod delivery;
 mod keepalive;
+pub mod quota;
 mod waiting;
 pub mod wire;
 
@@ -37,6 +38,9 @@ pub struct ServiceLimits {
     pub max_streams_per_connection: usize,
     /// Locks attached to one KeepAlive stream.
     pub max_locks_per_stream: usize,
+    /// What one tenant (or, without authentication, one connection) may
+    /// hold at once: waiting Acquires, streams, attached locks.
+    pub per_caller: quota::QuotaLimits,
 }
 
 impl Default for ServiceLimits {
@@ -45,6 +49,7 @@ impl Default for ServiceLimits {
             fields: Limits::default(),
             max_streams_per_connection: 100,
             max_locks_per_stream: 10_000,
+            per_caller: quota::QuotaLimits::default(),
         }
     }
 }
@@ -72,6 +77,8 @@ struct Core<S> {
     shutdown: CancellationToken,
     /// Open KeepAlive streams per client connection.
     streams: Mutex<HashMap<SocketAddr, usize>>,
+    /// Each caller's share of waiters, streams and attached locks.
+    quotas: Arc<quota::Quotas>,
 }
 
 impl<S: LockStore> LockServiceImpl<S> {
@@ -85,6 +92,7 @@ impl<S: LockStore> LockServiceImpl<S> {
         Self {
             core: Arc::new(Core {
                 store,
+                quotas: quota::Quotas::new(limits.per_caller),
                 limits,
                 waiters,
                 shutdown,
@@ -309,6 +317,7 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
     ) -> Result<Response<pb::AcquireResponse>, Status> {
         let start = std::time::Instant::now();
         let deadline = deadline::of(request.metadata());
+        let peer = request.remote_addr();
         let access = Access::of(request.extensions()).map_err(|e| rejected("Acquire", start, e))?;
         let call = convert::acquire_request(request.into_inner(), &self.core.limits.fields)
             .and_then(|call| access.authorize(&call.spec.key).map(|()| call))
@@ -319,7 +328,10 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
             self.core.attempt(&spec).await
         } else {
             let wait = Duration::from_millis(call.wait_ms.into());
-            self.core.acquire_waiting(&spec, wait, deadline).await
+            let caller = quota::Caller::of(&access, peer);
+            self.core
+                .acquire_waiting(&spec, wait, deadline, &access, &caller)
+                .await
         };
         log_result("Acquire", key.as_str(), start, &result, |o| match o {
             AcquireOutcome::Acquired(_) => "acquired",

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 use super::Core;
+use super::quota::{Caller, Kind};
+use crate::auth::Access;
 use crate::lock::{AcquireOutcome, AcquireSpec, LockError};
 use crate::store::LockStore;
 use crate::wait::Seat;
@@ -72,8 +74,10 @@ impl<S: LockStore> Core<S> {
         spec: &Arc<AcquireSpec>,
         wait: Duration,
         deadline: Option<Instant>,
+        access: &Access,
+        caller: &Caller,
     ) -> Result<AcquireOutcome, LockError> {
-        let waiting = self.wait_for(spec, wait, deadline);
+        let waiting = self.wait_for(spec, wait, deadline, access, caller);
         let Some(deadline) = deadline else {
             return waiting.await;
         };
@@ -97,6 +101,8 @@ impl<S: LockStore> Core<S> {
         spec: &Arc<AcquireSpec>,
         wait: Duration,
         deadline: Option<Instant>,
+        access: &Access,
+        caller: &Caller,
     ) -> Result<AcquireOutcome, LockError> {
         let now = Instant::now();
         let wait_end = now + wait;
@@ -125,11 +131,32 @@ impl<S: LockStore> Core<S> {
         // own store call; a grant that lands after we left is given back.
         let seat = {
             let (store, key, token) = (self.store.clone(), spec.key.clone(), spec.token.clone());
-            Seat::new(spec.clone(), end, move || {
-                super::give_back(store.clone(), key.clone(), token.clone())
-            })
+            // A caller whose credential was revoked meanwhile is handed
+            // nothing.
+            let (still, key_now) = (access.clone(), spec.key.clone());
+            Seat::new(
+                spec.clone(),
+                end,
+                move || super::give_back(store.clone(), key.clone(), token.clone()),
+                move || still.authorize(&key_now).is_ok(),
+            )
         };
-        let waiter = self.waiters.register_seat(spec.key.as_str(), seat)?;
+        // The caller's share of waiters, then the server's: when either is
+        // used up, the call still tries once (a free lock is granted), and
+        // only a held lock is refused with RESOURCE_EXHAUSTED.
+        let queued = self
+            .quotas
+            .take(caller, Kind::Waiters, 1)
+            .and_then(|share| Ok((share, self.waiters.register_seat(spec.key.as_str(), seat)?)));
+        let (_share, waiter) = match queued {
+            Ok(queued) => queued,
+            Err(full) => {
+                return match self.attempt(spec).await? {
+                    AcquireOutcome::Acquired(grant) => Ok(AcquireOutcome::Acquired(grant)),
+                    AcquireOutcome::Held { .. } => Err(full),
+                };
+            }
+        };
         if let Err(e) = self.store.watch(&spec.key).await {
             // Not fatal: without release notifications (the subscriber is
             // reconnecting, say, while one cluster primary fails over) the
@@ -157,6 +184,9 @@ impl<S: LockStore> Core<S> {
                 // Dropping the waiter gives back a grant that lands now.
                 return Err(past_deadline());
             }
+            // Re-checked before every try: a credential revoked while the
+            // call waits (an auth file reloaded on SIGHUP) ends the wait.
+            access.authorize(&spec.key)?;
             let retry_after_ms = if std::mem::take(&mut skip_attempt) {
                 None
             } else {

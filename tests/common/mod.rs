@@ -342,10 +342,14 @@ impl RedisServer {
     #[track_caller]
     pub fn wait_unread_above(&self, than: u64) -> u64 {
         let mut now = 0;
-        wait_until("a command to reach the frozen Redis", Duration::from_secs(5), || {
-            now = self.unread_bytes();
-            now > than
-        });
+        wait_until(
+            "a command to reach the frozen Redis",
+            Duration::from_secs(5),
+            || {
+                now = self.unread_bytes();
+                now > than
+            },
+        );
         now
     }
 }
