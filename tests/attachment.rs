@@ -5,6 +5,8 @@
 //! the stream it was last renewed through ends.
 
 mod common;
+#[path = "faults/proxy.rs"]
+mod proxy;
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +19,7 @@ on_every_store!(
     old_stream_cancel_keeps_a_lock_renewed_elsewhere,
     renewing_alternately_moves_ownership_each_time,
     a_lock_never_renewed_elsewhere_is_released_at_its_stream_end,
+    a_partitioned_old_stream_ends_late_and_releases_nothing,
 );
 
 /// Two servers on the same locks (one server twice on the memory store,
@@ -174,4 +177,70 @@ async fn a_lock_never_renewed_elsewhere_is_released_at_its_stream_end(backend: B
     assert!(sa.next().await.unwrap().is_none());
     assert!(!held(&mut ca, "one").await, "A's own lock is released");
     assert!(held(&mut ca, "two").await, "the lock B renewed stays");
+}
+
+/// The case the rule exists for: the client's connection to A is cut off
+/// (a partition: A hears nothing, so it learns of the dead connection only
+/// when its HTTP/2 PINGs go unanswered), the client re-attaches on B and a
+/// rival waits on B. When A finally ends the old stream, the lock stays
+/// with the client; the rival gets it only when the client's latest stream
+/// ends.
+async fn a_partitioned_old_stream_ends_late_and_releases_nothing(backend: Backend) {
+    let config = || leasehold::server::ServerConfig {
+        keepalive_interval: Duration::from_millis(300),
+        keepalive_timeout: Duration::from_millis(300),
+        ..test_config()
+    };
+    let a = TestServer::start_with(backend, config()).await;
+    let b = match backend {
+        Backend::Memory => None,
+        _ => Some(
+            TestServer::start_on(backend, a.redis_url.clone(), a.prefix.clone(), config()).await,
+        ),
+    };
+    let b_ref = b.as_ref().unwrap_or(&a);
+    let proxy = proxy::Proxy::start(a.addr).await;
+    let mut via_proxy = LockServiceClient::connect(format!("http://{}", proxy.addr))
+        .await
+        .unwrap();
+    let mut cb = b_ref.client().await;
+    let lease = lease_of(
+        via_proxy
+            .acquire(acquire("cut", 10_000))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let mut sa = KeepAliveSession::open(&mut via_proxy).await.unwrap();
+    assert!(sa.renew("cut", &lease.token, 0).await.alive);
+
+    proxy.set(proxy::Mode::Pause);
+    let mut sb = KeepAliveSession::open(&mut cb).await.unwrap();
+    assert!(sb.renew("cut", &lease.token, 0).await.alive);
+    let rival = tokio::spawn({
+        let mut c = cb.clone();
+        async move { c.acquire(acquire_wait("cut", 10_000, 8_000)).await }
+    });
+    // Well past A's PING interval + timeout (0.6 s): A has ended the old
+    // stream meanwhile. The client keeps renewing through B, and the lock
+    // stays its own.
+    let end = Instant::now() + Duration::from_millis(2_500);
+    while Instant::now() < end {
+        assert!(sb.renew("cut", &lease.token, 0).await.alive);
+        assert!(
+            !rival.is_finished(),
+            "the rival was granted while the client held the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sb.half_close();
+    assert!(sb.next().await.unwrap().is_none());
+    let granted = tokio::time::timeout(Duration::from_secs(3), rival)
+        .await
+        .expect("the rival is granted at the end of the latest stream")
+        .unwrap()
+        .unwrap()
+        .into_inner();
+    assert!(granted.acquired);
+    drop(sa);
 }
