@@ -298,7 +298,8 @@ impl LockStore for MemoryStore {
                 self.inner.waiters.released(key.as_str());
                 Ok(false)
             }
-            Freed::Before => Ok(true),
+            // Released before: a retried release; a give-back gave nothing.
+            Freed::Before => Ok(kind != Releasing::GiveBack),
             Freed::No => Ok(false),
         }
     }

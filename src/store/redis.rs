@@ -1167,8 +1167,8 @@ impl LockStore for RedisStore {
         let fence = int(&reply).ok_or_else(|| unexpected(&reply))?;
         match fence {
             // Released before (a resent or retried release): true, and
-            // nobody to wake.
-            -1 => return Ok(true),
+            // nobody to wake. (For a give-back: nothing was given back.)
+            -1 => return Ok(kind != Releasing::GiveBack),
             f if f <= 0 => return Ok(false),
             _ => {}
         }
