@@ -25,8 +25,9 @@ use fred::prelude::*;
 use fred::types::scripts::Script;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
+use super::call::{LATE_REPLY_LIMIT, evalsha, routed};
+use super::errors::{map_error, op_result};
 use super::route::Route;
-use super::{LATE_REPLY_LIMIT, evalsha, map_error, op_result, routed};
 use crate::lock::LockError;
 use crate::task::TaskGuard;
 

@@ -1,0 +1,50 @@
+//! What each script takes, as strings in the order its `ARGV` reads them.
+
+use std::time::Duration;
+
+use crate::lock::AcquireSpec;
+use crate::lock::Token;
+use crate::store::Releasing;
+
+/// How long a fencing counter outlives the TTL of the grant that set it.
+/// The TIME floor keeps fencing tokens increasing without the counter
+/// (Redis runs one script at a time, each longer than a microsecond, so the
+/// counter never gets ahead of TIME by more than one), so it needs to live
+/// only as long as it helps: across a failover to a replica whose clock is
+/// behind. Short, so that lock names used once do not hold Redis memory
+/// (20 000 names once held 16 MB for 7 days).
+pub(super) const COUNTER_GRACE: Duration = Duration::from_secs(600);
+
+/// What `grant()` (grant.lua) takes for `spec`: token, TTL, owner,
+/// metadata, request id, counter TTL; after `before`, if given (the
+/// handoff script's old token).
+pub(super) fn grant_args(before: Option<&Token>, spec: &AcquireSpec) -> Vec<String> {
+    let mut args = Vec::with_capacity(8);
+    args.extend(before.map(|t| t.expose().to_owned()));
+    args.extend([
+        spec.token.expose().to_owned(),
+        spec.ttl_ms.to_string(),
+        spec.owner.clone(),
+        spec.metadata.encode(),
+        spec.request_id.clone().unwrap_or_default(),
+        (u64::from(spec.ttl_ms) + COUNTER_GRACE.as_millis() as u64).to_string(),
+    ]);
+    args
+}
+
+/// The attachment argument of the release and handoff scripts: the
+/// stream's id for a stream's end, '' otherwise.
+pub(super) fn attachment_arg(kind: Releasing<'_>) -> String {
+    match kind {
+        Releasing::StreamEnd(att) => att.as_str().to_owned(),
+        Releasing::Holder | Releasing::GiveBack => String::new(),
+    }
+}
+
+/// The acquire script's arguments: the grant's, then `min_replicas` (0: no
+/// replica check).
+pub(super) fn acquire_args(spec: &AcquireSpec, min_replicas: u32) -> Vec<String> {
+    let mut args = grant_args(None, spec);
+    args.push(min_replicas.to_string());
+    args
+}
