@@ -9,8 +9,8 @@
 //! - [`codec`]: the prost codec with small buffers the generated code uses.
 //! - [`lock`]: domain types (keys, tokens, leases, limits) and [`lock::LockError`].
 //! - [`store`]: the [`store::LockStore`] seam, the Redis store and the memory store.
-//! - [`wait`]: per-key queues of waiting Acquires and the wake-one rule.
-//! - [`service`]: the gRPC handlers, KeepAlive sessions and server-side waiting.
+//! - [`service`]: the gRPC handlers, KeepAlive sessions, server-side waiting
+//!   and its queues, per-caller quotas.
 //! - [`server`]: assembles tonic with health, reflection, limits and shutdown.
 //! - [`client`]: the Rust SDK: failover, lock guards kept alive over one stream.
 //! - [`cli`]: the `leasehold` subcommands.
@@ -30,4 +30,3 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod task;
-pub mod wait;

@@ -15,10 +15,10 @@ use tonic_health::server::HealthReporter;
 
 use crate::auth::{AuthLayer, Authenticator};
 use crate::pb;
+use crate::service::queues::WaitQueues;
 use crate::service::{LockServiceImpl, ServiceLimits};
 use crate::store::{Instrumented, LockStore};
 use crate::task::TaskGuard;
-use crate::wait::WaitQueues;
 
 /// Largest request message accepted. Requests are small (a key, an owner,
 /// 4 KiB of metadata); anything far bigger is hostile.

@@ -11,9 +11,9 @@ use crate::auth::Authenticator;
 use crate::lock::Limits;
 use crate::server::{self, ServerConfig, ServerTls};
 use crate::service::ServiceLimits;
+use crate::service::queues::WaitQueues;
 use crate::store::{MemoryStore, RedisConfig, RedisStore, RedisTls};
 use crate::task::TaskGuard;
-use crate::wait::WaitQueues;
 
 /// Flags of `leasehold serve`.
 #[derive(Debug, Clone, Args)]

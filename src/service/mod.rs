@@ -4,16 +4,16 @@
 //! (`waiting`) and KeepAlive streams (`keepalive`).
 
 pub mod convert;
+mod core;
 mod deadline;
 pub mod delivery;
 mod keepalive;
+pub mod queues;
 pub mod quota;
 mod waiting;
 pub mod wire;
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,13 +21,13 @@ use std::time::Duration;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::Instrument;
 
+use self::core::{Core, bind_request_id, give_back};
 use crate::auth::Access;
-use crate::lock::{AcquireOutcome, AcquireSpec, Grant, Limits, LockError, LockKey, Token};
+use crate::lock::{AcquireOutcome, Limits, LockError};
 use crate::pb;
 use crate::store::{LockStore, Releasing};
-use crate::wait::WaitQueues;
+use queues::WaitQueues;
 
 /// What the service enforces besides per-field limits.
 #[derive(Debug, Clone)]
@@ -67,20 +67,6 @@ impl<S> Clone for LockServiceImpl<S> {
     }
 }
 
-/// State shared by all calls of one server.
-struct Core<S> {
-    store: Arc<S>,
-    limits: ServiceLimits,
-    waiters: Arc<WaitQueues>,
-    /// Cancelled when the server begins a graceful shutdown: streams end
-    /// with UNAVAILABLE without releasing, waits end with UNAVAILABLE.
-    shutdown: CancellationToken,
-    /// Open KeepAlive streams per client connection.
-    streams: Mutex<HashMap<SocketAddr, usize>>,
-    /// Each caller's share of waiters, streams and attached locks.
-    quotas: Arc<quota::Quotas>,
-}
-
 impl<S: LockStore> LockServiceImpl<S> {
     /// A service over `store`, whose releases wake `waiters`.
     pub fn new(
@@ -100,179 +86,6 @@ impl<S: LockStore> LockServiceImpl<S> {
             }),
         }
     }
-}
-
-impl<S: LockStore> Core<S> {
-    /// One store attempt that cannot leave an orphan lease behind.
-    ///
-    /// The store call runs as an owned future. If this call is dropped
-    /// while it is in flight (the client cancelled), the future is finished
-    /// in the background and a grant it produced is given back: only after
-    /// the grant, so the give-back can never overtake it. If the store
-    /// fails ambiguously (UNAVAILABLE after the script may have run), or
-    /// its reply comes after the store timeout, the token is given back
-    /// too. Every path ends in [`Core::give_back`], which never releases a
-    /// lease that a `request_id` replay handed out.
-    async fn attempt(&self, spec: &Arc<AcquireSpec>) -> Result<AcquireOutcome, LockError> {
-        let (store, owned) = (self.store.clone(), spec.clone());
-        let late = self.give_back_late(spec);
-        let pending = Pending {
-            fut: Some(Box::pin(async move { store.acquire(&owned, late).await })),
-            store: self.store.clone(),
-            spec: spec.clone(),
-        };
-        let result = pending.await;
-        if matches!(result, Err(LockError::Unavailable(_))) {
-            give_back(self.store.clone(), spec.key.clone(), spec.token.clone());
-        }
-        result
-    }
-
-    /// What the store calls when it learns of a grant to `spec` only after
-    /// the call failed: give it back (its caller was told it failed).
-    fn give_back_late(&self, spec: &AcquireSpec) -> impl FnOnce(Grant) + Send + 'static {
-        let (store, key, token) = (self.store.clone(), spec.key.clone(), spec.token.clone());
-        move |grant: Grant| {
-            if grant.token == token {
-                give_back(store, key, token);
-            }
-        }
-    }
-
-    /// Gives a lock back. If a call on this server waits for the same key,
-    /// the store hands the lock straight to it in the same step (one store
-    /// call instead of a release, a notification and an acquire), and the
-    /// waiter is woken with its grant in hand.
-    async fn release(
-        &self,
-        key: &LockKey,
-        token: &Token,
-        kind: Releasing<'_>,
-    ) -> Result<bool, LockError> {
-        let Some(offer) = self.waiters.offer(key.as_str()) else {
-            return self.store.release(key, token, kind).await;
-        };
-        let late = offer.late();
-        match self
-            .store
-            .release_and_grant(key, token, kind, offer.spec(), late)
-            .await
-        {
-            Ok((true, Some(grant))) => {
-                offer.deliver(grant);
-                Ok(true)
-            }
-            Ok((true, None)) => {
-                offer.retry();
-                Ok(true)
-            }
-            Ok((false, _)) => {
-                offer.cancel();
-                Ok(false)
-            }
-            Err(e) => {
-                // Maybe handed over, maybe not: the waiter tries itself,
-                // with the same token, so it gets the grant if there was
-                // one; if it leaves first, its token is given back.
-                offer.ambiguous();
-                Err(e)
-            }
-        }
-    }
-}
-
-type AttemptFuture = Pin<Box<dyn Future<Output = Result<AcquireOutcome, LockError>> + Send>>;
-
-/// An in-flight store Acquire that finishes in the background if dropped.
-struct Pending<S: LockStore> {
-    fut: Option<AttemptFuture>,
-    store: Arc<S>,
-    spec: Arc<AcquireSpec>,
-}
-
-impl<S: LockStore> Future for Pending<S> {
-    type Output = Result<AcquireOutcome, LockError>;
-
-    fn poll(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let Some(fut) = self.fut.as_mut() else {
-            return std::task::Poll::Ready(Err(LockError::Internal(
-                "attempt polled after completion".into(),
-            )));
-        };
-        let result = std::task::ready!(fut.as_mut().poll(cx));
-        self.fut = None;
-        std::task::Poll::Ready(result)
-    }
-}
-
-impl<S: LockStore> Drop for Pending<S> {
-    fn drop(&mut self) {
-        let Some(fut) = self.fut.take() else { return };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (store, spec) = (self.store.clone(), self.spec.clone());
-        rt.spawn(
-            async move {
-                // Bounded: past this the lease's own TTL is the cleanup.
-                let outcome = tokio::time::timeout(ABANDONED_ATTEMPT_LIMIT, fut).await;
-                let granted = matches!(
-                    &outcome,
-                    Ok(Ok(AcquireOutcome::Acquired(grant))) if grant.token == spec.token
-                );
-                let ambiguous = matches!(&outcome, Ok(Err(LockError::Unavailable(_))));
-                if granted || ambiguous {
-                    give_back(store, spec.key.clone(), spec.token.clone());
-                }
-            }
-            .instrument(tracing::debug_span!("abandoned-acquire")),
-        );
-    }
-}
-
-/// How long an Acquire whose caller went away may still finish in the
-/// background (to release what it granted).
-const ABANDONED_ATTEMPT_LIMIT: Duration = Duration::from_secs(60);
-
-/// Gives back, in the background, a grant its client may never have seen:
-/// the one undo of every path (dropped call, store timeout, late reply,
-/// undelivered reply, handoff to a waiter that left). The store releases
-/// only if `token` still holds the lock and no `request_id` replay handed
-/// it out (documentation/semantics.md, "Every grant ends exactly once").
-pub(crate) fn give_back<S: LockStore>(store: Arc<S>, key: LockKey, token: Token) {
-    let Ok(rt) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    rt.spawn(
-        async move {
-            match store.release(&key, &token, Releasing::GiveBack).await {
-                Ok(true) => tracing::debug!(key = key.as_str(), "gave back a grant its client never received"),
-                Ok(false) => {}
-                Err(e) => tracing::warn!(key = key.as_str(), error = %e, "could not give back an undelivered grant; it expires with its TTL"),
-            }
-        }
-        .instrument(tracing::debug_span!("give-back")),
-    );
-}
-
-/// Binds a `request_id` to its caller: the store sees a digest of the
-/// tenant, the owner and the id, so a replay returns a lease only to the
-/// same tenant and owner that asked for it; anyone else presenting the same
-/// id makes an ordinary Acquire (the id is no bearer credential). The
-/// digest also keeps the client's id text out of Redis.
-fn bind_request_id(access: &Access, mut spec: AcquireSpec) -> AcquireSpec {
-    if let Some(id) = spec.request_id.take() {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        for part in [access.tenant().unwrap_or(""), &spec.owner, &id] {
-            ctx.update(&(part.len() as u64).to_be_bytes());
-            ctx.update(part.as_bytes());
-        }
-        spec.request_id = Some(hex::encode(&ctx.finish().as_ref()[..16]));
-    }
-    spec
 }
 
 /// Counts and logs a request refused before it reached the store. The key

@@ -1,6 +1,6 @@
 //! Acquire with `wait_ms > 0`: the call waits in the server, woken by
 //! (1) a release notification for the key (one waiter per release, see
-//! `crate::wait`), (2) the holder's TTL deadline, for locks that expire
+//! `queues`), (2) the holder's TTL deadline, for locks that expire
 //! instead of being released, or (3) a capped exponential backoff with full
 //! jitter, the fallback for a lost notification. It ends at `wait_ms` with
 //! `acquired = false`, or at the caller's gRPC deadline with
@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 use super::Core;
+use super::queues::Seat;
 use super::quota::{Caller, Kind};
 use crate::auth::Access;
 use crate::lock::{AcquireOutcome, AcquireSpec, LockError};
 use crate::store::LockStore;
-use crate::wait::Seat;
 
 /// First fallback retry, before jitter.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);

@@ -11,12 +11,11 @@ use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use super::{LateGrant, LockStore, Releasing, monotonic_unix_micros};
+use super::{LateGrant, LockStore, ReleaseListener, Releasing, monotonic_unix_micros};
 use crate::lock::{
     AcquireOutcome, AcquireSpec, Attachment, Grant, LockError, LockInfo, LockKey, Metadata, Token,
 };
 use crate::task::TaskGuard;
-use crate::wait::WaitQueues;
 
 const SHARDS: usize = 64;
 /// How often expired leases are dropped and their waiters woken.
@@ -33,7 +32,7 @@ pub struct MemoryStore {
 struct Inner {
     shards: Box<[Mutex<HashMap<String, Slot>>]>,
     hasher: RandomState,
-    waiters: Arc<WaitQueues>,
+    waiters: Arc<dyn ReleaseListener>,
 }
 
 /// One key's state. The fencing counter outlives the lease; the slot is
@@ -97,7 +96,7 @@ impl Held {
 impl MemoryStore {
     /// A new empty store that wakes `waiters` on release and expiry. Must be
     /// called inside a tokio runtime (it starts its expiry sweeper).
-    pub fn new(waiters: Arc<WaitQueues>) -> Self {
+    pub fn new(waiters: Arc<dyn ReleaseListener>) -> Self {
         let inner = Arc::new(Inner {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),

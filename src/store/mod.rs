@@ -30,6 +30,18 @@ pub enum Releasing<'a> {
     GiveBack,
 }
 
+/// What a store tells the layer above about releases, so that waiting
+/// Acquires on this server wake (the store does not know who waits: the
+/// service owns its wait queues and hands the store this).
+pub trait ReleaseListener: Send + Sync + std::fmt::Debug + 'static {
+    /// `key` came free (released, expired, or a release notification from
+    /// another server arrived).
+    fn released(&self, key: &str);
+    /// Whether anyone on this server waits for `key` (so that the store
+    /// subscribes to, and keeps, only channels someone needs).
+    fn has_waiters(&self, key: &str) -> bool;
+}
+
 /// Told of a grant the store learned of only after its call had already
 /// failed (a reply after the store timeout): the caller decides whether
 /// it is given back. Called at most once, and only for a grant.

@@ -33,12 +33,11 @@ use fred::prelude::*;
 use fred::types::scripts::Script;
 use futures_util::future::join_all;
 
-use super::{LateGrant, LockStore, Releasing};
+use super::{LateGrant, LockStore, ReleaseListener, Releasing};
 use crate::lock::{
     AcquireOutcome, AcquireSpec, Attachment, Grant, LockError, LockInfo, LockKey, Metadata, Token,
     remaining_ms,
 };
-use crate::wait::WaitQueues;
 use acks::ReplicaAcks;
 use args::{acquire_args, attachment_arg, grant_args};
 use batch::{Batcher, Op};
@@ -82,7 +81,10 @@ impl RedisStore {
     /// Builds the clients and starts connecting. If Redis is not reachable
     /// yet, this still succeeds: calls fail with UNAVAILABLE (and health says
     /// NOT_SERVING) until fred's reconnect loop gets through.
-    pub async fn connect(config: &RedisConfig, waiters: Arc<WaitQueues>) -> Result<Self, String> {
+    pub async fn connect(
+        config: &RedisConfig,
+        waiters: Arc<dyn ReleaseListener>,
+    ) -> Result<Self, String> {
         if config.prefix.contains(['{', '}']) {
             return Err(format!(
                 "key prefix {:?} must not contain '{{' or '}}': they would change the hash slot",

@@ -15,13 +15,13 @@ use super::call::bounded;
 use super::names::{key_of_channel, unescape_tag};
 use super::replies::int;
 use crate::lock::LockError;
+use crate::store::ReleaseListener;
 use crate::task::TaskGuard;
-use crate::wait::WaitQueues;
 
 /// The subscriber client and what it is subscribed to.
 pub(super) struct Subscriptions {
     subscriber: SubscriberClient,
-    waiters: Arc<WaitQueues>,
+    waiters: Arc<dyn ReleaseListener>,
     local: Arc<LocalReleases>,
     /// Release channels subscribed, with when a waiter last needed each.
     watched: Arc<Mutex<HashMap<String, Instant>>>,
@@ -38,7 +38,7 @@ impl Subscriptions {
     pub(super) fn start(
         subscriber: SubscriberClient,
         prefix: &str,
-        waiters: Arc<WaitQueues>,
+        waiters: Arc<dyn ReleaseListener>,
         timeout: Duration,
     ) -> Self {
         let watched = Arc::new(Mutex::new(HashMap::new()));
@@ -136,7 +136,7 @@ pub(super) const SUBSCRIPTION_IDLE: Duration = Duration::from_secs(30);
 pub(super) async fn listen(
     subscriber: SubscriberClient,
     prefix: String,
-    waiters: Arc<WaitQueues>,
+    waiters: Arc<dyn ReleaseListener>,
     local: Arc<LocalReleases>,
 ) {
     let mut rx = subscriber.message_rx();
@@ -199,7 +199,7 @@ pub(super) async fn reap(
     prefix: String,
     watched: Arc<Mutex<HashMap<String, Instant>>>,
     subscribing: Arc<tokio::sync::Mutex<()>>,
-    waiters: Arc<WaitQueues>,
+    waiters: Arc<dyn ReleaseListener>,
 ) {
     let mut tick = tokio::time::interval(SUBSCRIPTION_IDLE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

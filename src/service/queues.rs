@@ -1,8 +1,10 @@
 //! Per-key queues of Acquire calls waiting on this server, and the wake-up
 //! rule that keeps them from stampeding the store.
 //!
-//! A store tells [`WaitQueues::released`] when a lock is given back (the
-//! memory store directly, the Redis store from its sharded subscription).
+//! A store tells the queues when a lock is given back, through the
+//! [`crate::store::ReleaseListener`] they implement (the memory store
+//! directly, the Redis store from its sharded subscription); the service
+//! owns them and is their only other user.
 //! One release wakes one waiter, the oldest that is not already trying, so
 //! a release on a key with fifty waiters costs one store call, not fifty,
 //! and waiters on one server are served roughly first come, first served.
@@ -330,6 +332,15 @@ fn wake_one(queue: &mut VecDeque<Entry>) {
                 first.notify.notify_one();
             }
         }
+    }
+}
+
+impl crate::store::ReleaseListener for WaitQueues {
+    fn released(&self, key: &str) {
+        WaitQueues::released(self, key);
+    }
+    fn has_waiters(&self, key: &str) -> bool {
+        WaitQueues::has_waiters(self, key)
     }
 }
 
