@@ -7,7 +7,13 @@
 //! RESOURCE_EXHAUSTED — never INTERNAL or UNKNOWN, never a hang — and the
 //! server must stay healthy.
 
+#[path = "common/certs.rs"]
+mod certs;
 mod common;
+#[path = "hostile/connections.rs"]
+mod connections;
+#[path = "hostile/h2raw.rs"]
+mod h2raw;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -9,7 +9,8 @@ use clap::Args;
 
 use crate::auth::Authenticator;
 use crate::lock::Limits;
-use crate::server::{self, ServerConfig, ServerTls};
+use crate::server::connections::DEFAULT_MAX_CONCURRENT_STREAMS;
+use crate::server::{self, ConnectionLimits, ServerConfig, ServerTls};
 use crate::service::ServiceLimits;
 use crate::store::{MemoryStore, RedisConfig, RedisStore, RedisTls};
 use crate::task::TaskGuard;
@@ -87,6 +88,30 @@ pub struct ServeArgs {
         default_value_t = 100
     )]
     pub max_streams_per_connection: usize,
+    /// HTTP/2 streams one connection may have open at once: calls of every
+    /// kind, Health Watch and reflection included. The client is told in
+    /// SETTINGS; a stream over it is refused (REFUSED_STREAM).
+    #[arg(
+        long,
+        env = "LEASEHOLD_MAX_CONCURRENT_STREAMS",
+        default_value_t = DEFAULT_MAX_CONCURRENT_STREAMS,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_concurrent_streams: u32,
+    /// Client connections open at once; one more is closed as soon as it is
+    /// accepted. Default: 10000, or the open-file limit (ulimit -n) minus
+    /// 32 when that is lower.
+    #[arg(long, env = "LEASEHOLD_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: Option<u64>,
+    /// How soon after it is accepted a connection must begin its first call
+    /// (its TLS handshake and HTTP/2 preface come before); else it is closed.
+    #[arg(long, env = "LEASEHOLD_HANDSHAKE_TIMEOUT", default_value = HANDSHAKE_TIMEOUT, value_parser = positive_duration)]
+    pub handshake_timeout: Duration,
+    /// A connection with no call open for this long is closed; clients
+    /// reconnect on their next call. A KeepAlive or Watch stream is a call
+    /// in progress, however long it lasts.
+    #[arg(long, env = "LEASEHOLD_IDLE_TIMEOUT", default_value = IDLE_TIMEOUT, value_parser = positive_duration)]
+    pub idle_timeout: Duration,
     /// Locks one KeepAlive stream may keep alive.
     #[arg(long, env = "LEASEHOLD_MAX_LOCKS_PER_STREAM", default_value_t = 10_000)]
     pub max_locks_per_stream: usize,
@@ -159,6 +184,20 @@ pub struct ServeArgs {
     pub redis_tls_key: Option<PathBuf>,
 }
 
+/// `--handshake-timeout`'s default, [`crate::server::connections::DEFAULT_HANDSHAKE_TIMEOUT`].
+const HANDSHAKE_TIMEOUT: &str = "10s";
+/// `--idle-timeout`'s default, [`crate::server::connections::DEFAULT_IDLE_TIMEOUT`].
+const IDLE_TIMEOUT: &str = "5m";
+
+/// A duration above zero.
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("must be more than 0".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn read_pem(flag: &str, path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("--{flag} {}: {e}", path.display()))
 }
@@ -216,6 +255,14 @@ impl ServeArgs {
             keepalive_interval: self.keepalive_interval,
             keepalive_timeout: self.keepalive_timeout,
             shutdown_grace: self.shutdown_grace,
+            connections: ConnectionLimits {
+                max_concurrent_streams: self.max_concurrent_streams,
+                max_connections: self
+                    .max_connections
+                    .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+                handshake_timeout: self.handshake_timeout,
+                idle_timeout: self.idle_timeout,
+            },
             max_waiters: self.max_waiters,
             tls,
             auth,
@@ -348,4 +395,30 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     result.map_err(|e| format!("server error: {e}"))?;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn connection_defaults_are_the_named_constants() {
+        let cli = Cli::try_parse_from(["serve"]).unwrap();
+        let config = cli.serve.server_config().unwrap();
+        assert_eq!(config.connections, ConnectionLimits::default());
+        for zero in [
+            "--handshake-timeout=0s",
+            "--idle-timeout=0s",
+            "--max-connections=0",
+        ] {
+            assert!(Cli::try_parse_from(["serve", zero]).is_err(), "{zero}");
+        }
+    }
 }
