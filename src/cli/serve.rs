@@ -368,13 +368,14 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let waiters = WaitQueues::new(config.max_waiters);
+    let max_connections = config.connections.max_connections();
     let result = match &args.redis_url {
         None => {
             tracing::warn!(
                 "no --redis-url: using the embedded in-memory store; it is single-process and not durable (locks are lost on restart, and servers do not share them)"
             );
             let store = Arc::new(MemoryStore::new(waiters.clone()));
-            tracing::info!(%addr, store = "memory", tls = config.tls.is_some(), "listening");
+            tracing::info!(%addr, store = "memory", tls = config.tls.is_some(), max_connections, "listening");
             server::run(store, waiters, config, listener, termination()).await
         }
         Some(url) => {
@@ -388,7 +389,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
                 batch_max: usize::try_from(args.redis_batch).unwrap_or(1),
             };
             let store = Arc::new(RedisStore::connect(&redis, waiters.clone()).await?);
-            tracing::info!(%addr, store = "redis", tls = config.tls.is_some(), "listening");
+            tracing::info!(%addr, store = "redis", tls = config.tls.is_some(), max_connections, "listening");
             server::run(store, waiters, config, listener, termination()).await
         }
     };

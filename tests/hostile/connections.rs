@@ -267,27 +267,73 @@ fn ticks_per_second() -> u64 {
 
 const FD_LIMIT: usize = 64;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn running_out_of_descriptors_neither_spins_nor_starves() {
-    // --max-connections above the descriptor limit, so that accept itself
-    // fails with EMFILE: the case the backoff is for.
+/// `leasehold serve ARGS` under `ulimit -n FD_LIMIT`: the process, its pid,
+/// its output and its address once it listens.
+fn serve_with_fd_limit(args: &[&str]) -> (std::process::Child, u32, Output, String) {
     let mut cmd = Command::new("sh");
     cmd.env("LEASEHOLD_LOG", "info")
         .arg("-c")
         .arg(format!("ulimit -n {FD_LIMIT} && exec \"$0\" \"$@\""))
         .arg(env!("CARGO_BIN_EXE_leasehold"))
         .args(["--log-format", "text", "serve", "--listen", "127.0.0.1:0"])
-        .args(["--handshake-timeout", "3s", "--max-connections", "1000"]);
+        .args(args);
     let mut child = spawn_tied(cmd);
     let pid = child.id();
     let output = Output::capture(&mut child);
-    let line =
-        tokio::task::block_in_place(|| output.wait_for("listening", Duration::from_secs(20)));
+    let line = output.wait_for("listening", Duration::from_secs(20));
     let addr = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix("addr="))
         .expect("addr")
         .to_string();
+    (child, pid, output, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_cap_are_closed_at_once() {
+    // The default cap under `ulimit -n 64`: 64 - 32 descriptors.
+    let cap = FD_LIMIT - 32;
+    let (_child, pid, output, addr) =
+        tokio::task::block_in_place(|| serve_with_fd_limit(&["--handshake-timeout", "30s"]));
+    let line = output.find("listening").expect("listening");
+    assert!(line.contains(&format!("max_connections={cap}")), "{line}");
+    let endpoint = format!("http://{addr}");
+    let mut legit = server_client(&endpoint).await;
+    legit
+        .describe(describe("legit/key"))
+        .await
+        .expect("describe");
+
+    // One legitimate connection and `cap + 8` silent ones: the last 9 are
+    // closed at once, long before the handshake timeout.
+    let extra = 8;
+    let closed = silent_sockets(&addr, cap + extra, Duration::from_secs(3)).await;
+    let refused = closed.iter().flatten().count();
+    eprintln!(
+        "ulimit -n {FD_LIMIT}, default cap {cap}: 1 client and {} silent sockets: {refused} \
+         closed within 3 s, {} descriptors open",
+        cap + extra,
+        open_fds(pid)
+    );
+    assert_eq!(refused, extra + 1, "{closed:?}");
+    assert!(output.find("connection limit reached").is_some());
+    assert!(
+        output.find("accept failed").is_none(),
+        "the cap came before EMFILE"
+    );
+    legit
+        .describe(describe("legit/key"))
+        .await
+        .expect("describe");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_neither_spins_nor_starves() {
+    // --max-connections above the descriptor limit, so that accept itself
+    // fails with EMFILE: the case the backoff is for.
+    let (_child, pid, output, addr) = tokio::task::block_in_place(|| {
+        serve_with_fd_limit(&["--handshake-timeout", "3s", "--max-connections", "1000"])
+    });
     let endpoint = format!("http://{addr}");
     let mut legit = server_client(&endpoint).await;
     legit
