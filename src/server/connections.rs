@@ -562,7 +562,10 @@ mod tests {
         assert_eq!(a.deadline(&t), a.accepted_at + t.handshake);
         let call = CallGuard::new(a.clone());
         let open = Instant::now();
-        assert!(a.deadline(&t) >= open + t.idle, "pushed back while a call is open");
+        assert!(
+            a.deadline(&t) >= open + t.idle,
+            "pushed back while a call is open"
+        );
         drop(call);
         let closed = Instant::now();
         let deadline = a.deadline(&t);
