@@ -1,6 +1,8 @@
 //! The `leasehold` binary end to end: flags, the in-memory default, health,
 //! reflection-free gRPC calls, JSON logs, and graceful shutdown on SIGTERM.
 
+#[path = "common/certs.rs"]
+mod certs;
 mod common;
 
 use std::process::Command;
@@ -376,4 +378,91 @@ fn signal_term(pid: u32) {
         .expect("kill")
         .success();
     assert!(ok);
+}
+
+/// Runs `leasehold ARGS`; returns its exit code, stderr and how long it took.
+fn cli(args: &[&str]) -> (Option<i32>, String, Duration) {
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        .env_remove("LEASEHOLD_ENDPOINT")
+        .env_remove("LEASEHOLD_TLS_CA")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        started.elapsed(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_mismatch_and_missing_files_are_configuration_errors_at_once() {
+    let pki = certs::Pki::new("mismatch");
+    let leaf = pki.server();
+    let ca = pki.ca_path.to_str().unwrap();
+    let (plain, tls) = tokio::task::block_in_place(|| {
+        let plain = Binary::start(&["--log-format", "text"]);
+        let tls = Binary::start(&[
+            "--log-format",
+            "text",
+            "--tls-cert",
+            leaf.cert_path.to_str().unwrap(),
+            "--tls-key",
+            leaf.key_path.to_str().unwrap(),
+        ]);
+        (plain, tls)
+    });
+    tokio::task::block_in_place(|| {
+        // https:// to a plaintext server: not an outage, a configuration
+        // error found at once, with the fix.
+        let https = format!("https://{}", plain.addr);
+        let (code, err, took) = cli(&[
+            "describe",
+            "k",
+            "--endpoint",
+            &https,
+            "--tls-ca",
+            ca,
+            "--retry-for",
+            "30s",
+        ]);
+        assert_eq!(code, Some(78), "{err}");
+        assert!(
+            err.contains("plaintext") && err.contains(&format!("http://{}", plain.addr)),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            took < Duration::from_secs(10),
+            "took {took:?} of --retry-for 30s"
+        );
+
+        // http:// to a TLS server.
+        let http = format!("http://{}", tls.addr);
+        let (code, err, took) = cli(&["describe", "k", "--endpoint", &http, "--retry-for", "30s"]);
+        assert_eq!(code, Some(78), "{err}");
+        assert!(
+            err.contains("speaks TLS") && err.contains(&format!("https://{}", tls.addr)),
+            "{err}"
+        );
+        assert!(took < Duration::from_secs(10), "took {took:?}");
+
+        // The right scheme works.
+        let https = format!("https://{}", tls.addr);
+        let (code, err, _) = cli(&["describe", "k", "--endpoint", &https, "--tls-ca", ca]);
+        assert_eq!(code, Some(0), "{err}");
+
+        // A --tls-ca that does not exist: a local configuration error.
+        let (code, err, _) = cli(&[
+            "describe",
+            "k",
+            "--endpoint",
+            &https,
+            "--tls-ca",
+            "/nonexistent/ca.pem",
+        ]);
+        assert_eq!(code, Some(78), "{err}");
+        assert!(err.contains("--tls-ca /nonexistent/ca.pem"), "{err}");
+    });
 }
