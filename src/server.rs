@@ -162,7 +162,7 @@ pub async fn run<S: LockStore>(
     let lock_service = pb::lock_service_server::LockServiceServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
 
-    let registry = Arc::new(connections::Registry::default());
+    let registry = Arc::new(connections::Registry::new(&config.connections));
     let incoming = connections::incoming(listener, &config.connections, registry.clone());
     let signal = {
         let stopping = stopping.clone();

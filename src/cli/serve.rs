@@ -9,7 +9,7 @@ use clap::Args;
 
 use crate::auth::Authenticator;
 use crate::lock::Limits;
-use crate::server::connections::DEFAULT_MAX_CONCURRENT_STREAMS;
+use crate::server::connections::{DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_PROBE_STREAMS};
 use crate::server::{self, ConnectionLimits, ServerConfig, ServerTls};
 use crate::service::ServiceLimits;
 use crate::store::{MemoryStore, RedisConfig, RedisStore, RedisTls, redact_url};
@@ -154,6 +154,12 @@ pub struct ServeArgs {
     /// in progress, however long it lasts.
     #[arg(long, env = "LEASEHOLD_IDLE_TIMEOUT", help_heading = "Listening and connections", default_value = IDLE_TIMEOUT, value_parser = positive_duration)]
     pub idle_timeout: Duration,
+    /// Health Watch and reflection streams open at once on this server, all
+    /// connections together: they need no credentials (unless
+    /// --auth-protect-health) and last as long as the client likes. One
+    /// more is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LEASEHOLD_MAX_PROBE_STREAMS", help_heading = "Limits", default_value_t = DEFAULT_MAX_PROBE_STREAMS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_probe_streams: usize,
     /// Locks one KeepAlive stream may keep alive.
     #[arg(
         long,
@@ -345,6 +351,7 @@ impl ServeArgs {
                     .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
                 handshake_timeout: self.handshake_timeout,
                 idle_timeout: self.idle_timeout,
+                max_probe_streams: self.max_probe_streams,
             },
             max_waiters: self.max_waiters,
             tls,

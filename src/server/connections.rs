@@ -41,6 +41,16 @@ use tower::{Layer, Service};
 /// they are: RPCs, Health Watch, reflection. Sent in SETTINGS; a stream
 /// over it is refused with REFUSED_STREAM, which clients retry.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Health Watch and reflection streams open at once on the server. They
+/// need no credentials (unless `--auth-protect-health`) and last as long as
+/// the client likes; probes and tools need a handful.
+pub const DEFAULT_MAX_PROBE_STREAMS: usize = 1024;
+/// The long-lived calls [`DEFAULT_MAX_PROBE_STREAMS`] counts.
+const PROBE_STREAM_PATHS: [&str; 3] = [
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
 /// Connections open at once, when the descriptor limit allows it.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Descriptors kept for everything but client connections (Redis pool and
@@ -75,6 +85,8 @@ pub struct ConnectionLimits {
     pub handshake_timeout: Duration,
     /// With no call open.
     pub idle_timeout: Duration,
+    /// Health Watch and reflection streams on the whole server.
+    pub max_probe_streams: usize,
 }
 
 impl Default for ConnectionLimits {
@@ -84,6 +96,7 @@ impl Default for ConnectionLimits {
             max_connections: None,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_probe_streams: DEFAULT_MAX_PROBE_STREAMS,
         }
     }
 }
@@ -161,13 +174,45 @@ impl Drop for CallGuard {
 }
 
 /// The open connections, by peer address (unique among open TCP
-/// connections to one listener).
-#[derive(Debug, Default)]
+/// connections to one listener), and the probe streams open on them all.
+#[derive(Debug)]
 pub struct Registry {
     connections: Mutex<HashMap<SocketAddr, Arc<Activity>>>,
+    probe_streams: AtomicUsize,
+    max_probe_streams: usize,
+}
+
+/// A Health Watch or reflection stream counted against the server-wide
+/// limit until it ends.
+struct ProbeGuard(Arc<Registry>);
+
+impl Drop for ProbeGuard {
+    fn drop(&mut self) {
+        self.0.probe_streams.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Registry {
+    /// An empty registry for a server with these limits.
+    pub fn new(limits: &ConnectionLimits) -> Self {
+        Self {
+            connections: Mutex::default(),
+            probe_streams: AtomicUsize::new(0),
+            max_probe_streams: limits.max_probe_streams,
+        }
+    }
+
+    /// Counts one more probe stream, unless the server has as many as it
+    /// allows.
+    fn open_probe_stream(self: &Arc<Self>) -> Option<ProbeGuard> {
+        let opened = self
+            .probe_streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_probe_streams).then_some(n + 1)
+            });
+        opened.ok().map(|_| ProbeGuard(self.clone()))
+    }
+
     fn insert(&self, peer: SocketAddr, activity: Arc<Activity>) {
         self.connections
             .lock()
@@ -487,21 +532,44 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let guard = peer_of(&req)
+        let probe = if PROBE_STREAM_PATHS.contains(&req.uri().path()) {
+            match self.registry.open_probe_stream() {
+                Some(guard) => Some(guard),
+                None => {
+                    tracing::debug!(
+                        path = req.uri().path(),
+                        "probe stream refused: --max-probe-streams reached"
+                    );
+                    let status = tonic::Status::resource_exhausted(format!(
+                        "too many Health Watch and reflection streams on this server \
+                         (--max-probe-streams {})",
+                        self.registry.max_probe_streams
+                    ));
+                    let response = status.into_http::<Body>();
+                    return Box::pin(async move { Ok(response) });
+                }
+            }
+        } else {
+            None
+        };
+        let call_guard = peer_of(&req)
             .and_then(|peer| self.registry.get(&peer))
             .map(CallGuard::new);
         let call = self.inner.call(req);
         Box::pin(async move {
             let response = call.await?;
-            Ok(match guard {
-                // The call stays open until its response body ends.
-                Some(guard) => response.map(|body| {
+            Ok(if call_guard.is_some() || probe.is_some() {
+                // The call stays open, and counted, until its response
+                // body ends.
+                response.map(|body| {
                     Body::new(Guarded {
                         body,
-                        _guard: guard,
+                        _call: call_guard,
+                        _probe: probe,
                     })
-                }),
-                None => response,
+                })
+            } else {
+                response
             })
         })
     }
@@ -510,7 +578,8 @@ where
 /// A response body that keeps its call counted until it is dropped.
 struct Guarded {
     body: Body,
-    _guard: CallGuard,
+    _call: Option<CallGuard>,
+    _probe: Option<ProbeGuard>,
 }
 
 impl http_body::Body for Guarded {

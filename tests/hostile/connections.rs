@@ -391,3 +391,122 @@ async fn running_out_of_descriptors_neither_spins_nor_starves() {
     describe_ok(&endpoint, Duration::from_secs(3 + 8)).await;
     drop(silent);
 }
+
+/// Connections the cap allows in the many-connections flood.
+const CAP: usize = 400;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_connections_each_holding_a_watch_meet_the_cap() {
+    // Each flooding connection holds one anonymous Health Watch: a call in
+    // progress, so neither deadline closes it. Only the cap bounds them.
+    let server = tokio::task::block_in_place(|| {
+        ServerProcess::start(&["--max-connections", &CAP.to_string()])
+    });
+    let pid = server.pid();
+    let mut legit = server_client(&server.endpoint()).await;
+    legit
+        .describe(describe("legit/key"))
+        .await
+        .expect("describe");
+    let before = rss_kib(pid);
+    let flood = CAP + 100;
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..flood {
+        let (outcome, socket) =
+            h2raw::flood(&server.addr, HEALTH_WATCH, 1, Duration::from_secs(10)).await;
+        if outcome.accepted == 1 {
+            held.push(socket);
+        } else {
+            assert!(outcome.closed, "{outcome:?}");
+            refused += 1;
+        }
+    }
+    let during = rss_kib(pid);
+    let per = during.saturating_sub(before) / held.len().max(1) as u64;
+    eprintln!(
+        "{flood} connections with one Health Watch each, --max-connections {CAP}: {} held, \
+         {refused} closed at once; server RSS {before} -> {during} KiB (+{} KiB, about \
+         {per} KiB a connection)",
+        held.len(),
+        during.saturating_sub(before)
+    );
+    // The legitimate connection is one of the CAP.
+    assert_eq!(held.len(), CAP - 1);
+    assert_eq!(refused, flood - (CAP - 1));
+    legit
+        .describe(describe("legit/key"))
+        .await
+        .expect("describe");
+    assert!(per < 256, "{per} KiB per connection");
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_probe_streams_are_bounded_server_wide() {
+    // Per connection, 256 streams; over many connections, without a
+    // server-wide bound, Health Watch and reflection streams (which need
+    // no token) would only be bounded by connections x 256.
+    let max = 100;
+    let server = tokio::task::block_in_place(|| {
+        ServerProcess::start(&["--max-probe-streams", &max.to_string()])
+    });
+    let pid = server.pid();
+    let before = rss_kib(pid);
+    let mut open = Vec::new();
+    let (mut accepted, mut ended) = (0, 0);
+    for _ in 0..4 {
+        let (outcome, socket) =
+            h2raw::flood(&server.addr, HEALTH_WATCH, 60, Duration::from_secs(10)).await;
+        accepted += outcome.accepted;
+        ended += outcome.ended;
+        open.push(socket);
+    }
+    let during = rss_kib(pid);
+    eprintln!(
+        "240 Health Watch streams over 4 connections, --max-probe-streams {max}: \
+         {accepted} open, {ended} refused; server RSS {before} -> {during} KiB"
+    );
+    assert_eq!(accepted, max);
+    assert_eq!(ended, 240 - max);
+    // Unary health checks are not counted, and still answered.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        Channel::from_shared(server.endpoint())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("check");
+    let refused = health
+        .watch(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect_err("over the limit");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("--max-probe-streams"),
+        "{refused:?}"
+    );
+    // Once the flooding connections are gone, a probe may watch again.
+    drop(open);
+    let mut watched = false;
+    for _ in 0..100 {
+        match health
+            .watch(tonic_health::pb::HealthCheckRequest::default())
+            .await
+        {
+            Ok(_) => {
+                watched = true;
+                break;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    assert!(watched, "the slots were given back");
+}

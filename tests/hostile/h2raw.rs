@@ -58,6 +58,9 @@ pub struct Outcome {
     pub sent: usize,
     /// Streams the server answered with response headers (accepted).
     pub accepted: usize,
+    /// Streams the server answered with headers that end the stream: a
+    /// gRPC error in a trailers-only response (the call was refused).
+    pub ended: usize,
     /// Streams reset with REFUSED_STREAM.
     pub refused: usize,
     /// Streams reset with another code.
@@ -122,6 +125,7 @@ pub async fn flood(
         let len =
             usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
         let kind = header[3];
+        let flags = header[4];
         let id = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
         let mut payload = vec![0u8; len];
         match tokio::time::timeout_at(deadline, reader.read_exact(&mut payload)).await {
@@ -133,7 +137,13 @@ pub async fn flood(
             Err(_) => break,
         }
         match kind {
-            HEADERS if id != 0 && answered.insert(id) => outcome.accepted += 1,
+            HEADERS if id != 0 && answered.insert(id) => {
+                if flags & END_STREAM != 0 {
+                    outcome.ended += 1;
+                } else {
+                    outcome.accepted += 1;
+                }
+            }
             RST_STREAM if payload.len() == 4 && answered.insert(id) => {
                 let code = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
                 if code == REFUSED {
