@@ -466,3 +466,30 @@ async fn tls_mismatch_and_missing_files_are_configuration_errors_at_once() {
         assert!(err.contains("--tls-ca /nonexistent/ca.pem"), "{err}");
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_address_is_logged_before_connecting_without_its_password() {
+    // Nothing listens on this port: the server starts NOT_SERVING and
+    // retries; its log says where it is trying.
+    let port = free_port();
+    let url = format!("redis://leasehold:pw-5e4d3c2b1a@127.0.0.1:{port}");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_leasehold"));
+    cmd.env("LEASEHOLD_LOG", "info")
+        .env("LEASEHOLD_REDIS_URL", &url)
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "text"]);
+    let mut child = spawn_tied(cmd);
+    let output = Output::capture(&mut child);
+    let line = tokio::task::block_in_place(|| {
+        output.wait_for("connecting to Redis", Duration::from_secs(20))
+    });
+    assert!(
+        line.contains(&format!("redis://leasehold:***@127.0.0.1:{port}")),
+        "{line}"
+    );
+    tokio::task::block_in_place(|| output.wait_for("listening", Duration::from_secs(20)));
+    let _ = child.kill();
+    let _ = child.wait();
+    for l in output.all() {
+        assert!(!l.contains("pw-5e4d3c2b1a"), "{l}");
+    }
+}
