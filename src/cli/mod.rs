@@ -11,7 +11,14 @@ use clap::{Parser, Subcommand, ValueEnum};
 /// Leasehold: distributed locks over gRPC, kept alive over one stream,
 /// stored in Redis.
 #[derive(Debug, Parser)]
-#[command(name = "leasehold", version, about, long_about = None)]
+#[command(
+    name = "leasehold",
+    version,
+    about,
+    long_about = None,
+    after_help = "Without a command, leasehold runs `serve` and takes its flags: \
+                  `leasehold --listen 0.0.0.0:50051` (see `leasehold serve --help`)."
+)]
 pub struct Cli {
     /// Log format.
     #[arg(long, global = true, env = "LEASEHOLD_LOG_FORMAT", help_heading = "Observability", value_enum, default_value_t = LogFormat::Text)]

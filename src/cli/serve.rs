@@ -176,9 +176,6 @@ pub struct ServeArgs {
         default_value_t = 10_000
     )]
     pub max_waiters: usize,
-    /// Serve Prometheus metrics over HTTP at this address (path /metrics).
-    #[arg(long, env = "LEASEHOLD_METRICS_LISTEN", help_heading = "Observability")]
-    pub metrics_listen: Option<SocketAddr>,
     /// Longest a graceful shutdown may take before the process exits anyway.
     #[arg(long, env = "LEASEHOLD_SHUTDOWN_GRACE", help_heading = "Listening and connections", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -260,6 +257,9 @@ pub struct ServeArgs {
         requires = "redis_tls_cert"
     )]
     pub redis_tls_key: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP at this address (path /metrics).
+    #[arg(long, env = "LEASEHOLD_METRICS_LISTEN", help_heading = "Observability")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The `--redis-url` schemes the Redis store understands.
