@@ -4,6 +4,7 @@
 //! will (mini-redis `server::run`). Connections are accepted by
 //! [`connections`], which bounds them before tonic sees them.
 
+pub mod calls;
 pub mod connections;
 
 use std::future::Future;
@@ -190,7 +191,7 @@ pub async fn run<S: LockStore>(
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .max_concurrent_streams(Some(config.connections.max_concurrent_streams))
         .http2_max_local_error_reset_streams(Some(connections::MAX_LOCAL_RESET_STREAMS))
-        .layer(connections::ActivityLayer::new(registry))
+        .layer(calls::ActivityLayer::new(registry))
         .layer(crate::service::delivery::DeliveryLayer)
         .layer(crate::service::wire::WireErrorLayer)
         .layer(AuthLayer::new(config.auth.clone()))

@@ -11,8 +11,9 @@
 //!   closed. A long call (a Health Watch, a KeepAlive stream) is open, so
 //!   the connection that carries it is never idle.
 //!
-//! Calls are counted by [`ActivityLayer`], which finds its connection by
-//! the peer address tonic puts in each request; the deadlines are enforced
+//! Calls are counted by [`super::calls::ActivityLayer`], which finds its
+//! connection in the [`Registry`] by the peer address tonic puts in each
+//! request; the deadlines are enforced
 //! inside the socket's `poll_read`, which hyper (and rustls, during the
 //! handshake) always has pending. This module knows connections and calls,
 //! never what a call does.
@@ -27,15 +28,12 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
-use tonic::body::Body;
-use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
-use tower::{Layer, Service};
+use tonic::transport::server::{Connected, TcpConnectInfo};
 
 /// Streams (calls) one HTTP/2 connection may have open at once, whatever
 /// they are: RPCs, Health Watch, reflection. Sent in SETTINGS; a stream
@@ -45,12 +43,6 @@ pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
 /// need no credentials (unless `--auth-protect-health`) and last as long as
 /// the client likes; probes and tools need a handful.
 pub const DEFAULT_MAX_PROBE_STREAMS: usize = 1024;
-/// The long-lived calls [`DEFAULT_MAX_PROBE_STREAMS`] counts.
-const PROBE_STREAM_PATHS: [&str; 3] = [
-    "/grpc.health.v1.Health/Watch",
-    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-];
 /// Connections open at once, when the descriptor limit allows it.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Descriptors kept for everything but client connections (Redis pool and
@@ -122,7 +114,7 @@ impl ConnectionLimits {
 /// What the deadlines of one connection depend on: whether a call has
 /// begun, how many are open, and since when none is.
 #[derive(Debug)]
-struct Activity {
+pub(super) struct Activity {
     accepted_at: Instant,
     started: AtomicBool,
     open_calls: AtomicUsize,
@@ -155,10 +147,10 @@ impl Activity {
 
 /// A call in progress on a connection; the connection is not idle while
 /// one lives.
-struct CallGuard(Arc<Activity>);
+pub(super) struct CallGuard(Arc<Activity>);
 
 impl CallGuard {
-    fn new(activity: Arc<Activity>) -> Self {
+    pub(super) fn new(activity: Arc<Activity>) -> Self {
         activity.open_calls.fetch_add(1, Ordering::AcqRel);
         activity.started.store(true, Ordering::Release);
         Self(activity)
@@ -179,12 +171,12 @@ impl Drop for CallGuard {
 pub struct Registry {
     connections: Mutex<HashMap<SocketAddr, Arc<Activity>>>,
     probe_streams: AtomicUsize,
-    max_probe_streams: usize,
+    pub(super) max_probe_streams: usize,
 }
 
 /// A Health Watch or reflection stream counted against the server-wide
 /// limit until it ends.
-struct ProbeGuard(Arc<Registry>);
+pub(super) struct ProbeGuard(Arc<Registry>);
 
 impl Drop for ProbeGuard {
     fn drop(&mut self) {
@@ -204,7 +196,7 @@ impl Registry {
 
     /// Counts one more probe stream, unless the server has as many as it
     /// allows.
-    fn open_probe_stream(self: &Arc<Self>) -> Option<ProbeGuard> {
+    pub(super) fn open_probe_stream(self: &Arc<Self>) -> Option<ProbeGuard> {
         let opened = self
             .probe_streams
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -227,7 +219,7 @@ impl Registry {
         }
     }
 
-    fn get(&self, peer: &SocketAddr) -> Option<Arc<Activity>> {
+    pub(super) fn get(&self, peer: &SocketAddr) -> Option<Arc<Activity>> {
         self.connections
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -475,131 +467,6 @@ fn transient(e: &io::Error) -> bool {
             | io::ErrorKind::Interrupted
             | io::ErrorKind::WouldBlock
     )
-}
-
-/// Counts the calls open on each connection, for its idle deadline.
-#[derive(Debug, Clone)]
-pub struct ActivityLayer {
-    registry: Arc<Registry>,
-}
-
-impl ActivityLayer {
-    /// A layer reporting to `registry`, shared with [`incoming`].
-    pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry }
-    }
-}
-
-impl<S> Layer<S> for ActivityLayer {
-    type Service = CountCalls<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        CountCalls {
-            inner,
-            registry: self.registry.clone(),
-        }
-    }
-}
-
-/// The service made by [`ActivityLayer`].
-#[derive(Debug, Clone)]
-pub struct CountCalls<S> {
-    inner: S,
-    registry: Arc<Registry>,
-}
-
-fn peer_of<B>(req: &http::Request<B>) -> Option<SocketAddr> {
-    let ext = req.extensions();
-    ext.get::<TcpConnectInfo>()
-        .and_then(TcpConnectInfo::remote_addr)
-        .or_else(|| {
-            ext.get::<TlsConnectInfo<TcpConnectInfo>>()
-                .and_then(|i| i.get_ref().remote_addr())
-        })
-}
-
-impl<S, B> Service<http::Request<B>> for CountCalls<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let probe = if PROBE_STREAM_PATHS.contains(&req.uri().path()) {
-            match self.registry.open_probe_stream() {
-                Some(guard) => Some(guard),
-                None => {
-                    tracing::debug!(
-                        path = req.uri().path(),
-                        "probe stream refused: --max-probe-streams reached"
-                    );
-                    let status = tonic::Status::resource_exhausted(format!(
-                        "too many Health Watch and reflection streams on this server \
-                         (--max-probe-streams {})",
-                        self.registry.max_probe_streams
-                    ));
-                    let response = status.into_http::<Body>();
-                    return Box::pin(async move { Ok(response) });
-                }
-            }
-        } else {
-            None
-        };
-        let call_guard = peer_of(&req)
-            .and_then(|peer| self.registry.get(&peer))
-            .map(CallGuard::new);
-        let call = self.inner.call(req);
-        Box::pin(async move {
-            let response = call.await?;
-            Ok(if call_guard.is_some() || probe.is_some() {
-                // The call stays open, and counted, until its response
-                // body ends.
-                response.map(|body| {
-                    Body::new(Guarded {
-                        body,
-                        _call: call_guard,
-                        _probe: probe,
-                    })
-                })
-            } else {
-                response
-            })
-        })
-    }
-}
-
-/// A response body that keeps its call counted until it is dropped.
-struct Guarded {
-    body: Body,
-    _call: Option<CallGuard>,
-    _probe: Option<ProbeGuard>,
-}
-
-impl http_body::Body for Guarded {
-    type Data = Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
 }
 
 #[cfg(test)]
