@@ -165,11 +165,16 @@ impl Drop for CallGuard {
     }
 }
 
+/// Shards of the [`Registry`].
+const SHARDS: usize = 16;
+
 /// The open connections, by peer address (unique among open TCP
 /// connections to one listener), and the probe streams open on them all.
 #[derive(Debug)]
 pub struct Registry {
-    connections: Mutex<HashMap<SocketAddr, Arc<Activity>>>,
+    /// Sharded by peer port, so that calls on different connections rarely
+    /// wait for the same lock (every call looks its connection up).
+    shards: [Mutex<HashMap<SocketAddr, Arc<Activity>>>; SHARDS],
     probe_streams: AtomicUsize,
     pub(super) max_probe_streams: usize,
 }
@@ -188,7 +193,7 @@ impl Registry {
     /// An empty registry for a server with these limits.
     pub fn new(limits: &ConnectionLimits) -> Self {
         Self {
-            connections: Mutex::default(),
+            shards: std::array::from_fn(|_| Mutex::default()),
             probe_streams: AtomicUsize::new(0),
             max_probe_streams: limits.max_probe_streams,
         }
@@ -205,26 +210,28 @@ impl Registry {
         opened.ok().map(|_| ProbeGuard(self.clone()))
     }
 
-    fn insert(&self, peer: SocketAddr, activity: Arc<Activity>) {
-        self.connections
+    fn shard(
+        &self,
+        peer: &SocketAddr,
+    ) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<Activity>>> {
+        self.shards[usize::from(peer.port()) % SHARDS]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(peer, activity);
+    }
+
+    fn insert(&self, peer: SocketAddr, activity: Arc<Activity>) {
+        self.shard(&peer).insert(peer, activity);
     }
 
     fn remove(&self, peer: SocketAddr, activity: &Arc<Activity>) {
-        let mut map = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.shard(&peer);
         if map.get(&peer).is_some_and(|a| Arc::ptr_eq(a, activity)) {
             map.remove(&peer);
         }
     }
 
     pub(super) fn get(&self, peer: &SocketAddr) -> Option<Arc<Activity>> {
-        self.connections
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(peer)
-            .cloned()
+        self.shard(peer).get(peer).cloned()
     }
 }
 
