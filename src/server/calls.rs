@@ -17,21 +17,22 @@ use tower::{Layer, Service};
 
 use super::connections::{CallGuard, ProbeGuard, Registry};
 
-/// The long-lived calls [`DEFAULT_MAX_PROBE_STREAMS`] counts.
+/// The long-lived calls [`super::connections::DEFAULT_MAX_PROBE_STREAMS`] counts.
 const PROBE_STREAM_PATHS: [&str; 3] = [
     "/grpc.health.v1.Health/Watch",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
 
-/// Counts the calls open on each connection, for its idle deadline.
+/// Counts the calls open on each connection, for its idle deadline, and
+/// refuses a probe stream over the server-wide limit.
 #[derive(Debug, Clone)]
 pub struct ActivityLayer {
     registry: Arc<Registry>,
 }
 
 impl ActivityLayer {
-    /// A layer reporting to `registry`, shared with [`incoming`].
+    /// A layer reporting to `registry`, shared with [`super::connections::incoming`].
     pub fn new(registry: Arc<Registry>) -> Self {
         Self { registry }
     }
