@@ -1,7 +1,11 @@
 //! Assembles the gRPC server: the lock service, health, reflection, TLS,
 //! authentication, HTTP/2 keepalive, limits and graceful shutdown. `run` takes its listener and its
 //! shutdown signal as arguments, so tests bind 127.0.0.1:0 and stop it at
-//! will (mini-redis `server::run`).
+//! will (mini-redis `server::run`). Connections are accepted by
+//! [`connections`], which bounds them before tonic sees them.
+
+pub mod calls;
+pub mod connections;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -9,9 +13,10 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+
+pub use connections::ConnectionLimits;
 
 use crate::auth::{AuthLayer, Authenticator};
 use crate::pb;
@@ -39,6 +44,9 @@ pub struct ServerConfig {
     pub keepalive_timeout: Duration,
     /// How long a graceful shutdown may take before the server exits anyway.
     pub shutdown_grace: Duration,
+    /// Streams per connection, open connections, handshake and idle
+    /// deadlines.
+    pub connections: ConnectionLimits,
     /// Waiting Acquire calls allowed at once; whoever builds the
     /// [`WaitQueues`] shared with the store sizes them with this.
     pub max_waiters: usize,
@@ -107,6 +115,7 @@ impl Default for ServerConfig {
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
+            connections: ConnectionLimits::default(),
             max_waiters: 10_000,
             tls: None,
             auth: None,
@@ -154,7 +163,8 @@ pub async fn run<S: LockStore>(
     let lock_service = pb::lock_service_server::LockServiceServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
 
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let registry = Arc::new(connections::Registry::new(&config.connections));
+    let incoming = connections::incoming(listener, &config.connections, registry.clone());
     let signal = {
         let stopping = stopping.clone();
         let mut reporter = reporter.clone();
@@ -179,6 +189,9 @@ pub async fn run<S: LockStore>(
     let serve = builder
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .max_concurrent_streams(Some(config.connections.max_concurrent_streams))
+        .http2_max_local_error_reset_streams(Some(connections::MAX_LOCAL_RESET_STREAMS))
+        .layer(calls::ActivityLayer::new(registry))
         .layer(crate::service::delivery::DeliveryLayer)
         .layer(crate::service::wire::WireErrorLayer)
         .layer(AuthLayer::new(config.auth.clone()))

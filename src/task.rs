@@ -17,7 +17,9 @@ impl TaskGuard {
         F: Future<Output = ()> + Send + 'static,
     {
         Self(tokio::spawn(
-            fut.instrument(tracing::info_span!("task", name)),
+            // `task = name`, not `name`: JSON logs already give the span's own
+            // name under "name", and strict parsers refuse a duplicate key.
+            fut.instrument(tracing::info_span!("task", task = name)),
         ))
     }
 }

@@ -451,3 +451,125 @@ fn a_bad_auth_file_refuses_to_start_without_echoing_tokens() {
     assert!(err.contains("auth file") && err.contains("line 4"), "{err}");
     assert!(!err.contains("a-plain-secret"), "{err}");
 }
+
+/// Starts `leasehold serve` with `text` as its auth file, expecting it to
+/// refuse; returns what it printed.
+fn refused_at_start(text: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("auth.toml");
+    std::fs::write(&file, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--auth-file"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{text}: {err}");
+    err
+}
+
+/// A token as an operator should make one: `openssl rand -base64 24`.
+const RANDOM_TOKEN: &str = "qf2quuz0di0NfDzH1ErsylblKXFTSKrq";
+/// Its SHA-256, upper case, behind an upper-case prefix.
+const RANDOM_DIGEST_UPPER: &str =
+    "SHA256:61C6F99C4A38D867CF4869E74A1D9A8DB6C87272185F5C184D6299F954356DC1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn digest_entries_in_any_case_authenticate_the_token_not_the_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("auth.toml");
+    write(
+        &file,
+        &format!(
+            "[[tenant]]\nname = \"team-r\"\nprefixes = [\"team-r/\"]\ntokens = [\"{RANDOM_DIGEST_UPPER}\"]\n"
+        ),
+    );
+    let server = tokio::task::block_in_place(|| {
+        binary::Binary::start(&["--auth-file", &file.to_string_lossy()])
+    });
+    let mut c = pb::lock_service_client::LockServiceClient::connect(server.endpoint())
+        .await
+        .unwrap();
+    assert_eq!(
+        code(
+            c.describe(req(describe("team-r/1"), Some(RANDOM_TOKEN)))
+                .await
+        ),
+        Code::Ok
+    );
+    // The digest string itself is not a token.
+    assert_eq!(
+        code(
+            c.describe(req(describe("team-r/1"), Some(RANDOM_DIGEST_UPPER)))
+                .await
+        ),
+        Code::Unauthenticated
+    );
+
+    // A reload whose parser error would quote a token with backticks (a
+    // token written as a key) is refused, and the log does not echo it.
+    let secret = "SuperSecretToken0123456789";
+    write(
+        &file,
+        &format!("[[tenant]]\nname = \"team-r\"\nprefixes = [\"team-r/\"]\n{secret} = 1\n"),
+    );
+    server.signal("HUP");
+    let line = tokio::task::block_in_place(|| {
+        server
+            .output
+            .wait_for("auth file not reloaded", Duration::from_secs(10))
+    });
+    assert!(
+        line.contains("unknown field") && line.contains("line 4"),
+        "{line}"
+    );
+    for l in server.output.all() {
+        assert!(
+            !l.contains("SuperSecret") && !l.contains(RANDOM_TOKEN),
+            "{l}"
+        );
+    }
+    assert_eq!(
+        code(
+            c.describe(req(describe("team-r/1"), Some(RANDOM_TOKEN)))
+                .await
+        ),
+        Code::Ok,
+        "the previous file stays in force"
+    );
+}
+
+#[test]
+fn weak_or_misleading_token_entries_refuse_to_start() {
+    let tenant = "[[tenant]]\nname = \"a\"\nprefixes = [\"a/\"]\n";
+    // The digests earlier documentation showed: of "secret" and "password".
+    for digest in [
+        "sha256:2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b",
+        "sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8",
+    ] {
+        let err = refused_at_start(&format!("{tenant}tokens = [\"{digest}\"]\n"));
+        assert!(err.contains("anyone would guess"), "{err}");
+    }
+    // A plain token that is a digest, or looks like one of another kind.
+    let hex64 = "61c6f99c4a38d867cf4869e74a1d9a8db6c87272185f5c184d6299f954356dc1";
+    for (token, expected) in [
+        (hex64.to_string(), "64 hex digits"),
+        (format!("sha-256:{hex64}"), "another kind"),
+        ("short-token".to_string(), "shorter than 16 bytes"),
+    ] {
+        let err = refused_at_start(&format!("{tenant}tokens = [\"{token}\"]\n"));
+        assert!(err.contains(expected), "{token}: {err}");
+        assert!(!err.contains(&token), "{err}");
+    }
+    // Parser errors, whatever quoting the value had.
+    let secret = "SuperSecretToken0123456789";
+    for text in [
+        format!("{tenant}{secret} = 1\n"),
+        format!("{tenant}tokens = '{secret}'\n"),
+        format!("{tenant}tokens = [{secret}]\n"),
+    ] {
+        let err = refused_at_start(&text);
+        assert!(err.contains("line 4"), "{err}");
+        assert!(!err.contains("SuperSecret"), "{err}");
+    }
+}

@@ -1,5 +1,7 @@
 //! The documentation stays true to the code and to itself: every setting the
-//! binary reads is in the README's configuration table, relative links and
+//! binary reads is in the README's configuration table, every flag of every
+//! subcommand's `--help` is in the README's tables and every flag there is
+//! in some `--help`, relative links and
 //! their anchors resolve, and the architecture picture is a PNG committed
 //! beside its Graphviz source.
 
@@ -40,6 +42,126 @@ fn every_serve_setting_is_in_the_readme_table() {
                 .any(|l| l.starts_with("| `--") && l.contains(&format!("`{var}`"))),
             "README's configuration table has no row for {var}"
         );
+    }
+}
+
+/// The long flags `leasehold SUBCOMMAND --help` lists (without `--help`).
+fn help_flags(subcommand: &str) -> BTreeSet<String> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        .args([subcommand, "--help"])
+        .output()
+        .expect("run leasehold --help");
+    assert!(out.status.success(), "{subcommand} --help");
+    let text = String::from_utf8(out.stdout).expect("UTF-8 help");
+    let flags: BTreeSet<String> = text
+        .lines()
+        .filter_map(|line| {
+            let line = line.trim_start();
+            let line = match line.split_once(", ") {
+                Some((short, rest)) if short.len() == 2 && short.starts_with('-') => rest,
+                _ => line,
+            };
+            line.starts_with("--").then(|| flag_at(line))
+        })
+        .filter(|f| f != "--help" && f != "--version")
+        .collect();
+    assert!(!flags.is_empty(), "no flags in {subcommand} --help");
+    flags
+}
+
+/// The `--flag` at the start of `text`.
+fn flag_at(text: &str) -> String {
+    let end = text[2..]
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .map_or(text.len(), |i| i + 2);
+    text[..end].to_string()
+}
+
+/// One row of a README flag table: its flags, and the subcommands named in
+/// parentheses in its first cell (`None`: every subcommand of the table).
+struct Row {
+    flags: BTreeSet<String>,
+    only: Option<BTreeSet<String>>,
+    line: String,
+}
+
+/// The rows of the flag table under the README heading `heading`.
+fn table(readme: &str, heading: &str) -> Vec<Row> {
+    let start = readme
+        .find(&format!("\n{heading}\n"))
+        .unwrap_or_else(|| panic!("README has no {heading}"));
+    let section = &readme[start + heading.len() + 2..];
+    let section = &section[..section.find("\n##").unwrap_or(section.len())];
+    let mut rows = Vec::new();
+    for line in section.lines().filter(|l| l.starts_with("| `--")) {
+        let first = line.split('|').nth(1).unwrap_or_default();
+        let flags: BTreeSet<String> = first
+            .match_indices("`--")
+            .map(|(i, _)| flag_at(&first[i + 1..]))
+            .collect();
+        let only = first.split_once('(').map(|(_, names)| {
+            names
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_string)
+                .collect::<BTreeSet<_>>()
+        });
+        rows.push(Row {
+            flags,
+            only,
+            line: line.to_string(),
+        });
+    }
+    assert!(rows.len() >= 10, "{heading}: {} rows", rows.len());
+    rows
+}
+
+/// Flags every subcommand has (global ones), documented with `serve`'s.
+const GLOBAL: [&str; 2] = ["--log-format", "--worker-threads"];
+/// The subcommands the README's command-line table documents.
+const CLIENT_COMMANDS: [&str; 5] = ["lock", "acquire", "release", "renew", "describe"];
+
+#[test]
+fn every_help_flag_is_in_a_readme_table_and_back() {
+    let readme = read(&repo().join("README.md"));
+    let config: BTreeSet<String> = table(&readme, "## Configuration")
+        .into_iter()
+        .flat_map(|r| r.flags)
+        .collect();
+    assert_eq!(
+        help_flags("serve"),
+        config,
+        "`leasehold serve --help` and the README's Configuration table differ"
+    );
+    let rows = table(&readme, "### Command line");
+    for command in CLIENT_COMMANDS {
+        let help = help_flags(command);
+        for flag in help.iter().filter(|f| !GLOBAL.contains(&f.as_str())) {
+            let documented = rows.iter().any(|r| {
+                r.flags.contains(flag) && r.only.as_ref().is_none_or(|o| o.contains(command))
+            });
+            assert!(
+                documented,
+                "README's command-line table lacks `{command} {flag}`"
+            );
+        }
+        for row in &rows {
+            if row.only.as_ref().is_none_or(|o| o.contains(command)) {
+                for flag in &row.flags {
+                    assert!(
+                        help.contains(flag),
+                        "`{command} --help` has no {flag}: {}",
+                        row.line
+                    );
+                }
+            }
+        }
+    }
+    for row in &rows {
+        for command in row.only.iter().flatten() {
+            assert!(CLIENT_COMMANDS.contains(&command.as_str()), "{}", row.line);
+        }
     }
 }
 

@@ -5,9 +5,17 @@
 //! waiters from one client, with the server's RSS measured before, during
 //! and after. Every answer must be OK, INVALID_ARGUMENT or
 //! RESOURCE_EXHAUSTED — never INTERNAL or UNKNOWN, never a hang — and the
-//! server must stay healthy.
+//! server must stay healthy. `connections` floods the transport: streams
+//! on one connection, many connections, silent and idle sockets, and
+//! running out of file descriptors.
 
+#[path = "common/certs.rs"]
+mod certs;
 mod common;
+#[path = "hostile/connections.rs"]
+mod connections;
+#[path = "hostile/h2raw.rs"]
+mod h2raw;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -6,8 +6,9 @@
 //! [[tenant]]
 //! name = "team-a"
 //! prefixes = ["team-a/"]
-//! # Plain tokens (hashed on load) or their SHA-256, hex: `sha256:...`.
-//! tokens = ["sha256:2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"]
+//! # Plain tokens (at least 16 bytes; hashed on load) or their SHA-256,
+//! # hex: `sha256:...` (the prefix in any case).
+//! tokens = ["sha256:71bde61b94e0af088c3468f6e5489249525b35e7dd61c400c16778f9614e9a25"]
 //! # Over mutual TLS: client certificates whose subject CN, or a DNS name
 //! # in their subject alternative names, is one of these.
 //! certificate_names = ["team-a-worker"]
@@ -93,12 +94,12 @@ impl Policy {
     /// tenant and the field, never a token.
     pub fn parse(text: &str) -> Result<Self, String> {
         let file: File = toml::from_str(text).map_err(|e| {
-            // toml's message quotes the offending line, which may be a
-            // token: keep only the first line (what and where).
-            let message = redact_quoted(e.message());
+            // toml's message quotes the offending line and value, either
+            // of which may be a token.
+            let message = redact_parser_message(e.message());
             match e.span() {
                 Some(span) => {
-                    let line = text[..span.start.min(text.len())].lines().count().max(1);
+                    let line = text.get(..span.start).unwrap_or(text).matches('\n').count() + 1;
                     format!("line {line}: {message}")
                 }
                 None => message,
@@ -205,31 +206,100 @@ impl Policy {
     }
 }
 
-/// Replaces every `"..."` in a parser message with `"<redacted>"`: serde
-/// quotes the offending value ("invalid type: string \"...\""), and that
-/// value may be a token.
-fn redact_quoted(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    let mut parts = message.split('"');
-    if let Some(first) = parts.next() {
-        out.push_str(first);
-    }
-    for (i, part) in parts.enumerate() {
-        if i % 2 == 0 {
-            out.push_str("\"<redacted>\"");
-        } else {
-            out.push_str(part);
+/// Field names of the file: the only quoted words a parser message may
+/// keep (`expected one of `name`, `prefixes`, ...`).
+const FIELDS: [&str; 5] = ["tenant", "name", "prefixes", "tokens", "certificate_names"];
+
+/// A parser message fit to show: the first line only (toml quotes the
+/// offending line below it), every quoted piece replaced by `<redacted>`
+/// unless it is a field name, whichever quote the parser used (`"..."`,
+/// `'...'` or `` `...` ``: serde quotes an unknown field's name, which may
+/// be a token written as a key, with backticks), and, in case a value
+/// reached it unquoted, every word long enough to be a token.
+fn redact_parser_message(message: &str) -> String {
+    let first = message.lines().next().unwrap_or_default();
+    let mut out = String::with_capacity(first.len());
+    let mut rest = first;
+    while let Some(open) = rest.find(['"', '\'', '`']) {
+        let quote = rest[open..].chars().next().unwrap_or('"');
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        match after.find(quote) {
+            Some(close) => {
+                let quoted = &after[..close];
+                out.push(quote);
+                // Field names and punctuation (`]`) stay; anything else may be a value.
+                let keep = FIELDS.contains(&quoted) || !quoted.chars().any(char::is_alphanumeric);
+                out.push_str(if keep { quoted } else { "<redacted>" });
+                out.push(quote);
+                rest = &after[close + 1..];
+            }
+            None => {
+                // An unbalanced quote: what follows may be a value.
+                out.push(quote);
+                out.push_str("<redacted>");
+                rest = "";
+            }
         }
     }
-    out.lines().next().unwrap_or_default().to_string()
+    out.push_str(rest);
+    out.split(' ')
+        .map(|word| {
+            let bare = word.trim_matches(|c: char| !c.is_alphanumeric() && c != '_');
+            if bare.len() >= MIN_TOKEN_BYTES && !FIELDS.contains(&bare) && bare != "<redacted>" {
+                word.replace(bare, "<redacted>")
+            } else {
+                word.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
+/// Digest entries start with this, in any case.
+const DIGEST_SCHEME: &str = "sha256";
+
+/// Tokens anyone would try first: the empty one, the words earlier
+/// versions of the documentation used as examples, and their like. A
+/// digest's token cannot be measured, but these digests can be refused.
+const GUESSABLE: [&str; 12] = [
+    "",
+    "secret",
+    "password",
+    "token",
+    "changeme",
+    "admin",
+    "test",
+    "leasehold",
+    "123456",
+    "12345678",
+    "letmein",
+    "Bearer",
+];
+
+/// At least this many hex digits after a scheme, or alone, look like a
+/// digest rather than a token.
+const DIGEST_LIKE_HEX: usize = 32;
+
 fn parse_token(token: &str) -> Result<TokenHash, String> {
-    if let Some(hex_digest) = token.strip_prefix("sha256:") {
+    if let Some((scheme, hex_digest)) = token.split_once(':')
+        && scheme.trim().eq_ignore_ascii_case(DIGEST_SCHEME)
+    {
         let bytes = hex::decode(hex_digest.trim())
             .map_err(|_| "a sha256: entry must be 64 hex digits".to_string())?;
-        return <TokenHash>::try_from(bytes.as_slice())
-            .map_err(|_| "a sha256: entry must be 64 hex digits".to_string());
+        let hash = <TokenHash>::try_from(bytes.as_slice())
+            .map_err(|_| "a sha256: entry must be 64 hex digits".to_string())?;
+        if GUESSABLE.iter().any(|w| hash_token(w) == hash) {
+            return Err(
+                "the digest of a word anyone would guess; use a long random token \
+                 (openssl rand -base64 32) and its digest"
+                    .into(),
+            );
+        }
+        return Ok(hash);
+    }
+    if let Some(why) = looks_like_digest(token) {
+        return Err(why.into());
     }
     if token.len() < MIN_TOKEN_BYTES {
         return Err(format!(
@@ -240,6 +310,25 @@ fn parse_token(token: &str) -> Result<TokenHash, String> {
         return Err("contains whitespace or a control character".into());
     }
     Ok(hash_token(token))
+}
+
+/// Why a plain token that looks like a digest is refused: loaded as a
+/// token, the digest string itself would authenticate.
+fn looks_like_digest(token: &str) -> Option<&'static str> {
+    let hex = |s: &str| s.len() >= DIGEST_LIKE_HEX && s.chars().all(|c| c.is_ascii_hexdigit());
+    if token.len() == 64 && hex(token) {
+        return Some(
+            "64 hex digits, like a SHA-256 digest: write a digest as sha256:<hex>; \
+             for a token, use another form (openssl rand -base64 32)",
+        );
+    }
+    let (scheme, rest) = token.split_once([':', '='])?;
+    let scheme_like = (2..=12).contains(&scheme.len())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    (scheme_like && hex(rest.trim()))
+        .then_some("looks like a digest of another kind: only sha256:<64 hex digits> is a digest")
 }
 
 #[cfg(test)]
@@ -256,8 +345,11 @@ certificate_names = ["team-a-worker"]
 [[tenant]]
 name = "team-b"
 prefixes = ["team-b/", "shared/"]
-tokens = ["sha256:2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"]
+tokens = ["SHA256:71BDE61B94E0AF088C3468F6E5489249525B35E7DD61C400C16778F9614E9A25"]
 "#;
+
+    /// The token whose digest is in [`FILE`], random like a real one.
+    const TEAM_B: &str = "3s0RzoSkpOPdIkhYo-Uren1eZWn3R_Oi";
 
     fn key(k: &str) -> LockKey {
         LockKey::parse(k, 512).unwrap()
@@ -271,8 +363,15 @@ tokens = ["sha256:2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a2
         assert_eq!(a.name, "team-a");
         assert!(a.permits(&key("team-a/x")));
         assert!(!a.permits(&key("team-b/x")));
-        // sha256("secret") as in the file.
-        let b = p.by_token(&hash_token("secret")).unwrap();
+        // The upper-case prefix and digits are a digest all the same: the
+        // token authenticates, the digest string itself does not.
+        let b = p.by_token(&hash_token(TEAM_B)).unwrap();
+        assert!(
+            p.by_token(&hash_token(
+                "SHA256:71BDE61B94E0AF088C3468F6E5489249525B35E7DD61C400C16778F9614E9A25"
+            ))
+            .is_none()
+        );
         assert!(b.permits(&key("shared/y")));
         assert!(p.by_token(&hash_token("nope")).is_none());
         let names = vec!["team-a-worker".to_string()];
@@ -328,6 +427,86 @@ tokens = ["sha256:2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a2
             assert!(!err.contains("0123456789abcdefg"), "{err}");
             assert!(!err.contains('\n'), "{err}");
         }
+    }
+
+    fn file_with_token(token: &str) -> String {
+        format!("[[tenant]]\nname = \"a\"\nprefixes = [\"a/\"]\ntokens = [{token:?}]")
+    }
+
+    #[test]
+    fn digest_prefixes_in_any_case_and_digest_lookalikes() {
+        let digest = "71bde61b94e0af088c3468f6e5489249525b35e7dd61c400c16778f9614e9a25";
+        for prefix in ["sha256:", "SHA256:", "Sha256:", "sHa256:"] {
+            let p = Policy::parse(&file_with_token(&format!("{prefix}{digest}"))).unwrap();
+            assert!(p.by_token(&hash_token(TEAM_B)).is_some(), "{prefix}");
+        }
+        let refused = [
+            (digest.to_string(), "64 hex digits"),
+            (digest.to_uppercase(), "64 hex digits"),
+            (format!("sha512:{digest}{digest}"), "another kind"),
+            (format!("sha-256:{digest}"), "another kind"),
+            (format!("SHA1={}", &digest[..40]), "another kind"),
+            (format!("md5:{}", &digest[..32]), "another kind"),
+            ("SHA256:not-hex-at-all-0123456789".to_string(), "64 hex"),
+        ];
+        for (token, expected) in refused {
+            let err = Policy::parse(&file_with_token(&token)).unwrap_err();
+            assert!(err.contains(expected), "{token}: {err}");
+            assert!(
+                !err.contains(&token) && !err.contains(&digest[..16]),
+                "{err}"
+            );
+        }
+        // openssl rand -hex 16: 32 hex digits, a token.
+        assert!(Policy::parse(&file_with_token(&digest[..32])).is_ok());
+    }
+
+    #[test]
+    fn digests_of_guessable_words_are_refused() {
+        for word in GUESSABLE {
+            let entry = format!("sha256:{}", hex::encode(hash_token(word)));
+            let err = Policy::parse(&file_with_token(&entry)).unwrap_err();
+            assert!(err.contains("anyone would guess"), "{word:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn parser_errors_never_echo_a_value_whatever_its_quoting() {
+        let secret = "SuperSecretToken0123456789";
+        let head = "[[tenant]]\nname = \"a\"\nprefixes = [\"a/\"]\n";
+        let cases = [
+            // A token written as a key: serde names it with backticks.
+            format!("{head}{secret} = 1"),
+            format!("{head}\"{secret}\" = 1"),
+            format!("{head}'{secret}' = 1"),
+            format!("{head}tokens = '{secret}'"),
+            format!("{head}tokens = \"{secret}\""),
+            format!("{head}tokens = \"\"\"{secret}\"\"\""),
+            format!("{head}tokens = '''{secret}'''"),
+            format!("{head}tokens = [{secret}]"),
+            format!("{head}tokens = [\"{secret}"),
+            format!("{head}tokens = [`{secret}`]"),
+            format!("{head}tokens = [\"{secret}\", 7]"),
+            format!("[[tenant]]\nname = {secret}\nprefixes = [\"a/\"]"),
+            format!("[tenant]\nname = \"a\"\ntokens = [\"{secret}\"]"),
+            format!("[[{secret}]]\nname = \"a\""),
+        ];
+        for text in &cases {
+            let err = Policy::parse(text).unwrap_err();
+            assert!(!err.contains("SuperSecret"), "{text:?}: {err}");
+            assert!(!err.contains("0123456789"), "{text:?}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+            assert!(err.contains("line "), "{text:?}: {err}");
+            if text.starts_with(head) {
+                assert!(err.starts_with("line 4:"), "{text:?}: {err}");
+            }
+        }
+        // What the message keeps: the field names it expected.
+        let err = Policy::parse(&cases[0]).unwrap_err();
+        assert!(
+            err.contains("`name`") && err.contains("`certificate_names`"),
+            "{err}"
+        );
     }
 
     #[test]

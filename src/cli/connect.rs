@@ -18,7 +18,7 @@ pub mod exit {
     /// The command line itself is wrong (clap's own code, as for `serve`).
     pub const USAGE: i32 = 2;
     /// The server rejected an argument (invalid key, TTL out of bounds,
-    /// too much metadata) or an endpoint is malformed (EX_USAGE).
+    /// too much metadata) (EX_USAGE).
     pub const INVALID: i32 = 64;
     /// No server could be reached or all were unavailable (EX_UNAVAILABLE).
     pub const UNAVAILABLE: i32 = 69;
@@ -29,6 +29,10 @@ pub mod exit {
     pub const LOST: i32 = 76;
     /// Not authenticated or not permitted (EX_NOPERM).
     pub const DENIED: i32 = 77;
+    /// The local configuration is wrong: a malformed endpoint, a file
+    /// that cannot be read (`--tls-ca`, ...), `https://` to a plaintext
+    /// server or `http://` to a TLS one (EX_CONFIG). Retrying cannot help.
+    pub const CONFIG: i32 = 78;
     /// CMD could not be executed (as in shells).
     pub const CANNOT_EXECUTE: i32 = 126;
     /// CMD was not found (as in shells).
@@ -114,9 +118,84 @@ impl std::fmt::Debug for AuthToken {
     }
 }
 
+/// An error in a local flag's value, found before any server was asked.
+/// It names the flag first (`--tls-ca ...`), which no server message does;
+/// [`code_of`] tells it from a server's INVALID_ARGUMENT that way, as the
+/// SDK's error type has no variant for local configuration.
+fn local(flag: &str, what: impl std::fmt::Display) -> Error {
+    Error::InvalidArgument(format!("--{flag} {what}"))
+}
+
+fn is_local(error: &Error) -> bool {
+    matches!(error, Error::InvalidArgument(m) if m.starts_with("--"))
+}
+
 fn read_file(flag: &str, path: &Path) -> Result<Vec<u8>, Error> {
-    std::fs::read(path)
-        .map_err(|e| Error::InvalidArgument(format!("--{flag} {}: {e}", path.display())))
+    std::fs::read(path).map_err(|e| local(flag, format_args!("{}: {e}", path.display())))
+}
+
+/// How long a connection may take before looking for a TLS/plaintext
+/// mismatch: the happy path never probes.
+const MISMATCH_PROBE_AFTER: Duration = Duration::from_millis(300);
+
+/// Pends until it finds an endpoint whose scheme does not match what its
+/// server speaks (`https://` to plaintext HTTP/2, `http://` to TLS), then
+/// says which and how to fix it. Pends forever if none does.
+async fn mismatch(endpoints: &[String], timeout: Duration) -> Error {
+    tokio::time::sleep(MISMATCH_PROBE_AFTER).await;
+    for endpoint in endpoints {
+        if let Some(reason) = probe(endpoint, timeout).await {
+            return Error::InvalidEndpoint {
+                endpoint: endpoint.clone(),
+                reason,
+            };
+        }
+    }
+    std::future::pending().await
+}
+
+/// Sends the HTTP/2 client preface to `endpoint` and reads what comes
+/// back: an HTTP/2 SETTINGS frame means plaintext HTTP/2, a TLS alert
+/// record means TLS. `Some(hint)` when that contradicts the scheme.
+async fn probe(endpoint: &str, timeout: Duration) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let uri: http::Uri = endpoint.parse().ok()?;
+    let tls = uri.scheme_str() == Some("https");
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let exchange = async {
+        let mut socket = tokio::net::TcpStream::connect((host, port)).await.ok()?;
+        // The preface, then an empty SETTINGS frame.
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        socket.write_all(&hello).await.ok()?;
+        let mut head = [0u8; 9];
+        let mut got = 0;
+        while got < head.len() {
+            match socket.read(&mut head[got..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+        Some((head, got))
+    };
+    let (head, got) = tokio::time::timeout(timeout, exchange).await.ok()??;
+    let plaintext_h2 = got == head.len() && head[3] == 4;
+    let tls_alert = got >= 3 && head[0] == 0x15 && head[1] == 3;
+    let authority = uri.authority()?.as_str();
+    if tls && plaintext_h2 {
+        Some(format!(
+            "the server speaks plaintext HTTP/2, not TLS: use http://{authority}, \
+             or start the server with --tls-cert and --tls-key"
+        ))
+    } else if !tls && tls_alert {
+        Some(format!(
+            "the server speaks TLS: use https://{authority} (with --tls-ca if its \
+             certificate is not signed by a system CA)"
+        ))
+    } else {
+        None
+    }
 }
 
 impl ConnectArgs {
@@ -140,27 +219,35 @@ impl ConnectArgs {
         }
         if let Some(path) = &self.auth_token_file {
             let text = String::from_utf8(read_file("auth-token-file", path)?).map_err(|_| {
-                Error::InvalidArgument(format!("--auth-token-file {}: not UTF-8", path.display()))
+                local(
+                    "auth-token-file",
+                    format_args!("{}: not UTF-8", path.display()),
+                )
             })?;
             let token = text.lines().next().unwrap_or_default().trim().to_string();
             if token.is_empty() {
-                return Err(Error::InvalidArgument(format!(
-                    "--auth-token-file {}: the file is empty",
-                    path.display()
-                )));
+                return Err(local(
+                    "auth-token-file",
+                    format_args!("{}: the file is empty", path.display()),
+                ));
             }
             builder = builder.bearer_token(token);
         } else if let Some(AuthToken(token)) = &self.auth_token {
             builder = builder.bearer_token(token.clone());
         }
-        builder.connect().await
+        tokio::select! {
+            connected = builder.connect() => connected,
+            wrong = mismatch(&self.endpoints, self.connect_timeout) => Err(wrong),
+        }
     }
 }
 
 /// The exit code for an SDK error.
 pub fn code_of(error: &Error) -> i32 {
     match error {
-        Error::InvalidArgument(_) | Error::InvalidEndpoint { .. } => exit::INVALID,
+        Error::InvalidEndpoint { .. } => exit::CONFIG,
+        e if is_local(e) => exit::CONFIG,
+        Error::InvalidArgument(_) => exit::INVALID,
         Error::Unavailable { .. } => exit::UNAVAILABLE,
         Error::NotAcquired { .. } => exit::NOT_ACQUIRED,
         Error::Lost { .. } => exit::LOST,
@@ -189,6 +276,28 @@ pub fn default_owner(pid: u32) -> String {
     format!("{host}:{pid}")
 }
 
+/// Parses a `--ttl`: a duration above zero (`0` would silently mean the
+/// server's default; leaving the flag out says that). Takes a leading `-`
+/// (the flag allows hyphen values) to say that a TTL cannot be negative,
+/// rather than clap's hint to pass `-- -5s`, which would end the flags.
+pub fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let d = parse_duration_not_negative(text)?;
+    if d.is_zero() {
+        return Err("must be more than 0; leave --ttl out for the server's default TTL".into());
+    }
+    Ok(d)
+}
+
+/// Parses a duration flag that may be `0s` but not negative.
+pub fn parse_duration_not_negative(text: &str) -> Result<Duration, String> {
+    if let Some(positive) = text.strip_prefix('-') {
+        return Err(format!(
+            "a duration cannot be negative (did you mean {positive}?)"
+        ));
+    }
+    humantime::parse_duration(text).map_err(|e| format!("{e} (e.g. 500ms, 30s, 5m)"))
+}
+
 /// Parses `KEY=VALUE` for `--metadata`.
 pub fn parse_kv(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
@@ -205,6 +314,14 @@ mod tests {
     fn every_error_has_its_code_and_one_line() {
         let cases = [
             (Error::InvalidArgument("key: must not be empty".into()), 64),
+            (local("tls-ca", "/nope.pem: No such file or directory"), 78),
+            (
+                Error::InvalidEndpoint {
+                    endpoint: "https://127.0.0.1:1".into(),
+                    reason: "the server speaks plaintext HTTP/2".into(),
+                },
+                78,
+            ),
             (
                 Error::Unavailable {
                     endpoints: "http://127.0.0.1:1".into(),
@@ -249,6 +366,16 @@ mod tests {
         // flattened ConnectArgs and each subcommand's arguments, and more.
         use clap::CommandFactory;
         crate::cli::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn ttl_flags() {
+        assert_eq!(parse_ttl("30s"), Ok(Duration::from_secs(30)));
+        assert!(parse_ttl("0").unwrap_err().contains("leave --ttl out"));
+        assert!(parse_ttl("0s").unwrap_err().contains("more than 0"));
+        assert!(parse_ttl("-5s").unwrap_err().contains("did you mean 5s"));
+        assert!(parse_ttl("10").unwrap_err().contains("e.g. 500ms"));
+        assert_eq!(parse_duration_not_negative("0s"), Ok(Duration::ZERO));
     }
 
     #[test]

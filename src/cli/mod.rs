@@ -11,18 +11,59 @@ use clap::{Parser, Subcommand, ValueEnum};
 /// Leasehold: distributed locks over gRPC, kept alive over one stream,
 /// stored in Redis.
 #[derive(Debug, Parser)]
-#[command(name = "leasehold", version, about, long_about = None)]
+#[command(
+    name = "leasehold",
+    version,
+    about,
+    long_about = None,
+    after_help = "Without a command, leasehold runs `serve` and takes its flags: \
+                  `leasehold --listen 0.0.0.0:50051` (see `leasehold serve --help`)."
+)]
 pub struct Cli {
     /// Log format.
-    #[arg(long, global = true, env = "LEASEHOLD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, global = true, env = "LEASEHOLD_LOG_FORMAT", help_heading = "Observability", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Runtime worker threads: 0 runs everything on one thread (least CPU
     /// per call), N on N threads; default: one per CPU.
-    #[arg(long, global = true, env = "LEASEHOLD_WORKER_THREADS")]
+    #[arg(
+        long,
+        global = true,
+        env = "LEASEHOLD_WORKER_THREADS",
+        help_heading = "Runtime"
+    )]
     pub worker_threads: Option<usize>,
-    /// What to do; without a subcommand, `serve` with its defaults.
+    /// What to do; without a subcommand, `serve`, whose flags then work
+    /// without the word: `leasehold --listen 0.0.0.0:50051`.
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+impl Cli {
+    /// Parses `args` (the program name first). `leasehold` alone serves, so
+    /// `leasehold --listen ADDR ...` means `leasehold serve --listen ADDR
+    /// ...`: when the arguments do not parse as given, start with a flag,
+    /// and parse once `serve` is put in front, that is what they mean.
+    pub fn parse_from_args(args: Vec<std::ffi::OsString>) -> Result<Self, clap::Error> {
+        let first = Self::try_parse_from(&args);
+        let Err(e) = &first else {
+            return first;
+        };
+        let starts_with_flag = args
+            .get(1)
+            .and_then(|a| a.to_str())
+            .is_some_and(|a| a.starts_with("--"));
+        if e.kind() != clap::error::ErrorKind::UnknownArgument || !starts_with_flag {
+            return first;
+        }
+        let mut serve = args.clone();
+        serve.insert(1, "serve".into());
+        match Self::try_parse_from(serve) {
+            Ok(cli) => Ok(cli),
+            // A serve flag with a bad value: that error says more.
+            Err(again) if again.kind() != clap::error::ErrorKind::UnknownArgument => Err(again),
+            Err(_) => first,
+        }
+    }
 }
 
 /// Log output format.

@@ -17,13 +17,14 @@ use crate::client::Error;
 pub struct AcquireArgs {
     /// The lock's name.
     pub key: String,
-    /// TTL to ask for (e.g. `30s`); without it, the server's default. The
-    /// lease is NOT kept alive: renew or release it before it runs out.
-    #[arg(long, env = "LEASEHOLD_TTL", value_parser = humantime::parse_duration)]
+    /// TTL to ask for (e.g. `30s`, more than 0); without it, the server's
+    /// default. The lease is NOT kept alive: renew or release it before it
+    /// runs out.
+    #[arg(long, env = "LEASEHOLD_TTL", allow_hyphen_values = true, value_parser = connect::parse_ttl)]
     pub ttl: Option<Duration>,
     /// How long to wait while another client holds the lock; `0s` (the
     /// default) tries once. Not acquired in time: exit code 75.
-    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "0s", allow_hyphen_values = true, value_parser = connect::parse_duration_not_negative)]
     pub wait: Duration,
     /// Who holds the lock, as `describe` shows it (default: HOST:PID of the
     /// calling process).
@@ -67,8 +68,8 @@ pub struct RenewArgs {
     pub key: String,
     /// The lease's token, or `-` to read it from stdin.
     pub token: String,
-    /// New TTL; without it, the TTL granted.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// New TTL (more than 0); without it, the TTL granted.
+    #[arg(long, allow_hyphen_values = true, value_parser = connect::parse_ttl)]
     pub ttl: Option<Duration>,
     /// Print one JSON object instead of text.
     #[arg(long)]

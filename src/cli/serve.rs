@@ -9,108 +9,188 @@ use clap::Args;
 
 use crate::auth::Authenticator;
 use crate::lock::Limits;
-use crate::server::{self, ServerConfig, ServerTls};
+use crate::server::connections::{DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_PROBE_STREAMS};
+use crate::server::{self, ConnectionLimits, ServerConfig, ServerTls};
 use crate::service::ServiceLimits;
 use crate::service::queues::WaitQueues;
-use crate::store::{MemoryStore, RedisConfig, RedisStore, RedisTls};
+use crate::store::{MemoryStore, RedisConfig, RedisStore, RedisTls, redact_url};
 use crate::task::TaskGuard;
 
 /// Flags of `leasehold serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Address to listen on for gRPC.
-    #[arg(long, env = "LEASEHOLD_LISTEN", default_value = "127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "LEASEHOLD_LISTEN",
+        help_heading = "Listening and connections",
+        default_value = "127.0.0.1:50051"
+    )]
     pub listen: SocketAddr,
-    /// Redis to store locks in: redis://, rediss://, redis-cluster:// or
-    /// redis-sentinel://. Without it, the embedded in-memory store
-    /// (single process, not durable).
-    #[arg(long, env = "LEASEHOLD_REDIS_URL")]
+    /// Redis to store locks in: redis://, rediss:// (TLS), redis-cluster://,
+    /// redis-sentinel:// (and rediss-cluster://, rediss-sentinel://).
+    /// Without it, the embedded in-memory store (single process, not
+    /// durable).
+    #[arg(long, env = "LEASEHOLD_REDIS_URL", help_heading = "Store")]
     pub redis_url: Option<String>,
     /// Prefix of every Redis key and channel (no braces).
-    #[arg(long, env = "LEASEHOLD_KEY_PREFIX", default_value = "leasehold:")]
+    #[arg(
+        long,
+        env = "LEASEHOLD_KEY_PREFIX",
+        help_heading = "Store",
+        default_value = "leasehold:"
+    )]
     pub key_prefix: String,
     /// TTL granted when a request asks for 0.
-    #[arg(long, env = "LEASEHOLD_DEFAULT_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "LEASEHOLD_DEFAULT_TTL", help_heading = "Limits", default_value = "30s", value_parser = humantime::parse_duration)]
     pub default_ttl: Duration,
     /// Smallest TTL a request may ask for.
-    #[arg(long, env = "LEASEHOLD_MIN_TTL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "LEASEHOLD_MIN_TTL", help_heading = "Limits", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub min_ttl: Duration,
     /// Largest TTL a request may ask for.
-    #[arg(long, env = "LEASEHOLD_MAX_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "LEASEHOLD_MAX_TTL", help_heading = "Limits", default_value = "1h", value_parser = humantime::parse_duration)]
     pub max_ttl: Duration,
     /// Longest server-side wait an Acquire may ask for.
-    #[arg(long, env = "LEASEHOLD_MAX_WAIT", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "LEASEHOLD_MAX_WAIT", help_heading = "Limits", default_value = "5m", value_parser = humantime::parse_duration)]
     pub max_wait: Duration,
     /// Longest lock key, in bytes.
-    #[arg(long, env = "LEASEHOLD_MAX_KEY_BYTES", default_value_t = 512)]
+    #[arg(
+        long,
+        env = "LEASEHOLD_MAX_KEY_BYTES",
+        help_heading = "Limits",
+        default_value_t = 512
+    )]
     pub max_key_bytes: usize,
     /// Longest owner string, in bytes.
-    #[arg(long, env = "LEASEHOLD_MAX_OWNER_BYTES", default_value_t = 256)]
+    #[arg(
+        long,
+        env = "LEASEHOLD_MAX_OWNER_BYTES",
+        help_heading = "Limits",
+        default_value_t = 256
+    )]
     pub max_owner_bytes: usize,
     /// Most metadata entries per lock.
-    #[arg(long, env = "LEASEHOLD_MAX_METADATA_ENTRIES", default_value_t = 16)]
+    #[arg(
+        long,
+        env = "LEASEHOLD_MAX_METADATA_ENTRIES",
+        help_heading = "Limits",
+        default_value_t = 16
+    )]
     pub max_metadata_entries: usize,
     /// Most metadata bytes per lock, keys and values together.
-    #[arg(long, env = "LEASEHOLD_MAX_METADATA_BYTES", default_value_t = 4096)]
+    #[arg(
+        long,
+        env = "LEASEHOLD_MAX_METADATA_BYTES",
+        help_heading = "Limits",
+        default_value_t = 4096
+    )]
     pub max_metadata_bytes: usize,
     /// Bound on every store call; past it the call fails with UNAVAILABLE.
-    #[arg(long, env = "LEASEHOLD_STORE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "LEASEHOLD_STORE_TIMEOUT", help_heading = "Store", default_value = "2s", value_parser = humantime::parse_duration)]
     pub store_timeout: Duration,
     /// Redis connections in the command pool.
-    #[arg(long, env = "LEASEHOLD_POOL_SIZE", default_value_t = 4)]
+    #[arg(
+        long,
+        env = "LEASEHOLD_POOL_SIZE",
+        help_heading = "Store",
+        default_value_t = 4
+    )]
     pub pool_size: usize,
     /// Replicas that must acknowledge each grant (Redis WAIT) before it is
     /// answered; if fewer do within half the store timeout, the grant is
     /// undone and the call fails with UNAVAILABLE. 0: answer at once.
     /// See documentation/safety.md.
-    #[arg(long, env = "LEASEHOLD_MIN_REPLICA_ACKS", default_value_t = 0)]
+    #[arg(
+        long,
+        env = "LEASEHOLD_MIN_REPLICA_ACKS",
+        help_heading = "Store",
+        default_value_t = 0
+    )]
     pub min_replica_acks: u32,
     /// Most Acquire/Release/renewal calls sent to a single Redis node in one
     /// script call when they queue behind each other; 1 sends each alone.
     /// Not used on a Redis Cluster. See documentation/redis.md.
-    #[arg(long, env = "LEASEHOLD_REDIS_BATCH", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    #[arg(long, env = "LEASEHOLD_REDIS_BATCH", help_heading = "Store", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub redis_batch: u64,
     /// How often the health check pings the store.
-    #[arg(long, env = "LEASEHOLD_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "LEASEHOLD_HEALTH_INTERVAL", help_heading = "Store", default_value = "1s", value_parser = humantime::parse_duration)]
     pub health_interval: Duration,
     /// HTTP/2 PING interval, to detect clients that went silent.
-    #[arg(long, env = "LEASEHOLD_KEEPALIVE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "LEASEHOLD_KEEPALIVE_INTERVAL", help_heading = "Listening and connections", default_value = "10s", value_parser = humantime::parse_duration)]
     pub keepalive_interval: Duration,
     /// How long a PING may go unanswered before the connection (and its
     /// KeepAlive streams, releasing their locks) is closed.
-    #[arg(long, env = "LEASEHOLD_KEEPALIVE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "LEASEHOLD_KEEPALIVE_TIMEOUT", help_heading = "Listening and connections", default_value = "5s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: Duration,
     /// Concurrent KeepAlive streams one client connection may open.
     #[arg(
         long,
         env = "LEASEHOLD_MAX_STREAMS_PER_CONNECTION",
+        help_heading = "Limits",
         default_value_t = 100
     )]
     pub max_streams_per_connection: usize,
+    /// HTTP/2 streams one connection may have open at once: calls of every
+    /// kind, Health Watch and reflection included. The client is told in
+    /// SETTINGS; a stream over it is refused (REFUSED_STREAM).
+    #[arg(
+        long,
+        env = "LEASEHOLD_MAX_CONCURRENT_STREAMS", help_heading = "Listening and connections",
+        default_value_t = DEFAULT_MAX_CONCURRENT_STREAMS,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_concurrent_streams: u32,
+    /// Client connections open at once; one more is closed as soon as it is
+    /// accepted. Default: 10000, or the open-file limit (ulimit -n) minus
+    /// 32 when that is lower.
+    #[arg(long, env = "LEASEHOLD_MAX_CONNECTIONS", help_heading = "Listening and connections", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: Option<u64>,
+    /// How soon after it is accepted a connection must begin its first call
+    /// (its TLS handshake and HTTP/2 preface come before); else it is closed.
+    #[arg(long, env = "LEASEHOLD_HANDSHAKE_TIMEOUT", help_heading = "Listening and connections", default_value = HANDSHAKE_TIMEOUT, value_parser = positive_duration)]
+    pub handshake_timeout: Duration,
+    /// A connection with no call open for this long is closed; clients
+    /// reconnect on their next call. A KeepAlive or Watch stream is a call
+    /// in progress, however long it lasts.
+    #[arg(long, env = "LEASEHOLD_IDLE_TIMEOUT", help_heading = "Listening and connections", default_value = IDLE_TIMEOUT, value_parser = positive_duration)]
+    pub idle_timeout: Duration,
+    /// Health Watch and reflection streams open at once on this server, all
+    /// connections together: they need no credentials (unless
+    /// --auth-protect-health) and last as long as the client likes. One
+    /// more is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LEASEHOLD_MAX_PROBE_STREAMS", help_heading = "Limits", default_value_t = DEFAULT_MAX_PROBE_STREAMS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_probe_streams: usize,
     /// Locks one KeepAlive stream may keep alive.
-    #[arg(long, env = "LEASEHOLD_MAX_LOCKS_PER_STREAM", default_value_t = 10_000)]
+    #[arg(
+        long,
+        env = "LEASEHOLD_MAX_LOCKS_PER_STREAM",
+        help_heading = "Limits",
+        default_value_t = 10_000
+    )]
     pub max_locks_per_stream: usize,
     /// Acquire calls that may wait at once on this server.
-    #[arg(long, env = "LEASEHOLD_MAX_WAITERS", default_value_t = 10_000)]
+    #[arg(
+        long,
+        env = "LEASEHOLD_MAX_WAITERS",
+        help_heading = "Limits",
+        default_value_t = 10_000
+    )]
     pub max_waiters: usize,
     /// Acquire calls one tenant (without --auth-file: one connection) may
     /// have waiting at once on this server, so that no caller can fill
     /// --max-waiters alone. Past it, a waiting Acquire still tries once.
-    #[arg(long, env = "LEASEHOLD_MAX_WAITERS_PER_CALLER", default_value_t = crate::service::quota::DEFAULT_MAX_WAITERS_PER_CALLER)]
+    #[arg(long, env = "LEASEHOLD_MAX_WAITERS_PER_CALLER", help_heading = "Limits", default_value_t = crate::service::quota::DEFAULT_MAX_WAITERS_PER_CALLER)]
     pub max_waiters_per_caller: usize,
     /// KeepAlive streams one tenant (without --auth-file: one connection)
     /// may have open at once on this server.
-    #[arg(long, env = "LEASEHOLD_MAX_STREAMS_PER_CALLER", default_value_t = crate::service::quota::DEFAULT_MAX_STREAMS_PER_CALLER)]
+    #[arg(long, env = "LEASEHOLD_MAX_STREAMS_PER_CALLER", help_heading = "Limits", default_value_t = crate::service::quota::DEFAULT_MAX_STREAMS_PER_CALLER)]
     pub max_streams_per_caller: usize,
     /// Locks one tenant (without --auth-file: one connection) may keep
     /// alive over KeepAlive streams at once on this server.
-    #[arg(long, env = "LEASEHOLD_MAX_LOCKS_PER_CALLER", default_value_t = crate::service::quota::DEFAULT_MAX_LOCKS_PER_CALLER)]
+    #[arg(long, env = "LEASEHOLD_MAX_LOCKS_PER_CALLER", help_heading = "Limits", default_value_t = crate::service::quota::DEFAULT_MAX_LOCKS_PER_CALLER)]
     pub max_locks_per_caller: usize,
-    /// Serve Prometheus metrics over HTTP at this address (path /metrics).
-    #[arg(long, env = "LEASEHOLD_METRICS_LISTEN")]
-    pub metrics_listen: Option<SocketAddr>,
     /// Longest a graceful shutdown may take before the process exits anyway.
-    #[arg(long, env = "LEASEHOLD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "LEASEHOLD_SHUTDOWN_GRACE", help_heading = "Listening and connections", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
     /// PEM certificate chain for TLS on the gRPC port (with --tls-key).
     /// Without it the port speaks plaintext HTTP/2, and bearer tokens and
@@ -118,6 +198,7 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "LEASEHOLD_TLS_CERT",
+        help_heading = "Authentication and TLS",
         value_name = "PEM",
         requires = "tls_key"
     )]
@@ -126,6 +207,7 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "LEASEHOLD_TLS_KEY",
+        help_heading = "Authentication and TLS",
         value_name = "PEM",
         requires = "tls_cert"
     )]
@@ -135,6 +217,7 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "LEASEHOLD_TLS_CLIENT_CA",
+        help_heading = "Authentication and TLS",
         value_name = "PEM",
         requires = "tls_cert"
     )]
@@ -143,21 +226,37 @@ pub struct ServeArgs {
     /// certificate names, and the key prefixes each may use. Without it,
     /// every caller may use every key. Reloaded on SIGHUP; a bad file is
     /// refused and the previous one stays in force.
-    #[arg(long, env = "LEASEHOLD_AUTH_FILE", value_name = "TOML")]
+    #[arg(
+        long,
+        env = "LEASEHOLD_AUTH_FILE",
+        help_heading = "Authentication and TLS",
+        value_name = "TOML"
+    )]
     pub auth_file: Option<PathBuf>,
     /// Require credentials for health and reflection too. Off by default,
     /// so that probes (which cannot send a token) and tools keep working.
-    #[arg(long, env = "LEASEHOLD_AUTH_PROTECT_HEALTH", requires = "auth_file")]
+    #[arg(
+        long,
+        env = "LEASEHOLD_AUTH_PROTECT_HEALTH",
+        help_heading = "Authentication and TLS",
+        requires = "auth_file"
+    )]
     pub auth_protect_health: bool,
     /// PEM CA bundle that Redis's certificate must chain to, for rediss://
     /// (default: the system's CAs).
-    #[arg(long, env = "LEASEHOLD_REDIS_TLS_CA", value_name = "PEM")]
+    #[arg(
+        long,
+        env = "LEASEHOLD_REDIS_TLS_CA",
+        help_heading = "Store",
+        value_name = "PEM"
+    )]
     pub redis_tls_ca: Option<PathBuf>,
     /// PEM client certificate for Redis's `tls-auth-clients` (with
     /// --redis-tls-key).
     #[arg(
         long,
         env = "LEASEHOLD_REDIS_TLS_CERT",
+        help_heading = "Store",
         value_name = "PEM",
         requires = "redis_tls_key"
     )]
@@ -166,10 +265,38 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "LEASEHOLD_REDIS_TLS_KEY",
+        help_heading = "Store",
         value_name = "PEM",
         requires = "redis_tls_cert"
     )]
     pub redis_tls_key: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP at this address (path /metrics).
+    #[arg(long, env = "LEASEHOLD_METRICS_LISTEN", help_heading = "Observability")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// The `--redis-url` schemes the Redis store understands.
+const REDIS_SCHEMES: [&str; 6] = [
+    "redis",
+    "rediss",
+    "redis-cluster",
+    "rediss-cluster",
+    "redis-sentinel",
+    "rediss-sentinel",
+];
+
+/// `--handshake-timeout`'s default, [`crate::server::connections::DEFAULT_HANDSHAKE_TIMEOUT`].
+const HANDSHAKE_TIMEOUT: &str = "10s";
+/// `--idle-timeout`'s default, [`crate::server::connections::DEFAULT_IDLE_TIMEOUT`].
+const IDLE_TIMEOUT: &str = "5m";
+
+/// A duration above zero.
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("must be more than 0".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn read_pem(flag: &str, path: &Path) -> Result<Vec<u8>, String> {
@@ -194,6 +321,7 @@ impl ServeArgs {
             max_metadata_bytes: self.max_metadata_bytes,
             ..Limits::default()
         };
+        self.check_ttl_flags()?;
         fields.check()?;
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => {
@@ -234,10 +362,67 @@ impl ServeArgs {
             keepalive_interval: self.keepalive_interval,
             keepalive_timeout: self.keepalive_timeout,
             shutdown_grace: self.shutdown_grace,
+            connections: ConnectionLimits {
+                max_concurrent_streams: self.max_concurrent_streams,
+                max_connections: self
+                    .max_connections
+                    .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+                handshake_timeout: self.handshake_timeout,
+                idle_timeout: self.idle_timeout,
+                max_probe_streams: self.max_probe_streams,
+            },
             max_waiters: self.max_waiters,
             tls,
             auth,
         })
+    }
+
+    /// The TTL flags against each other, named as the user typed them
+    /// (the limits' own check speaks of milliseconds).
+    fn check_ttl_flags(&self) -> Result<(), String> {
+        let show = |d: Duration| humantime::format_duration(d).to_string();
+        if self.min_ttl > self.max_ttl {
+            return Err(format!(
+                "--min-ttl {} is above --max-ttl {}",
+                show(self.min_ttl),
+                show(self.max_ttl)
+            ));
+        }
+        if !(self.min_ttl..=self.max_ttl).contains(&self.default_ttl) {
+            return Err(format!(
+                "--default-ttl {} is outside --min-ttl {} .. --max-ttl {}",
+                show(self.default_ttl),
+                show(self.min_ttl),
+                show(self.max_ttl)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses a `--redis-url` whose scheme the Redis store does not know,
+    /// at start-up, instead of a server that sits NOT_SERVING. Never echoes
+    /// the URL's password.
+    pub fn check_redis_url(&self) -> Result<(), String> {
+        let Some(url) = &self.redis_url else {
+            return Ok(());
+        };
+        let valid = REDIS_SCHEMES
+            .iter()
+            .map(|s| format!("{s}://"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        match url.split_once("://") {
+            Some((scheme, _)) if REDIS_SCHEMES.iter().any(|s| s.eq_ignore_ascii_case(scheme)) => {
+                Ok(())
+            }
+            Some(_) => Err(format!(
+                "--redis-url {}: unknown scheme; use one of {valid}",
+                redact_url(url)
+            )),
+            None => Err(format!(
+                "--redis-url has no scheme; use one of {valid} (redis://HOST:6379)"
+            )),
+        }
     }
 
     /// Trust and identity for a rediss:// URL, when a flag sets them.
@@ -312,6 +497,7 @@ pub async fn termination() {
 
 /// Runs the server until SIGTERM/SIGINT.
 pub async fn run(args: ServeArgs) -> Result<(), String> {
+    args.check_redis_url()?;
     let config = args.server_config()?;
     if let Some(addr) = args.metrics_listen {
         crate::metrics::install(addr)?;
@@ -339,13 +525,14 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let waiters = WaitQueues::new(config.max_waiters);
+    let max_connections = config.connections.max_connections();
     let result = match &args.redis_url {
         None => {
             tracing::warn!(
                 "no --redis-url: using the embedded in-memory store; it is single-process and not durable (locks are lost on restart, and servers do not share them)"
             );
             let store = Arc::new(MemoryStore::new(waiters.clone()));
-            tracing::info!(%addr, store = "memory", tls = config.tls.is_some(), "listening");
+            tracing::info!(%addr, store = "memory", tls = config.tls.is_some(), max_connections, "listening");
             server::run(store, waiters, config, listener, termination()).await
         }
         Some(url) => {
@@ -358,12 +545,85 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
                 min_replica_acks: args.min_replica_acks,
                 batch_max: usize::try_from(args.redis_batch).unwrap_or(1),
             };
+            tracing::info!(redis = %redact_url(url), "connecting to Redis");
             let store = Arc::new(RedisStore::connect(&redis, waiters.clone()).await?);
-            tracing::info!(%addr, store = "redis", tls = config.tls.is_some(), "listening");
+            tracing::info!(%addr, store = "redis", tls = config.tls.is_some(), max_connections, "listening");
             server::run(store, waiters, config, listener, termination()).await
         }
     };
     result.map_err(|e| format!("server error: {e}"))?;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn connection_defaults_are_the_named_constants() {
+        let cli = Cli::try_parse_from(["serve"]).unwrap();
+        let config = cli.serve.server_config().unwrap();
+        assert_eq!(config.connections, ConnectionLimits::default());
+        let ttl = |args: &[&str]| {
+            let mut argv = vec!["serve"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv)
+                .unwrap()
+                .serve
+                .server_config()
+                .unwrap_err()
+        };
+        assert_eq!(
+            ttl(&["--min-ttl", "10s", "--max-ttl", "1s"]),
+            "--min-ttl 10s is above --max-ttl 1s"
+        );
+        assert!(
+            ttl(&["--default-ttl", "2h"])
+                .starts_with("--default-ttl 2h is outside --min-ttl 100ms")
+        );
+        for zero in [
+            "--handshake-timeout=0s",
+            "--idle-timeout=0s",
+            "--max-connections=0",
+        ] {
+            assert!(Cli::try_parse_from(["serve", zero]).is_err(), "{zero}");
+        }
+    }
+
+    #[test]
+    fn unknown_redis_schemes_are_refused_without_the_password() {
+        let check = |url: &str| {
+            Cli::try_parse_from(["serve", "--redis-url", url])
+                .unwrap()
+                .serve
+                .check_redis_url()
+        };
+        for ok in [
+            "redis://h:6379",
+            "REDISS://h",
+            "rediss-cluster://h",
+            "redis-sentinel://h/mymaster",
+        ] {
+            assert!(check(ok).is_ok(), "{ok}");
+        }
+        let err = check("http://user:hunter2-password@localhost:6379").unwrap_err();
+        assert!(
+            err.contains("unknown scheme") && err.contains("redis-cluster://"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = check("user:hunter2-password@localhost:6379").unwrap_err();
+        assert!(
+            err.contains("no scheme") && !err.contains("hunter2"),
+            "{err}"
+        );
+    }
 }
