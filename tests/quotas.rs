@@ -38,6 +38,7 @@ fn limits(waiters: usize, streams: usize, locks: usize) -> ServerConfig {
         waiters,
         streams,
         locks,
+        ..QuotaLimits::default()
     };
     config
 }
@@ -263,4 +264,81 @@ async fn a_revoked_credential_ends_its_wait_and_is_granted_nothing() {
         .unwrap()
         .into_inner();
     assert!(!d.held, "held by {:?}", d.owner);
+}
+
+/// `[tenant.quotas]` in the auth file: a tenant's own waiter quota and
+/// Acquire rate, instead of the server's defaults; other tenants keep the
+/// defaults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_own_quotas_come_from_the_auth_file() {
+    let text = format!(
+        "[[tenant]]\nname = \"team-a\"\nprefixes = [\"shared/\"]\ntokens = [\"{TOKEN_A}\"]\n\
+         [tenant.quotas]\nwaiters = 3\nacquires_per_second = 20\n\n{}",
+        policy(false)
+    );
+    let mut config = limits(100, 100, 1_000);
+    config.auth = Some(Arc::new(Authenticator::new(
+        Policy::parse(&text).unwrap(),
+        false,
+    )));
+    let server = TestServer::start_with(Backend::Memory, config).await;
+    let mut c = server.client().await;
+    let held = c
+        .acquire(as_tenant(TOKEN_B, acquire("shared/own", 60_000)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(held.acquired);
+    let tasks = fill_waiters(&c, &server, TOKEN_A, "shared/own", 3).await;
+    let err = c
+        .acquire(as_tenant(
+            TOKEN_A,
+            acquire_wait("shared/own", 5_000, 10_000),
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("--max-waiters-per-caller 3"),
+        "{err:?}"
+    );
+    for task in tasks {
+        task.abort();
+    }
+
+    // 40 Acquires at once against a rate of 20 a second: at most the burst
+    // (20, plus what refills meanwhile) get through, the rest are refused
+    // naming the quota; team-b is not slowed.
+    let calls = (0..40).map(|i| {
+        let mut c = c.clone();
+        async move {
+            c.acquire(as_tenant(
+                TOKEN_A,
+                acquire(&format!("shared/rate-{i}"), 1_000),
+            ))
+            .await
+        }
+    });
+    let results = futures_util::future::join_all(calls).await;
+    let refused: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        (10..=25).contains(&refused.len()),
+        "{} of 40 refused",
+        refused.len()
+    );
+    for err in refused {
+        assert_eq!(err.code(), Code::ResourceExhausted);
+        assert!(
+            err.message()
+                .contains("--max-acquires-per-second-per-caller 20"),
+            "{err:?}"
+        );
+    }
+    for i in 0..40 {
+        let reply = c
+            .acquire(as_tenant(TOKEN_B, acquire(&format!("shared/b-{i}"), 1_000)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(reply.acquired);
+    }
 }

@@ -27,7 +27,7 @@ use arc_swap::ArcSwap;
 use tonic::transport::CertificateDer;
 
 pub use layer::{Auth, AuthLayer};
-pub use policy::{MIN_TOKEN_BYTES, Policy, Tenant, TokenHash, hash_token};
+pub use policy::{MIN_TOKEN_BYTES, Policy, Tenant, TenantQuotas, TokenHash, hash_token};
 
 use crate::lock::{LockError, LockKey};
 
@@ -235,6 +235,21 @@ impl Access {
         match self {
             Access::Open => None,
             Access::Caller(c) => Some(&c.tenant),
+        }
+    }
+
+    /// The tenant's own quotas in the policy in force now (none when
+    /// authentication is off, or the credential was revoked).
+    pub fn quotas(&self) -> TenantQuotas {
+        match self {
+            Access::Open => Default::default(),
+            Access::Caller(c) => {
+                let policy = c.auth.policy.load();
+                c.credential
+                    .tenant(&policy)
+                    .map(|t| t.quotas)
+                    .unwrap_or_default()
+            }
         }
     }
 

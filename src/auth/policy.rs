@@ -51,6 +51,24 @@ struct TenantEntry {
     tokens: Vec<String>,
     #[serde(default)]
     certificate_names: Vec<String>,
+    #[serde(default)]
+    quotas: TenantQuotas,
+}
+
+/// A tenant's own shares of one server, where they differ from the
+/// server's `--max-*-per-caller` flags (`[tenant.quotas]` in the auth file).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantQuotas {
+    /// Waiting Acquire calls at once.
+    pub waiters: Option<usize>,
+    /// KeepAlive streams at once.
+    pub streams: Option<usize>,
+    /// Locks kept alive over KeepAlive streams at once.
+    pub locks: Option<usize>,
+    /// Acquire calls a second (which bounds how fast it can create lock
+    /// names, each of which costs Redis a fencing counter for a while).
+    pub acquires_per_second: Option<u32>,
 }
 
 /// One tenant: a name for logs and errors, and the key prefixes it may use.
@@ -60,6 +78,8 @@ pub struct Tenant {
     pub name: String,
     /// A key is the tenant's if it starts with one of these; `""` is every key.
     pub prefixes: Vec<String>,
+    /// Its own quotas, where they differ from the server's defaults.
+    pub quotas: TenantQuotas,
 }
 
 impl Tenant {
@@ -155,6 +175,7 @@ impl Policy {
             policy.tenants.push(Tenant {
                 name,
                 prefixes: entry.prefixes,
+                quotas: entry.quotas,
             });
         }
         if policy.tenants.is_empty() {

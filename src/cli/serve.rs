@@ -189,6 +189,12 @@ pub struct ServeArgs {
     /// alive over KeepAlive streams at once on this server.
     #[arg(long, env = "LEASEHOLD_MAX_LOCKS_PER_CALLER", help_heading = "Limits", default_value_t = crate::service::quota::DEFAULT_MAX_LOCKS_PER_CALLER)]
     pub max_locks_per_caller: usize,
+    /// Acquire calls one tenant (without --auth-file: one connection) may
+    /// make a second on this server (a burst of a second's worth is
+    /// allowed). It bounds how fast a caller can create lock names, each of
+    /// which costs Redis a fencing counter for a while.
+    #[arg(long, env = "LEASEHOLD_MAX_ACQUIRES_PER_SECOND_PER_CALLER", help_heading = "Limits", default_value_t = crate::service::quota::DEFAULT_MAX_ACQUIRES_PER_SECOND_PER_CALLER, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_acquires_per_second_per_caller: u32,
     /// Longest a graceful shutdown may take before the process exits anyway.
     #[arg(long, env = "LEASEHOLD_SHUTDOWN_GRACE", help_heading = "Listening and connections", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -355,6 +361,7 @@ impl ServeArgs {
                     waiters: self.max_waiters_per_caller,
                     streams: self.max_streams_per_caller,
                     locks: self.max_locks_per_caller,
+                    acquires_per_second: self.max_acquires_per_second_per_caller,
                 },
             },
             health_interval: self.health_interval,

@@ -135,13 +135,17 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
         let call = convert::acquire_request(request.into_inner(), &self.core.limits.fields)
             .and_then(|call| access.authorize(&call.spec.key).map(|()| call))
             .map_err(|e| rejected("Acquire", start, e))?;
+        let caller = quota::Caller::of(&access, peer);
+        self.core
+            .quotas
+            .admit_acquire(&caller)
+            .map_err(|e| rejected("Acquire", start, e))?;
         let key = call.spec.key.clone();
         let spec = Arc::new(bind_request_id(&access, call.spec));
         let result = if call.wait_ms == 0 {
             self.core.attempt(&spec).await
         } else {
             let wait = Duration::from_millis(call.wait_ms.into());
-            let caller = quota::Caller::of(&access, peer);
             self.core
                 .acquire_waiting(&spec, wait, deadline, &access, &caller)
                 .await
