@@ -13,7 +13,7 @@ use crate::server::connections::{DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_PRO
 use crate::server::{self, ConnectionLimits, ServerConfig, ServerTls};
 use crate::service::ServiceLimits;
 use crate::service::queues::WaitQueues;
-use crate::store::{MemoryStore, RedisConfig, RedisStore, RedisTls, redact_url};
+use crate::store::{self, LockStore, RedisConfig, RedisTls, redact_url};
 use crate::task::TaskGuard;
 
 /// Flags of `leasehold serve`.
@@ -533,17 +533,16 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let waiters = WaitQueues::new(config.max_waiters);
     let max_connections = config.connections.max_connections();
-    let result = match &args.redis_url {
+    let redis = match &args.redis_url {
         None => {
             tracing::warn!(
                 "no --redis-url: using the embedded in-memory store; it is single-process and not durable (locks are lost on restart, and servers do not share them)"
             );
-            let store = Arc::new(MemoryStore::new(waiters.clone()));
-            tracing::info!(%addr, store = "memory", tls = config.tls.is_some(), max_connections, "listening");
-            server::run(store, waiters, config, listener, termination()).await
+            None
         }
         Some(url) => {
-            let redis = RedisConfig {
+            tracing::info!(redis = %redact_url(url), "connecting to Redis");
+            Some(RedisConfig {
                 url: url.clone(),
                 prefix: args.key_prefix.clone(),
                 pool_size: args.pool_size,
@@ -551,13 +550,12 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
                 tls: redis_tls,
                 min_replica_acks: args.min_replica_acks,
                 batch_max: usize::try_from(args.redis_batch).unwrap_or(1),
-            };
-            tracing::info!(redis = %redact_url(url), "connecting to Redis");
-            let store = Arc::new(RedisStore::connect(&redis, waiters.clone()).await?);
-            tracing::info!(%addr, store = "redis", tls = config.tls.is_some(), max_connections, "listening");
-            server::run(store, waiters, config, listener, termination()).await
+            })
         }
     };
+    let store = Arc::new(store::open(redis.as_ref(), waiters.clone()).await?);
+    tracing::info!(%addr, store = store.name(), tls = config.tls.is_some(), max_connections, "listening");
+    let result = server::run(store, waiters, config, listener, termination()).await;
     result.map_err(|e| format!("server error: {e}"))?;
     tracing::info!("stopped");
     Ok(())

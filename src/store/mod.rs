@@ -6,6 +6,7 @@
 
 mod instrumented;
 pub mod memory;
+mod open;
 pub mod redis;
 
 use std::future::Future;
@@ -50,6 +51,7 @@ impl<F: FnOnce(Grant) + Send + 'static> LateGrant for F {}
 
 pub use instrumented::Instrumented;
 pub use memory::MemoryStore;
+pub use open::{Store, open};
 pub use redis::{Names as RedisNames, RedisConfig, RedisStore, RedisTls, redact_url};
 
 /// One atomic operation per method; each either completes within the store

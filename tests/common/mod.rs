@@ -21,7 +21,7 @@ use leasehold::pb;
 use leasehold::pb::lock_service_client::LockServiceClient;
 use leasehold::server::{self, ServerConfig};
 use leasehold::service::queues::WaitQueues;
-use leasehold::store::{MemoryStore, RedisConfig, RedisNames, RedisStore};
+use leasehold::store::{RedisConfig, RedisNames};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
@@ -579,38 +579,28 @@ impl TestServer {
         let shutdown = async move {
             let _ = stop_rx.await;
         };
-        let task = match &redis_url {
-            None => {
-                let store = Arc::new(MemoryStore::new(waiters.clone()));
-                let w = waiters.clone();
-                tokio::spawn(async move {
-                    server::run(store, w, config, listener, shutdown)
-                        .await
-                        .expect("server");
-                })
-            }
-            Some(url) => {
-                let mut redis = RedisConfig {
-                    url: url.clone(),
-                    prefix: prefix.clone(),
-                    pool_size: 2,
-                    timeout: config.store_timeout,
-                    ..RedisConfig::default()
-                };
-                tune(&mut redis);
-                let store = Arc::new(
-                    RedisStore::connect(&redis, waiters.clone())
-                        .await
-                        .expect("redis store"),
-                );
-                let w = waiters.clone();
-                tokio::spawn(async move {
-                    server::run(store, w, config, listener, shutdown)
-                        .await
-                        .expect("server");
-                })
-            }
-        };
+        let redis = redis_url.as_ref().map(|url| {
+            let mut redis = RedisConfig {
+                url: url.clone(),
+                prefix: prefix.clone(),
+                pool_size: 2,
+                timeout: config.store_timeout,
+                ..RedisConfig::default()
+            };
+            tune(&mut redis);
+            redis
+        });
+        let store = Arc::new(
+            leasehold::store::open(redis.as_ref(), waiters.clone())
+                .await
+                .expect("store"),
+        );
+        let w = waiters.clone();
+        let task = tokio::spawn(async move {
+            server::run(store, w, config, listener, shutdown)
+                .await
+                .expect("server");
+        });
         let server = Self {
             addr,
             backend,
