@@ -1,5 +1,5 @@
-//! Server-configured bounds on what a request may ask for (DESIGN §2,
-//! "Limits and defaults"). Past a bound the answer is INVALID_ARGUMENT naming
+//! Server-configured bounds on what a request may ask for (the README's
+//! configuration table, documentation/semantics.md). Past a bound the answer is INVALID_ARGUMENT naming
 //! the field and the bound: never silent clamping.
 
 use super::{LockError, LockKey, Metadata};

@@ -17,7 +17,7 @@ pub use metadata::Metadata;
 pub struct LockKey(String);
 
 impl LockKey {
-    /// Validates `key` against the contract (DESIGN §2): non-empty, at most
+    /// Validates `key` (documentation/semantics.md): non-empty, at most
     /// `max_bytes`, and no Unicode control character (C0, DEL, C1).
     pub fn parse(key: impl Into<String>, max_bytes: usize) -> Result<Self, LockError> {
         let key = key.into();

@@ -182,7 +182,8 @@ impl<S: LockStore> LockStore for Arc<S> {
 
 /// Microseconds since the Unix epoch that never go backwards within this
 /// process: the wall clock read once at start, advanced by the monotonic
-/// clock. The fencing floor of the memory store (DESIGN §2).
+/// clock. The fencing floor of the memory store (documentation/semantics.md,
+/// "Fencing tokens").
 pub(crate) fn monotonic_unix_micros() -> u64 {
     use std::sync::OnceLock;
     use std::time::{Instant, SystemTime, UNIX_EPOCH};
