@@ -603,6 +603,54 @@ mod tests {
         }
     }
 
+    /// Every default is the library's own: a flag's clap default and the
+    /// `Default` of the setting it fills never drift apart.
+    #[test]
+    fn flag_defaults_are_the_library_defaults() {
+        let cli = Cli::try_parse_from(["serve"]).unwrap();
+        let config = cli.serve.server_config().unwrap();
+        let library = ServerConfig::default();
+        assert_eq!(
+            format!("{:?}", config.limits),
+            format!("{:?}", library.limits)
+        );
+        assert_eq!(
+            (
+                config.health_interval,
+                config.store_timeout,
+                config.keepalive_interval,
+                config.keepalive_timeout,
+                config.shutdown_grace,
+                config.max_waiters,
+            ),
+            (
+                library.health_interval,
+                library.store_timeout,
+                library.keepalive_interval,
+                library.keepalive_timeout,
+                library.shutdown_grace,
+                library.max_waiters,
+            )
+        );
+        let redis = RedisConfig::default();
+        assert_eq!(
+            (
+                cli.serve.key_prefix.as_str(),
+                cli.serve.pool_size,
+                cli.serve.store_timeout,
+                cli.serve.min_replica_acks,
+                usize::try_from(cli.serve.redis_batch).unwrap(),
+            ),
+            (
+                redis.prefix.as_str(),
+                redis.pool_size,
+                redis.timeout,
+                redis.min_replica_acks,
+                redis.batch_max,
+            )
+        );
+    }
+
     #[test]
     fn unknown_redis_schemes_are_refused_without_the_password() {
         let check = |url: &str| {
