@@ -24,6 +24,8 @@ mod binary;
 mod checker;
 #[path = "faults/proxy.rs"]
 mod proxy;
+#[path = "faults/random.rs"]
+mod random;
 #[path = "faults/remote.rs"]
 mod remote;
 
