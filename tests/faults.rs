@@ -22,6 +22,8 @@ mod common;
 mod binary;
 #[path = "faults/checker.rs"]
 mod checker;
+#[path = "faults/durability.rs"]
+mod durability;
 #[path = "faults/proxy.rs"]
 mod proxy;
 #[path = "faults/random.rs"]

@@ -534,18 +534,26 @@ impl Raw {
                         }
                         return;
                     }
-                    None => {
-                        // The stream broke (or the call failed): go on with
-                        // Renew RPCs; the lease may have been released with
-                        // the stream if the connection died.
-                        if let Some(s) = stream.take() {
-                            if let (Some(p), Some(from)) = (s.route.proxy, attached_since) {
-                                self.via_proxy(&h, p, from, Instant::now());
+                    // The stream broke or stayed silent: dropping it ends
+                    // the stream, which releases what it holds, so the
+                    // belief ends here.
+                    None if stream.is_some() => {
+                        let at = Instant::now();
+                        self.end_belief(
+                            &h,
+                            at,
+                            End::Lost,
+                            "KeepAlive stream broke or stayed silent; dropped it",
+                        );
+                        if let (Some(s), Some(from)) = (stream.as_ref(), attached_since) {
+                            if let Some(p) = s.route.proxy {
+                                self.via_proxy(&h, p, from, at);
                             }
-                            attached_since = None;
-                            confirmed = false;
                         }
+                        return;
                     }
+                    // A Renew RPC that failed: the belief goes on to its deadline.
+                    None => {}
                 }
                 next = Instant::now() + h.ttl / 3;
             }
@@ -1090,6 +1098,12 @@ fn judge(rec: &Record, base: Instant, now: Instant) -> (Vec<Violation>, crate::c
     // Overlaps and fencing, by the shared checker.
     let history = History::new();
     for (i, b) in beliefs.iter().enumerate() {
+        // A grant whose reply came after the client's own deadline was
+        // never believed: it claims nothing, not even its place in the
+        // order of fencing tokens.
+        if b.end <= b.start {
+            continue;
+        }
         // One window per belief, named so each is its own.
         let client = format!("{}#{i}", b.client);
         history.grant(&client, &b.key, b.fence, b.sent, b.start);
@@ -1125,10 +1139,16 @@ fn judge(rec: &Record, base: Instant, now: Instant) -> (Vec<Violation>, crate::c
         });
     }
     for f in &report.fence_regressions {
+        // "key: later#i got F after earlier#j got G": name both beliefs.
+        let named: Vec<String> = f
+            .split_whitespace()
+            .filter(|w| w.contains('#'))
+            .map(&describe)
+            .collect();
         violations.push(Violation {
             kind: "fencing token did not increase",
             key: f.split(':').next().unwrap_or_default().to_string(),
-            detail: f.clone(),
+            detail: format!("{f}: {}", named.join(" after ")),
         });
     }
     let find = |client: &str, key: &str, fence: u64| {
