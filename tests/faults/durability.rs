@@ -366,6 +366,53 @@ async fn durability_no_persistence_figures() {
 
 // ------------------------------------------------------ rolling restart
 
+/// The SDK's own log lines (this process), for its re-attach figures.
+static SDK_LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct SdkLog;
+
+impl std::io::Write for SdkLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        SDK_LOG
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Captures the SDK's info lines (once per test process).
+fn capture_sdk_log() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("leasehold::client=info")
+        .with_ansi(false)
+        .with_writer(|| SdkLog)
+        .try_init();
+}
+
+/// The SDK's "re-attached" lines logged since byte `from`: (locks, ms).
+fn reattached_since(from: usize) -> Vec<(u64, u64)> {
+    let log = SDK_LOG.lock().unwrap_or_else(|e| e.into_inner());
+    let text = String::from_utf8_lossy(&log[from.min(log.len())..]).to_string();
+    let field = |line: &str, name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    text.lines()
+        .filter(|l| l.contains("re-attached locks after the KeepAlive stream broke"))
+        .filter_map(|l| Some((field(l, "reattached=")?, field(l, "after_ms=")?)))
+        .collect()
+}
+
+fn sdk_log_len() -> usize {
+    SDK_LOG.lock().unwrap_or_else(|e| e.into_inner()).len()
+}
+
 /// Polls Describe until every key's remaining TTL jumped up (it was renewed)
 /// after `since`; returns when the last one was.
 async fn all_renewed(
@@ -407,6 +454,7 @@ async fn all_renewed(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durability_rolling_restart_loses_no_lock() {
     let _serial = crate::SERIAL.lock().await;
+    capture_sdk_log();
     let (holders, per_holder, workers, rounds) = if crate::full() {
         (8, 10, 8, 3)
     } else {
@@ -482,6 +530,7 @@ async fn durability_rolling_restart_loses_no_lock() {
             let mut observer =
                 LockServiceClient::new(channel(&servers[(i + 1) % servers.len()].addr));
             let grants_before = crate::grants_after(&history, &hot, history.started).len();
+            let log_from = sdk_log_len();
             let term = history.fault(format!("round {round}: SIGTERM server {i}"));
             servers[i].signal("-TERM");
             tokio::task::block_in_place(|| servers[i].wait_exit(Duration::from_secs(15)));
@@ -496,9 +545,13 @@ async fn durability_rolling_restart_loses_no_lock() {
             });
             let serving = started.elapsed();
             let grants = crate::grants_after(&history, &hot, history.started).len() - grants_before;
+            let reattached = reattached_since(log_from);
             rows.push(format!(
-                "server {i}: SIGTERM to exit {:.2} s, every held lock renewed {:.2} s after the SIGTERM, restart to SERVING {:.2} s, {grants} hot grants meanwhile",
+                "server {i}: SIGTERM to exit {:.2} s, {} SDK client(s) (holders and workers) re-attached {} locks within {} ms of their stream's end (max), every held lock renewed {:.2} s after the SIGTERM, restart to SERVING {:.2} s, {grants} hot grants meanwhile",
                 exited.as_secs_f64(),
+                reattached.len(),
+                reattached.iter().map(|r| r.0).sum::<u64>(),
+                reattached.iter().map(|r| r.1).max().unwrap_or_default(),
                 renewed.as_secs_f64(),
                 serving.as_secs_f64(),
             ));
