@@ -588,11 +588,6 @@ impl Raw {
     ) {
         let choice = self.rng.random_range(0..10);
         let at = Instant::now();
-        if at >= h.deadline {
-            self.end_belief(&h, h.deadline, End::Lost, "own deadline passed");
-            bump(&self.rec.counters.expiries);
-            return;
-        }
         let span = stream
             .as_ref()
             .and_then(|s| s.route.proxy)
@@ -602,6 +597,12 @@ impl Raw {
                 this.via_proxy(&h, p, from, to);
             }
         };
+        if at >= h.deadline {
+            self.end_belief(&h, h.deadline, End::Lost, "own deadline passed");
+            proxy_span(self, h.deadline);
+            bump(&self.rec.counters.expiries);
+            return;
+        }
         match (choice, stream) {
             // Stop renewing: the lease ends with its TTL.
             (0, stream) => {
@@ -918,7 +919,21 @@ async fn sdk_user(
                 );
             }
         } else {
+            // The keeper releases it over its stream: gone within the bound
+            // unless a fault got in the way.
             drop(guard);
+            let at = Instant::now();
+            push(
+                &rec.let_go,
+                LetGo {
+                    client: name.clone(),
+                    key: key.clone(),
+                    fence,
+                    what: "SDK guard dropped",
+                    gone_by: at + STREAM_END_BOUND,
+                    stream_end: Some(at),
+                },
+            );
         }
     }
 }
