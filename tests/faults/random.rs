@@ -2,7 +2,8 @@
 //! few keys, with random deadlines, cancels, `request_id` retries,
 //! duplicated Acquires, lost replies (a TCP proxy between some clients and
 //! the servers that pauses or cuts) and KeepAlive attach/close races, while
-//! a nemesis stalls Redis (SIGSTOP, `DEBUG SLEEP`), pauses and cuts the
+//! a nemesis stalls Redis (SIGSTOP, `DEBUG SLEEP`), cuts the servers'
+//! connections to Redis (a proxy: fred resends), pauses and cuts the client
 //! proxies, and SIGKILLs and SIGTERMs the Leasehold servers.
 //!
 //! Every client records the interval in which it believes it holds a lease
@@ -976,6 +977,8 @@ async fn prober(
 /// The processes the nemesis hurts.
 struct Targets {
     redis: RedisServer,
+    /// The proxy every server reaches Redis through.
+    redis_link: Proxy,
     servers: Vec<ServerProcess>,
     proxies: Vec<Proxy>,
 }
@@ -1004,7 +1007,7 @@ async fn nemesis(mut t: Targets, seed: u64, rec: Arc<Record>, stop: Cancellation
         let start = Instant::now();
         let mut proxy_cut = None;
         let what = match rng.random_range(0..100) {
-            0..=29 => {
+            0..=24 => {
                 let d = Duration::from_millis(rng.random_range(200..2500));
                 let pid = t.redis.pid().expect("redis running");
                 kill_signal(pid, "-STOP");
@@ -1012,7 +1015,7 @@ async fn nemesis(mut t: Targets, seed: u64, rec: Arc<Record>, stop: Cancellation
                 kill_signal(pid, "-CONT");
                 format!("SIGSTOP redis {d:?}")
             }
-            30..=44 => {
+            25..=37 => {
                 let secs = rng.random_range(2..20) as f64 / 10.0;
                 let port = t.redis.port;
                 let _ = tokio::task::spawn_blocking(move || {
@@ -1021,7 +1024,7 @@ async fn nemesis(mut t: Targets, seed: u64, rec: Arc<Record>, stop: Cancellation
                 .await;
                 format!("DEBUG SLEEP {secs}")
             }
-            45..=64 => {
+            38..=54 => {
                 let p = rng.random_range(0..t.proxies.len());
                 let d = Duration::from_millis(rng.random_range(200..2000));
                 t.proxies[p].set(Mode::Pause);
@@ -1029,7 +1032,7 @@ async fn nemesis(mut t: Targets, seed: u64, rec: Arc<Record>, stop: Cancellation
                 t.proxies[p].set(Mode::Pass);
                 format!("pause proxy {p} {d:?}")
             }
-            65..=79 => {
+            55..=69 => {
                 let p = rng.random_range(0..t.proxies.len());
                 let d = Duration::from_millis(rng.random_range(50..1000));
                 proxy_cut = Some(p);
@@ -1037,6 +1040,15 @@ async fn nemesis(mut t: Targets, seed: u64, rec: Arc<Record>, stop: Cancellation
                 tokio::time::sleep(d).await;
                 t.proxies[p].set(Mode::Pass);
                 format!("cut proxy {p} {d:?}")
+            }
+            70..=79 => {
+                // Between the servers and Redis: fred resends what was in
+                // flight on the dropped connection.
+                let d = Duration::from_millis(rng.random_range(50..800));
+                t.redis_link.set(Mode::Cut);
+                tokio::time::sleep(d).await;
+                t.redis_link.set(Mode::Pass);
+                format!("cut redis link {d:?}")
             }
             80..=89 => {
                 let s = rng.random_range(0..t.servers.len());
@@ -1189,7 +1201,14 @@ fn judge(rec: &Record, base: Instant, now: Instant) -> (Vec<Violation>, crate::c
         let before_own_end = d.replied + MARGIN < d.deadline && cut_end >= d.replied;
         if before_own_end {
             violations.push(Violation {
-                kind: if retried { "retried release lied" } else { "taken from holder" },
+                kind: if retried {
+                    "retried release lied"
+                } else if d.what.starts_with("Release") {
+                    // Taken before, or a release that lies about itself.
+                    "release answered not held while held"
+                } else {
+                    "taken from holder"
+                },
                 key: d.key.clone(),
                 detail: format!(
                     "{} fence {} (granted {}) sent at {} was answered {} at {}, {:?} before its own deadline {}",
@@ -1345,7 +1364,9 @@ async fn randomized_fault_run() {
         RedisServer::start_with(&["--enable-debug-command", "local"])
     });
     let prefix = unique_prefix();
-    let url = redis.url();
+    let redis_addr: SocketAddr = redis.addr().parse().expect("redis addr");
+    let redis_link = Proxy::start(redis_addr).await;
+    let url = redis_link.url();
     let store_timeout = format!("{}ms", STORE_TIMEOUT.as_millis());
     let args = [
         "--redis-url",
@@ -1429,6 +1450,7 @@ async fn randomized_fault_run() {
     let nemesis = tokio::spawn(nemesis(
         Targets {
             redis,
+            redis_link,
             servers,
             proxies,
         },
