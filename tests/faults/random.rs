@@ -78,6 +78,8 @@ pub struct Belief {
     /// ran through proxy `.0` (a cut of that proxy ends the stream, which
     /// may release the lease).
     pub via_proxy: Vec<(usize, Instant, Instant)>,
+    /// How it was granted (attempts of its request id, a duplicate, a wait).
+    pub granted: String,
 }
 
 /// A server's answer that a lease no longer holds its lock.
@@ -301,7 +303,22 @@ impl Raw {
                     } else {
                         first + ttl
                     };
-                    let index = self.believe(&key, lease.fencing_token, first, at, deadline);
+                    let granted = format!(
+                        "attempt {} of its request id{}{}",
+                        attempt + 1,
+                        if duplicate {
+                            ", sent twice at once"
+                        } else {
+                            ""
+                        },
+                        if wait_ms > 0 {
+                            format!(", wait_ms {wait_ms}")
+                        } else {
+                            String::new()
+                        },
+                    );
+                    let index =
+                        self.believe(&key, lease.fencing_token, first, at, deadline, granted);
                     return Some(Held {
                         key,
                         token: lease.token,
@@ -360,6 +377,7 @@ impl Raw {
                         how: End::Open,
                         why: "second lease of one request id, never renewed".into(),
                         via_proxy: Vec::new(),
+                        granted: "the other copy of a duplicated Acquire".into(),
                     },
                 );
                 Outcome::Granted(la, ta, sa)
@@ -378,6 +396,7 @@ impl Raw {
         sent: Instant,
         start: Instant,
         deadline: Instant,
+        granted: String,
     ) -> usize {
         let mut beliefs = self.rec.beliefs.lock().unwrap_or_else(|e| e.into_inner());
         beliefs.push(Belief {
@@ -390,6 +409,7 @@ impl Raw {
             how: End::Open,
             why: "open".into(),
             via_proxy: Vec::new(),
+            granted,
         });
         beliefs.len() - 1
     }
@@ -869,6 +889,7 @@ async fn sdk_user(
                 how: End::Open,
                 why: "open".into(),
                 via_proxy: Vec::new(),
+                granted: format!("SDK lock(), wait {wait:?}, TTL {ttl:?}"),
             });
             b.len() - 1
         };
@@ -1143,15 +1164,7 @@ fn judge(rec: &Record, base: Instant, now: Instant) -> (Vec<Violation>, crate::c
             .next()
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
-        let b = &beliefs[i];
-        format!(
-            "{} fence {} believed [{} .. {}] ({})",
-            b.client,
-            b.fence,
-            t(base, b.start),
-            t(base, b.end),
-            b.why
-        )
+        describe_belief(base, &beliefs[i])
     };
     for o in &report.overlaps {
         violations.push(Violation {
@@ -1211,9 +1224,11 @@ fn judge(rec: &Record, base: Instant, now: Instant) -> (Vec<Violation>, crate::c
                 },
                 key: d.key.clone(),
                 detail: format!(
-                    "{} fence {} (granted {}) sent at {} was answered {} at {}, {:?} before its own deadline {}",
+                    "{} fence {} (first sent {}, {}, granted {}): a request sent at {} was answered {} at {}, {:?} before the holder's own deadline {}",
                     d.client,
                     d.fence,
+                    t(base, b.sent),
+                    b.granted,
                     t(base, b.start),
                     t(base, d.sent),
                     d.what,
@@ -1319,9 +1334,11 @@ fn judge(rec: &Record, base: Instant, now: Instant) -> (Vec<Violation>, crate::c
 
 fn describe_belief(base: Instant, b: &Belief) -> String {
     format!(
-        "{} fence {} believed [{} .. {}] ({})",
+        "{} fence {} (first sent {}, {}) believed [{} .. {}] ({})",
         b.client,
         b.fence,
+        t(base, b.sent),
+        b.granted,
         t(base, b.start),
         t(base, b.end),
         b.why
