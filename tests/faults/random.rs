@@ -1551,3 +1551,159 @@ async fn randomized_fault_run() {
         "the run granted nothing"
     );
 }
+
+// ------------------------------------------------------------ the judge, tested
+
+#[cfg(test)]
+mod judge_tests {
+    use super::*;
+
+    fn ms(base: Instant, ms: u64) -> Instant {
+        base + Duration::from_millis(ms)
+    }
+
+    fn belief(client: &str, fence: u64, base: Instant, from: u64, to: u64, how: End) -> Belief {
+        Belief {
+            client: client.into(),
+            key: "k".into(),
+            fence,
+            sent: ms(base, from.saturating_sub(5)),
+            start: ms(base, from),
+            end: ms(base, to),
+            how,
+            why: "test".into(),
+            via_proxy: Vec::new(),
+            granted: "test".into(),
+        }
+    }
+
+    fn observe(rec: &Record, base: Instant, at: u64, held: Option<u64>) {
+        push(
+            &rec.observations,
+            Observation {
+                key: "k".into(),
+                sent: ms(base, at),
+                replied: ms(base, at + 1),
+                held,
+            },
+        );
+    }
+
+    fn kinds(v: &[Violation]) -> Vec<&'static str> {
+        let mut k: Vec<_> = v.iter().map(|v| v.kind).collect();
+        k.sort();
+        k
+    }
+
+    #[test]
+    fn a_clean_history_has_no_violation() {
+        let base = Instant::now();
+        let rec = Record::default();
+        push(&rec.beliefs, belief("a", 10, base, 0, 500, End::Released));
+        push(&rec.beliefs, belief("b", 20, base, 600, 900, End::Released));
+        observe(&rec, base, 100, Some(10));
+        observe(&rec, base, 550, None);
+        observe(&rec, base, 700, Some(20));
+        observe(&rec, base, 1000, None);
+        push(
+            &rec.let_go,
+            LetGo {
+                client: "a".into(),
+                key: "k".into(),
+                fence: 10,
+                what: "Release answered released=true",
+                gone_by: ms(base, 510),
+                stream_end: None,
+            },
+        );
+        let (v, _) = judge(&rec, base, ms(base, 2000));
+        assert!(v.is_empty(), "{v:?}");
+    }
+
+    #[test]
+    fn catches_each_kind() {
+        let base = Instant::now();
+        let rec = Record::default();
+        // a believes until 1000; b is granted at 400 with a larger fence.
+        push(&rec.beliefs, belief("a", 10, base, 0, 1000, End::Released));
+        push(&rec.beliefs, belief("b", 20, base, 400, 600, End::Released));
+        // Describe saw b's lease during a's belief.
+        observe(&rec, base, 450, Some(20));
+        // a's renewal was denied at 700, before its own deadline 1000.
+        push(
+            &rec.denials,
+            Denial {
+                client: "a".into(),
+                key: "k".into(),
+                fence: 10,
+                what: "Renew renewed=false",
+                sent: ms(base, 699),
+                replied: ms(base, 700),
+                deadline: ms(base, 1000),
+            },
+        );
+        // b released at 600 (answered), yet Describe shows it at 800.
+        push(
+            &rec.let_go,
+            LetGo {
+                client: "b".into(),
+                key: "k".into(),
+                fence: 20,
+                what: "Release answered released=true",
+                gone_by: ms(base, 601),
+                stream_end: None,
+            },
+        );
+        observe(&rec, base, 800, Some(20));
+        // A later Describe goes back to an older fence.
+        observe(&rec, base, 900, Some(15));
+        let (v, _) = judge(&rec, base, ms(base, 2000));
+        assert_eq!(
+            kinds(&v),
+            [
+                "fencing token did not increase",
+                "left behind",
+                "overlap",
+                "taken from holder",
+                "taken from holder",
+            ],
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_cut_stream_ends_the_belief() {
+        let base = Instant::now();
+        let rec = Record::default();
+        // a's stream ran through proxy 0 from 0 to 1000; the proxy was cut at
+        // 300 (the stream's end may release); b was granted at 400.
+        let mut a = belief("a", 10, base, 0, 1000, End::Released);
+        a.via_proxy.push((0, ms(base, 0), ms(base, 1000)));
+        push(&rec.beliefs, a);
+        push(&rec.beliefs, belief("b", 20, base, 400, 600, End::Released));
+        push(
+            &rec.faults,
+            Fault {
+                start: ms(base, 300),
+                end: ms(base, 350),
+                what: "cut proxy 0".into(),
+                proxy_cut: Some(0),
+            },
+        );
+        push(
+            &rec.denials,
+            Denial {
+                client: "a".into(),
+                key: "k".into(),
+                fence: 10,
+                what: "Renew renewed=false",
+                sent: ms(base, 699),
+                replied: ms(base, 700),
+                deadline: ms(base, 1000),
+            },
+        );
+        observe(&rec, base, 450, Some(20));
+        let (v, _) = judge(&rec, base, ms(base, 2000));
+        assert!(v.is_empty(), "{v:?}");
+    }
+}
