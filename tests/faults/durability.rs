@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use leasehold::pb;
@@ -71,6 +72,7 @@ async fn loader(
     id: usize,
     addr: String,
     keys: usize,
+    granted: Arc<AtomicU64>,
     stop: CancellationToken,
 ) -> (HashMap<String, Last>, u64) {
     let mut client = LockServiceClient::new(channel(&addr));
@@ -125,6 +127,7 @@ async fn loader(
                 match (r.acquired, r.lease) {
                     (true, Some(lease)) => {
                         grants += 1;
+                        granted.fetch_add(1, Ordering::Relaxed);
                         state.insert(
                             key.clone(),
                             Last::Held {
@@ -192,24 +195,25 @@ async fn redis_killed_mid_load(persistence: Persistence) -> KillFigures {
         s
     });
     let stop = CancellationToken::new();
+    let granted = Arc::new(AtomicU64::new(0));
     let tasks: Vec<_> = (0..loaders)
-        .map(|id| tokio::spawn(loader(id, server.addr.clone(), keys, stop.clone())))
+        .map(|id| {
+            tokio::spawn(loader(
+                id,
+                server.addr.clone(),
+                keys,
+                granted.clone(),
+                stop.clone(),
+            ))
+        })
         .collect();
-    // Mid-load: once the load has made a few hundred grants (bounded).
+    // Mid-load: once every key was granted about three times (bounded).
     let mut client = LockServiceClient::new(channel(&server.addr));
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        let info = tokio::task::block_in_place(|| redis.cli(&["INFO", "stats"]));
-        let commands = info
-            .lines()
-            .find_map(|l| l.strip_prefix("total_commands_processed:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-        if commands > 1500 {
-            break;
-        }
+    let target = 3 * (loaders * keys) as u64;
+    let end = Instant::now() + Duration::from_secs(60);
+    while granted.load(Ordering::Relaxed) < target {
         assert!(Instant::now() < end, "the load did not get going");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     tokio::task::block_in_place(|| redis.kill());
     stop.cancel();
