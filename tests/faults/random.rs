@@ -155,6 +155,9 @@ struct Counters {
     sdk_grants: AtomicU64,
     sdk_lost: AtomicU64,
     sdk_cancels: AtomicU64,
+    /// Leases let go of that the judge checked, and skipped (a fault in the span).
+    let_go_checked: AtomicU64,
+    let_go_skipped: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -1282,9 +1285,11 @@ fn judge(rec: &Record, base: Instant, now: Instant) -> (Vec<Violation>, crate::c
                 .iter()
                 .any(|f| f.start <= g.gone_by && f.end + STREAM_END_BOUND >= end);
             if faulty {
+                bump(&rec.counters.let_go_skipped);
                 continue;
             }
         }
+        bump(&rec.counters.let_go_checked);
         let late: Vec<&&Observation> = by_key
             .get(g.key.as_str())
             .map(|v| {
@@ -1502,7 +1507,7 @@ async fn randomized_fault_run() {
         *kinds.entry(kind).or_default() += 1;
     }
     eprintln!(
-        "randomized fault run, seed {seed}, {:.0} s: acquire calls {} (granted {}, not acquired {}, deadline {}, unavailable {}, cancelled {}, other {}), request_id retries {}, duplicates {} (same lease twice {}), renewals {}, KeepAlive streams {} (attach/close races {}), lets go {} + expiries {}, SDK grants {} (lost {}, cancelled takes {}), Describes {}; faults {} {:?}; {report}",
+        "randomized fault run, seed {seed}, {:.0} s: acquire calls {} (granted {}, not acquired {}, deadline {}, unavailable {}, cancelled {}, other {}), request_id retries {}, duplicates {} (same lease twice {}), renewals {}, KeepAlive streams {} (attach/close races {}), lets go {} + expiries {}, SDK grants {} (lost {}, cancelled takes {}), Describes {}, leases let go checked gone {} (skipped {}: a fault in the span); faults {} {:?}; {report}",
         now.duration_since(base).as_secs_f64(),
         n(&c.acquire_calls),
         n(&c.granted),
@@ -1523,6 +1528,8 @@ async fn randomized_fault_run() {
         n(&c.sdk_lost),
         n(&c.sdk_cancels),
         n(&c.describes),
+        n(&c.let_go_checked),
+        n(&c.let_go_skipped),
         faults.len(),
         kinds,
     );
