@@ -1031,7 +1031,7 @@ async fn nemesis(mut t: Targets, seed: u64, rec: Arc<Record>, stop: Cancellation
         let start = Instant::now();
         let mut proxy_cut = None;
         let what = match rng.random_range(0..100) {
-            0..=24 => {
+            0..=29 => {
                 let d = Duration::from_millis(rng.random_range(200..2500));
                 let pid = t.redis.pid().expect("redis running");
                 kill_signal(pid, "-STOP");
@@ -1039,7 +1039,7 @@ async fn nemesis(mut t: Targets, seed: u64, rec: Arc<Record>, stop: Cancellation
                 kill_signal(pid, "-CONT");
                 format!("SIGSTOP redis {d:?}")
             }
-            25..=37 => {
+            30..=44 => {
                 let secs = rng.random_range(2..20) as f64 / 10.0;
                 let port = t.redis.port;
                 let _ = tokio::task::spawn_blocking(move || {
@@ -1048,7 +1048,7 @@ async fn nemesis(mut t: Targets, seed: u64, rec: Arc<Record>, stop: Cancellation
                 .await;
                 format!("DEBUG SLEEP {secs}")
             }
-            38..=54 => {
+            45..=57 => {
                 let p = rng.random_range(0..t.proxies.len());
                 let d = Duration::from_millis(rng.random_range(200..2000));
                 t.proxies[p].set(Mode::Pause);
@@ -1056,7 +1056,7 @@ async fn nemesis(mut t: Targets, seed: u64, rec: Arc<Record>, stop: Cancellation
                 t.proxies[p].set(Mode::Pass);
                 format!("pause proxy {p} {d:?}")
             }
-            55..=69 => {
+            58..=69 => {
                 let p = rng.random_range(0..t.proxies.len());
                 let d = Duration::from_millis(rng.random_range(50..1000));
                 proxy_cut = Some(p);
