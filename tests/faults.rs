@@ -5,6 +5,10 @@
 //! Redis off. Every grant, release and loss goes into a history and every
 //! write into a fenced resource (`faults/checker.rs`); each scenario checks
 //! the history and prints its figures (run with `--nocapture` to see them).
+//! `faults/random.rs` is the randomized run (seeded by
+//! `LEASEHOLD_FAULTS_SEED`, length `LEASEHOLD_FAULTS_MINUTES`);
+//! `faults/durability.rs` kills Redis under each persistence setting and
+//! restarts every server in turn.
 //!
 //! CI runs short versions. The full versions (more clients, more rounds,
 //! longer outages):
@@ -22,8 +26,12 @@ mod common;
 mod binary;
 #[path = "faults/checker.rs"]
 mod checker;
+#[path = "faults/durability.rs"]
+mod durability;
 #[path = "faults/proxy.rs"]
 mod proxy;
+#[path = "faults/random.rs"]
+mod random;
 #[path = "faults/remote.rs"]
 mod remote;
 
