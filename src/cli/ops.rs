@@ -232,7 +232,7 @@ pub async fn release(args: ReleaseArgs) -> i32 {
                 exit::OK
             } else {
                 eprintln!(
-                    "leasehold release: not released: this token no longer holds {:?} (it expired or another client took it)",
+                    "leasehold release: not released: this token does not hold {:?} (its lease expired, or it never held it: check that you passed the token, not the fencing token)",
                     args.key
                 );
                 exit::LOST
@@ -273,7 +273,7 @@ pub async fn renew(args: RenewArgs) -> i32 {
                 &[("key", json!(args.key)), ("renewed", json!(false))],
             );
             eprintln!(
-                "leasehold renew: not renewed: this token no longer holds {:?} (it expired or another client took it)",
+                "leasehold renew: not renewed: this token does not hold {:?} (its lease expired or was released, or it never held it: check that you passed the token, not the fencing token)",
                 args.key
             );
             exit::LOST
