@@ -35,7 +35,7 @@ pub enum Scenario {
     Handoff,
     /// Only the baselines: the gRPC floor and direct Redis.
     Baseline,
-    /// Everything, one after the other.
+    /// cycles, hot, keepalive and crash, one after the other.
     All,
 }
 
@@ -762,6 +762,12 @@ fn print_report(report: &Value) {
     let scenario = report["scenario"].as_str().unwrap_or("?");
     println!("== {scenario} ==");
     let ms = |v: &Value| format!("{:.3}", v.as_f64().unwrap_or(0.0));
+    // A figure that was not measured (no process to read, say) prints as
+    // "n/a", not as JSON's null.
+    let fig = |v: &Value| match v {
+        Value::Null => "n/a".to_string(),
+        v => v.to_string(),
+    };
     match scenario {
         "cycles" | "baseline" | "hot" => {
             for row in report["rows"].as_array().into_iter().flatten() {
@@ -775,7 +781,7 @@ fn print_report(report: &Value) {
                         ms(&row["acquire"]["p999_ms"]),
                         ms(&row["release"]["p50_ms"]),
                         ms(&row["release"]["p99_ms"]),
-                        row["server_cpu_us_per_rpc"],
+                        fig(&row["server_cpu_us_per_rpc"]),
                         row["errors"],
                     );
                 } else {
@@ -785,8 +791,8 @@ fn print_report(report: &Value) {
                         row["handoffs_per_s"],
                         ms(&row["wait"]["p50_ms"]),
                         ms(&row["wait"]["p99_ms"]),
-                        row["fairness_max_over_min"],
-                        row["server_cpu_cores"],
+                        fig(&row["fairness_max_over_min"]),
+                        fig(&row["server_cpu_cores"]),
                         row["timeouts"],
                         row["errors"],
                     );
