@@ -50,6 +50,7 @@
 //! [`crate::pb`] client and nothing of the server, store or service code.
 
 mod backoff;
+mod clock;
 mod error;
 mod guard;
 mod keeper;
