@@ -275,10 +275,20 @@ pub async fn run(args: LockArgs) -> i32 {
                     // Stop CMD with us: it must not run while nothing renews.
                     signal_group(group, Signal::STOP);
                     stop_self();
-                    // Continued: CMD resumes only if the lease is still safe
-                    // (checked at the top of the loop, then SIGCONT).
+                    // Continued: CMD resumes only if the lease is still
+                    // safe; otherwise it dies without running again.
                     if guard.valid_for() > budget {
                         signal_group(group, Signal::CONT);
+                    } else {
+                        eprintln!(
+                            "leasehold lock: the lease of {:?} (fencing token {}) ran short while stopped; killing the stopped command (SIGKILL)",
+                            guard.key(),
+                            guard.fencing_token()
+                        );
+                        signal_group(group, Signal::KILL);
+                        let _ = child.wait().await;
+                        let _ = tokio::time::timeout(Duration::from_secs(1), guard.release()).await;
+                        return exit::LOST;
                     }
                 } else if number == Signal::CONT.as_raw() {
                     if guard.valid_for() > budget {
