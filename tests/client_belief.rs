@@ -67,11 +67,7 @@ fn ms(d: Duration) -> f64 {
 
 /// The gap from `a` to `b` in ms, negative if `b` is earlier.
 fn gap(a: Instant, b: Instant) -> f64 {
-    if b >= a {
-        ms(b - a)
-    } else {
-        -ms(a - b)
-    }
+    if b >= a { ms(b - a) } else { -ms(a - b) }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,7 +95,11 @@ async fn sdk_frozen_connection_lost_fires_before_the_rival_is_granted() {
         .unwrap();
     let margin = gap(lost_at, granted);
     println!("freeze: lost ({reason}) {margin:.1} ms before the rival's grant");
-    assert!(lost_at <= granted, "believed {:.1} ms past the rival's grant", -margin);
+    assert!(
+        lost_at <= granted,
+        "believed {:.1} ms past the rival's grant",
+        -margin
+    );
     assert!(guard.is_lost());
 }
 
@@ -129,7 +129,11 @@ async fn sdk_delayed_replies_stall_the_stream_but_never_overlap() {
         .unwrap();
     let margin = gap(lost_at, granted);
     println!("stall: lost ({reason}) {margin:.1} ms before the rival's grant");
-    assert!(lost_at <= granted, "believed {:.1} ms past the rival's grant", -margin);
+    assert!(
+        lost_at <= granted,
+        "believed {:.1} ms past the rival's grant",
+        -margin
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,10 +152,7 @@ async fn sdk_waiting_acquire_with_a_late_reply_is_not_believed() {
     // Granted 1 s TTL after a wait; the reply takes 1.5 s to come back.
     proxy.delay(Duration::ZERO, Duration::from_millis(1500));
     let waiter = tokio::spawn(async move {
-        let result = client
-            .lock("belief/late")
-            .ttl(Duration::from_secs(1))
-            .await;
+        let result = client.lock("belief/late").ttl(Duration::from_secs(1)).await;
         let returned = Instant::now();
         match result {
             Ok(guard) => {
@@ -180,8 +181,15 @@ async fn sdk_waiting_acquire_with_a_late_reply_is_not_believed() {
         None => println!("late reply: never believed (lock() said Lost)"),
         Some(from) => {
             let margin = gap(until, granted);
-            println!("late reply: believed from {:.1} ms, lost {margin:.1} ms before the rival's grant", gap(granted, from));
-            assert!(until <= granted, "believed {:.1} ms past the rival's grant", -margin);
+            println!(
+                "late reply: believed from {:.1} ms, lost {margin:.1} ms before the rival's grant",
+                gap(granted, from)
+            );
+            assert!(
+                until <= granted,
+                "believed {:.1} ms past the rival's grant",
+                -margin
+            );
         }
     }
 }
@@ -278,7 +286,10 @@ async fn process_exiting_right_after_lock_releases_it() {
             slowest = slowest.max(exited.elapsed());
         }
     }
-    println!("exit right after lock(): free at most {:.1} ms after the process exited (60 runs)", ms(slowest));
+    println!(
+        "exit right after lock(): free at most {:.1} ms after the process exited (60 runs)",
+        ms(slowest)
+    );
 }
 
 /// lock() latency with and without waiting for the attach, interleaved:
@@ -293,7 +304,12 @@ async fn attach_latency() {
         let key = format!("latency/{i}");
         if i % 2 == 0 {
             let start = Instant::now();
-            let lease = client.lock(&key).wait(Duration::ZERO).lease().await.unwrap();
+            let lease = client
+                .lock(&key)
+                .wait(Duration::ZERO)
+                .lease()
+                .await
+                .unwrap();
             bare.push(start.elapsed());
             client.release(&key, lease.token).await.unwrap();
         } else {
@@ -358,7 +374,10 @@ fn signal(pid: u32, sig: &str) {
 fn wait_exit(child: &mut std::process::Child, within: Duration) -> i32 {
     let mut code = None;
     wait_until("leasehold lock to exit", within, || {
-        code = child.try_wait().expect("try_wait").map(|s| s.code().unwrap_or(-1));
+        code = child
+            .try_wait()
+            .expect("try_wait")
+            .map(|s| s.code().unwrap_or(-1));
         code.is_some()
     });
     code.expect("exited")
@@ -369,7 +388,11 @@ fn cmd_ended_before(file: &Path, granted: SystemTime) -> f64 {
     let last = stamps(file).into_iter().max().expect("CMD ran");
     let g = nanos(granted);
     let margin = (g as f64 - last as f64) / 1e6;
-    assert!(last < g, "CMD wrote {:.1} ms after the rival's grant", -margin);
+    assert!(
+        last < g,
+        "CMD wrote {:.1} ms after the rival's grant",
+        -margin
+    );
     margin
 }
 
@@ -383,10 +406,14 @@ async fn cli_frozen_connection_stops_cmd_before_the_rival_is_granted() {
         &proxy.endpoint(),
         "belief/cli-freeze",
         &file,
-        &["--ttl", "3s", "--grace", "500ms", "--margin", "500ms", "--wait", "0s"],
+        &[
+            "--ttl", "3s", "--grace", "500ms", "--margin", "500ms", "--wait", "0s",
+        ],
     );
     tokio::task::block_in_place(|| {
-        wait_until("CMD to start", Duration::from_secs(20), || !stamps(&file).is_empty())
+        wait_until("CMD to start", Duration::from_secs(20), || {
+            !stamps(&file).is_empty()
+        })
     });
     let rival = rival(server.endpoint(), "belief/cli-freeze").await;
     waiting(&server, 1).await;
@@ -410,10 +437,14 @@ async fn cli_ctrl_z_stops_cmd_and_a_late_resume_kills_it() {
         &server.endpoint(),
         "belief/cli-tstp",
         &file,
-        &["--ttl", "2s", "--grace", "500ms", "--margin", "300ms", "--wait", "0s"],
+        &[
+            "--ttl", "2s", "--grace", "500ms", "--margin", "300ms", "--wait", "0s",
+        ],
     );
     tokio::task::block_in_place(|| {
-        wait_until("CMD to start", Duration::from_secs(20), || !stamps(&file).is_empty())
+        wait_until("CMD to start", Duration::from_secs(20), || {
+            !stamps(&file).is_empty()
+        })
     });
     let rival = rival(server.endpoint(), "belief/cli-tstp").await;
     waiting(&server, 1).await;
@@ -444,7 +475,12 @@ async fn cli_waiting_acquire_with_a_late_reply_never_overlaps() {
     proxy.delay(Duration::ZERO, Duration::from_millis(1500));
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("stamps");
-    let mut cli = cli_lock(&proxy.endpoint(), "belief/cli-late", &file, &["--ttl", "1s"]);
+    let mut cli = cli_lock(
+        &proxy.endpoint(),
+        "belief/cli-late",
+        &file,
+        &["--ttl", "1s"],
+    );
     waiting(&server, 1).await;
     let rival = rival(server.endpoint(), "belief/cli-late").await;
     waiting(&server, 2).await;
@@ -566,7 +602,11 @@ async fn python_frozen_connection_is_alive_ends_before_the_rival_is_granted() {
     let g = nanos(granted);
     let margin = (g as f64 - last_alive as f64) / 1e6;
     println!("python freeze: is_alive() last true {margin:.1} ms before the rival's grant");
-    assert!(last_alive < g, "is_alive() true {:.1} ms after the rival's grant", -margin);
+    assert!(
+        last_alive < g,
+        "is_alive() true {:.1} ms after the rival's grant",
+        -margin
+    );
     let on_lost = on_lost.expect("on_lost was called");
     assert!(on_lost < g, "on_lost came after the rival's grant");
 }

@@ -72,6 +72,9 @@ def _now() -> float:
 
 # How long a blocked wait sleeps before looking at the boot clock again.
 _RECHECK = 0.25
+# How long before a lease's deadline belief ends (at most a tenth of the
+# TTL): room for a late timer or a busy process.
+_LOST_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -257,6 +260,11 @@ class _Lock:
     def ttl(self) -> float:
         return self.lease.ttl_ms / 1000
 
+    @property
+    def until(self) -> float:
+        """When this client stops believing it holds the lock."""
+        return self.deadline - min(_LOST_MARGIN, self.ttl / 10)
+
 
 class KeepAlive:
     """One KeepAlive stream that renews every attached lock every TTL/3.
@@ -330,13 +338,13 @@ class KeepAlive:
                     self._lose(lease.key, "replaced by a new lease")
                 lock = _Lock(lease, now)
                 self._locks[lease.key] = lock
-            limit = max(0.0, lock.deadline - now)
+            limit = max(0.0, lock.until - now)
         self._wake.set()
         if timeout is not None:
             limit = min(limit, timeout)
         lock.answered.wait(limit)
         with self._mutex:
-            return self._locks.get(lease.key) is lock and lock.attached and _now() < lock.deadline
+            return self._locks.get(lease.key) is lock and lock.attached and _now() < lock.until
 
     def release(self, lease: Lease) -> None:
         """Releases one lock over the stream and detaches it."""
@@ -358,7 +366,7 @@ class KeepAlive:
                 not self._closing
                 and lock is not None
                 and lock.attached
-                and _now() < lock.deadline
+                and _now() < lock.until
             )
 
     def close(self, timeout: float = 10) -> bool:
@@ -456,7 +464,7 @@ class KeepAlive:
             lock.in_flight = None
         else:
             lock.old_pending = False
-        if now >= lock.deadline:
+        if now >= lock.until:
             return  # too late: already lost on the clock
         if not reply.alive:
             self._lose(reply.key, "the server says this lease no longer holds it")
@@ -524,7 +532,7 @@ class KeepAlive:
 
     def _tick(self, now: float) -> float:
         """One turn of the ticker; returns when it must look again."""
-        for key in [k for k, l in self._locks.items() if now >= l.deadline]:
+        for key in [k for k, l in self._locks.items() if now >= l.until]:
             lock = self._locks[key]
             self._releasing[(key, lock.lease.token)] = [now + lock.ttl, None]
             self._lose(key, "no renewal succeeded before its deadline")
@@ -568,7 +576,7 @@ class KeepAlive:
                 wake = min(wake, lock.in_flight + _stall_after(lock.lease.ttl_ms))
             else:
                 wake = min(wake, lock.next_renewal)
-            wake = min(wake, lock.deadline)
+            wake = min(wake, lock.until)
         for (key, token), entry in self._releasing.items():
             if entry[1] is None:
                 stream.send(key, token, "release", now, False)

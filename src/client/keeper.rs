@@ -48,7 +48,10 @@ pub(crate) enum LockState {
         ttl: Duration,
     },
     /// Held until `deadline` unless renewed; `ttl` is the TTL in force.
-    Held { deadline: BootInstant, ttl: Duration },
+    Held {
+        deadline: BootInstant,
+        ttl: Duration,
+    },
     /// Not held any more.
     Lost(LostReason),
 }
@@ -103,15 +106,20 @@ struct Entry {
 }
 
 impl Entry {
+    /// When the client stops believing it holds the lock.
+    fn until(&self) -> BootInstant {
+        believed_until(self.deadline, self.ttl)
+    }
+
     fn state(&self) -> LockState {
         if self.attached {
             LockState::Held {
-                deadline: self.deadline,
+                deadline: self.until(),
                 ttl: self.ttl,
             }
         } else {
             LockState::Attaching {
-                deadline: self.known.then_some(self.deadline),
+                deadline: self.known.then_some(self.until()),
                 ttl: self.ttl,
             }
         }
@@ -200,6 +208,16 @@ enum Event {
     Old(Result<Option<pb::KeepAliveResponse>, Status>),
     Connected(usize, Result<Stream, Status>),
     Tick,
+}
+
+/// How long before a lease's deadline the client stops believing it holds
+/// the lock (at most a tenth of the TTL): room for a late timer and a busy
+/// runtime between the deadline and the instant `lost()` is seen.
+pub(crate) const LOST_MARGIN: Duration = Duration::from_millis(50);
+
+/// The instant belief ends for a lease valid until `deadline`.
+fn believed_until(deadline: BootInstant, ttl: Duration) -> BootInstant {
+    deadline.saturating_sub(LOST_MARGIN.min(ttl / 10))
 }
 
 /// How long a renewal may go unanswered before the stream is presumed
@@ -377,7 +395,7 @@ impl Keeper {
         let expired: Vec<String> = self
             .locks
             .iter()
-            .filter(|(_, e)| now >= e.deadline)
+            .filter(|(_, e)| now >= e.until())
             .map(|(k, _)| k.clone())
             .collect();
         for key in expired {
@@ -513,7 +531,7 @@ impl Keeper {
                         r.pending = r.pending.saturating_sub(1);
                     }
                 }
-                if now >= entry.deadline {
+                if now >= entry.until() {
                     // Too late: lost() may already have fired on the clock,
                     // and a lost lock never comes back.
                     return;
@@ -556,7 +574,8 @@ impl Keeper {
                         tracing::info!(
                             endpoint,
                             reattached = r.ok,
-                            after_ms = now.saturating_duration_since(r.broken_at).as_millis() as u64,
+                            after_ms =
+                                now.saturating_duration_since(r.broken_at).as_millis() as u64,
                             "re-attached locks after the KeepAlive stream broke"
                         );
                         self.reattach = None;
@@ -753,7 +772,7 @@ impl Keeper {
         let mut wake = now + Duration::from_secs(3600);
         let draining = self.draining.is_some();
         for entry in self.locks.values() {
-            wake = wake.min(entry.deadline);
+            wake = wake.min(entry.until());
             if self.stream.is_some() {
                 match entry.in_flight {
                     Some(at) => wake = wake.min(at + stall_after(entry.ttl)),

@@ -82,7 +82,11 @@ impl Drop for Proxy {
     }
 }
 
-async fn accept(listener: TcpListener, upstream: SocketAddr, mut settings: watch::Receiver<Settings>) {
+async fn accept(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    mut settings: watch::Receiver<Settings>,
+) {
     let addr = listener.local_addr().expect("proxy addr");
     let mut listener = Some(listener);
     // Dropped with the accept task: every connection goes with it.
@@ -173,7 +177,10 @@ async fn pump(
             };
             let s = *settings.borrow();
             let delay = if up { s.up } else { s.down };
-            if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+            if tx
+                .send((Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+            {
                 return;
             }
         }
