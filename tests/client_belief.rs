@@ -638,3 +638,88 @@ async fn python_close_right_after_attach_releases() {
         );
     }
 }
+
+/// Whether the server follows "the latest attachment owns the stream-end
+/// release" (issue 21): a lock re-attached on stream B survives stream A's
+/// end. The SDK's move off a stalled stream relies on it.
+async fn server_follows_latest_attachment(server: &TestServer) -> bool {
+    let mut c = server.client().await;
+    let lease = lease_of(
+        c.acquire(acquire("belief/probe", 5000))
+            .await
+            .expect("acquire")
+            .into_inner(),
+    );
+    let mut a = KeepAliveSession::open(&mut c).await.expect("stream A");
+    assert!(a.renew("belief/probe", &lease.token, 0).await.alive);
+    let mut b = KeepAliveSession::open(&mut c).await.expect("stream B");
+    assert!(b.renew("belief/probe", &lease.token, 0).await.alive);
+    a.half_close();
+    while let Ok(Some(_)) = a.next().await {}
+    let held = c
+        .describe(describe("belief/probe"))
+        .await
+        .expect("describe")
+        .into_inner()
+        .held;
+    b.half_close();
+    held
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_moves_locks_off_a_stalled_stream_before_leaving_it() {
+    let server = TestServer::start(Backend::Memory).await;
+    if !server_follows_latest_attachment(&server).await {
+        println!(
+            "skipped: this server releases a lock at the end of any stream it was attached to (issue 21 not in)"
+        );
+        return;
+    }
+    let proxy = Proxy::start(server.addr).await;
+    let client = connect(proxy.endpoint()).await;
+    let guard = client
+        .lock("belief/move")
+        .ttl(Duration::from_secs(3))
+        .wait(Duration::ZERO)
+        .await
+        .expect("acquired");
+    let lost = guard.lost();
+    let rival = rival(server.endpoint(), "belief/move").await;
+    waiting(&server, 1).await;
+    // One renewal takes 1.2 s to arrive (stall limit: 1 s), then the
+    // network is fine again: the lock moves to a new stream.
+    proxy.delay(Duration::from_millis(1200), Duration::ZERO);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.delay(Duration::ZERO, Duration::ZERO);
+    let lost_or_granted = tokio::select! {
+        reason = lost => format!("lost: {reason}"),
+        _ = tokio::time::sleep(Duration::from_secs(6)) => String::new(),
+    };
+    let lost_at = Instant::now();
+    if lost_or_granted.is_empty() {
+        // Held throughout (two TTLs after the stall): nobody else got it.
+        assert!(
+            !rival.is_finished(),
+            "the rival was granted while the client held the lock"
+        );
+        assert!(guard.release().await.unwrap(), "still held, released by us");
+        tokio::time::timeout(Duration::from_secs(5), rival)
+            .await
+            .expect("the rival is granted after the release")
+            .unwrap();
+        println!("move: the lock moved off the stalled stream and was kept");
+    } else {
+        let (granted, _) = tokio::time::timeout(Duration::from_secs(10), rival)
+            .await
+            .expect("the rival is granted")
+            .unwrap();
+        assert!(
+            lost_at <= granted,
+            "{lost_or_granted}: believed past the rival's grant"
+        );
+        println!(
+            "move: {lost_or_granted}, {:.1} ms before the rival's grant",
+            gap(lost_at, granted)
+        );
+    }
+}
