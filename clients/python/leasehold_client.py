@@ -555,8 +555,12 @@ class KeepAlive:
                 self._active = None
                 self._retry_at = now
         if self._draining is not None and all(l.moved for l in self._locks.values()):
-            self._draining.call.cancel()
+            old = self._draining
             self._draining = None
+            for entry in self._releasing.values():
+                if entry[1] == old.id:
+                    entry[1] = None  # sent again on the active stream
+            old.call.cancel()
         if self._closing:
             return now + 1
         if self._active is None:
