@@ -550,17 +550,26 @@ fn python(code: &str, args: &[&str]) -> (std::process::Child, std::sync::mpsc::R
 }
 
 const PY_WATCH: &str = r#"
-import sys, time
+import sys, threading, time
 from leasehold_client import LeaseholdClient
 client = LeaseholdClient(sys.argv[1])
 lease = client.acquire(sys.argv[2], ttl_ms=1000)
-ka = client.keepalive(on_lost=lambda key: print("ONLOST", time.time_ns(), flush=True))
+called = threading.Event()
+out = threading.Lock()
+def say(what):
+    with out:  # one line at a time from two threads
+        sys.stdout.write(f"{what} {time.time_ns()}\n")
+        sys.stdout.flush()
+def on_lost(key):
+    say("ONLOST")
+    called.set()
+ka = client.keepalive(on_lost=on_lost)
 assert ka.attach(lease)
 while ka.is_alive(lease.key):
-    print("ALIVE", time.time_ns(), flush=True)
+    say("ALIVE")
     time.sleep(0.01)
-print("DEAD", time.time_ns(), flush=True)
-time.sleep(0.5)
+say("DEAD")
+called.wait(5)
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -608,6 +617,10 @@ async fn python_frozen_connection_is_alive_ends_before_the_rival_is_granted() {
         -margin
     );
     let on_lost = on_lost.expect("on_lost was called");
+    println!(
+        "python freeze: on_lost {:.1} ms before the rival's grant",
+        (g as f64 - on_lost as f64) / 1e6
+    );
     assert!(on_lost < g, "on_lost came after the rival's grant");
 }
 
