@@ -429,6 +429,38 @@ async fn cli_frozen_connection_stops_cmd_before_the_rival_is_granted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_delayed_replies_stop_cmd_before_the_rival_is_granted() {
+    let server = TestServer::start(Backend::Memory).await;
+    let proxy = Proxy::start(server.addr).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("stamps");
+    let mut cli = cli_lock(
+        &proxy.endpoint(),
+        "belief/cli-stall",
+        &file,
+        &[
+            "--ttl", "3s", "--grace", "500ms", "--margin", "500ms", "--wait", "0s",
+        ],
+    );
+    tokio::task::block_in_place(|| {
+        wait_until("CMD to start", Duration::from_secs(20), || {
+            !stamps(&file).is_empty()
+        })
+    });
+    let rival = rival(server.endpoint(), "belief/cli-stall").await;
+    waiting(&server, 1).await;
+    proxy.delay(Duration::from_millis(600), Duration::from_millis(600));
+    let (_, granted) = tokio::time::timeout(Duration::from_secs(15), rival)
+        .await
+        .expect("the rival is granted")
+        .unwrap();
+    let code = tokio::task::block_in_place(|| wait_exit(&mut cli, Duration::from_secs(10)));
+    assert_eq!(code, 76);
+    let margin = cmd_ended_before(&file, granted);
+    println!("cli stall: CMD's last write {margin:.1} ms before the rival's grant");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_ctrl_z_stops_cmd_and_a_late_resume_kills_it() {
     let server = TestServer::start(Backend::Memory).await;
     let dir = tempfile::tempdir().unwrap();
@@ -553,7 +585,7 @@ const PY_WATCH: &str = r#"
 import sys, threading, time
 from leasehold_client import LeaseholdClient
 client = LeaseholdClient(sys.argv[1])
-lease = client.acquire(sys.argv[2], ttl_ms=1000)
+lease = client.acquire(sys.argv[2], ttl_ms=int(sys.argv[3]))
 called = threading.Event()
 out = threading.Lock()
 def say(what):
@@ -572,18 +604,19 @@ say("DEAD")
 called.wait(5)
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_frozen_connection_is_alive_ends_before_the_rival_is_granted() {
+/// The Python watcher through a proxy that `fault` disturbs once it holds
+/// the lock; returns (margin of is_alive, margin of on_lost) in ms.
+async fn python_belief(key: &str, ttl_ms: &str, fault: impl FnOnce(&Proxy)) -> (f64, f64) {
     let server = TestServer::start(Backend::Memory).await;
     let proxy = Proxy::start(server.addr).await;
-    let (mut child, lines) = python(PY_WATCH, &[&proxy.addr.to_string(), "belief/py"]);
+    let (mut child, lines) = python(PY_WATCH, &[&proxy.addr.to_string(), key, ttl_ms]);
     let first = tokio::task::block_in_place(|| lines.recv_timeout(Duration::from_secs(20)))
         .expect("the Python client holds the lock");
     assert!(first.starts_with("ALIVE"), "{first}");
-    let rival = rival(server.endpoint(), "belief/py").await;
+    let rival = rival(server.endpoint(), key).await;
     waiting(&server, 1).await;
-    proxy.set(Mode::Pause);
-    let (_, granted) = tokio::time::timeout(Duration::from_secs(10), rival)
+    fault(&proxy);
+    let (_, granted) = tokio::time::timeout(Duration::from_secs(15), rival)
         .await
         .expect("the rival is granted")
         .unwrap();
@@ -604,24 +637,96 @@ async fn python_frozen_connection_is_alive_ends_before_the_rival_is_granted() {
                 "DEAD" if on_lost.is_some() => break,
                 _ => {}
             }
+            if on_lost.is_some() && line.starts_with("DEAD") {
+                break;
+            }
         }
     });
     let _ = child.kill();
     let _ = child.wait();
     let g = nanos(granted);
     let margin = (g as f64 - last_alive as f64) / 1e6;
-    println!("python freeze: is_alive() last true {margin:.1} ms before the rival's grant");
     assert!(
         last_alive < g,
         "is_alive() true {:.1} ms after the rival's grant",
         -margin
     );
     let on_lost = on_lost.expect("on_lost was called");
-    println!(
-        "python freeze: on_lost {:.1} ms before the rival's grant",
-        (g as f64 - on_lost as f64) / 1e6
+    let lost_margin = (g as f64 - on_lost as f64) / 1e6;
+    assert!(
+        on_lost < g,
+        "on_lost came {:.1} ms after the rival's grant",
+        -lost_margin
     );
-    assert!(on_lost < g, "on_lost came after the rival's grant");
+    (margin, lost_margin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_frozen_connection_is_alive_ends_before_the_rival_is_granted() {
+    let (alive, lost) = python_belief("belief/py", "1000", |p| p.set(Mode::Pause)).await;
+    println!(
+        "python freeze: is_alive() last true {alive:.1} ms, on_lost {lost:.1} ms before the rival's grant"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_delayed_replies_stall_the_stream_but_never_overlap() {
+    let (alive, lost) = python_belief("belief/py-stall", "3000", |p| {
+        p.delay(Duration::from_millis(600), Duration::from_millis(600))
+    })
+    .await;
+    println!(
+        "python stall: is_alive() last true {alive:.1} ms, on_lost {lost:.1} ms before the rival's grant"
+    );
+}
+
+const PY_CALLBACKS: &str = r#"
+import sys, threading, time
+from leasehold_client import LeaseholdClient
+client = LeaseholdClient(sys.argv[1])
+a = client.acquire(sys.argv[2] + "/a", ttl_ms=600)
+b = client.acquire(sys.argv[2] + "/b", ttl_ms=600)
+done = threading.Event()
+calls = []
+def on_lost(key):
+    calls.append(key)
+    if len(calls) == 1:
+        raise RuntimeError("a callback that raises")
+    start = time.monotonic()
+    ka.close(timeout=5)
+    print("CLOSED_IN_CALLBACK", round(time.monotonic() - start, 3), flush=True)
+    done.set()
+ka = client.keepalive(on_lost=on_lost)
+assert ka.attach(a) and ka.attach(b)
+# Taken away behind the client's back: the next renewal says alive = false.
+assert client.release(a)
+while ka.is_alive(a.key):
+    time.sleep(0.01)
+assert client.release(b)
+print("REPORTED", done.wait(5), calls, flush=True)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_on_lost_may_raise_and_may_close() {
+    let server = TestServer::start(Backend::Memory).await;
+    let (mut child, lines) = python(PY_CALLBACKS, &[&server.addr.to_string(), "belief/py-cb"]);
+    let mut got = Vec::new();
+    tokio::task::block_in_place(|| {
+        while let Ok(line) = lines.recv_timeout(Duration::from_secs(15)) {
+            got.push(line);
+        }
+    });
+    let _ = tokio::task::block_in_place(|| child.wait());
+    let closed = got
+        .iter()
+        .find_map(|l| l.strip_prefix("CLOSED_IN_CALLBACK "))
+        .unwrap_or_else(|| panic!("close() in on_lost did not return: {got:?}"));
+    let secs: f64 = closed.parse().expect("seconds");
+    assert!(secs < 1.0, "close() inside on_lost took {secs} s");
+    assert!(
+        got.iter().any(|l| l.starts_with("REPORTED True")),
+        "the second loss was reported after the first callback raised: {got:?}"
+    );
 }
 
 const PY_CLOSE: &str = r#"

@@ -122,6 +122,7 @@ impl LockGuard {
         client.inner.command(Command::Attach {
             key: lease.key.clone(),
             token: lease.token.clone(),
+            fencing_token: lease.fencing_token,
             ttl: lease.ttl,
             deadline,
             gone_by,

@@ -62,6 +62,8 @@ pub(crate) enum Command {
     Attach {
         key: String,
         token: String,
+        /// For the log line when the lock is lost.
+        fencing_token: u64,
         ttl: Duration,
         /// Until when the grant is sure to be valid, if known.
         deadline: Option<BootInstant>,
@@ -85,6 +87,7 @@ pub(crate) enum Command {
 /// One lock being kept alive.
 struct Entry {
     token: String,
+    fencing_token: u64,
     ttl: Duration,
     /// Valid until then unless renewed (when `known`); else the instant it
     /// is surely gone unless a renewal answers alive first.
@@ -307,6 +310,7 @@ impl Keeper {
             Command::Attach {
                 key,
                 token,
+                fencing_token,
                 ttl,
                 deadline,
                 gone_by,
@@ -347,6 +351,7 @@ impl Keeper {
                 }
                 let entry = Entry {
                     token,
+                    fencing_token,
                     ttl,
                     deadline: deadline.unwrap_or(gone_by),
                     known: deadline.is_some(),
@@ -402,6 +407,7 @@ impl Keeper {
             if let Some(entry) = self.locks.remove(&key) {
                 tracing::warn!(
                     key = key.as_str(),
+                    fencing_token = entry.fencing_token,
                     ttl = %humantime::format_duration(entry.ttl),
                     "lock lost: no renewal succeeded before its deadline"
                 );
@@ -560,6 +566,7 @@ impl Keeper {
                 } else if let Some(entry) = self.locks.remove(&key) {
                     tracing::warn!(
                         key = key.as_str(),
+                        fencing_token = entry.fencing_token,
                         "lock lost: the server says this lease no longer holds it"
                     );
                     entry.lose(LostReason::NotHeld);
@@ -631,6 +638,7 @@ impl Keeper {
             if let Some(entry) = self.locks.remove(&key) {
                 tracing::warn!(
                     key = key.as_str(),
+                    fencing_token = entry.fencing_token,
                     cause,
                     "lock lost: leaving a stalled KeepAlive stream it was still attached to"
                 );
@@ -872,6 +880,7 @@ mod tests {
         keeper.command(Command::Attach {
             key: "k".into(),
             token: token.into(),
+            fencing_token: 1,
             ttl: Duration::from_secs(5),
             deadline: Some(now + Duration::from_secs(5)),
             gone_by: now + Duration::from_secs(5),
