@@ -582,8 +582,9 @@ fn python(code: &str, args: &[&str]) -> (std::process::Child, std::sync::mpsc::R
 }
 
 const PY_WATCH: &str = r#"
-import sys, threading, time
+import logging, sys, threading, time
 from leasehold_client import LeaseholdClient
+logging.basicConfig(level=logging.DEBUG if len(sys.argv) > 4 else logging.ERROR, format="%(created).3f %(threadName)s %(message)s", stream=sys.stdout)
 client = LeaseholdClient(sys.argv[1])
 lease = client.acquire(sys.argv[2], ttl_ms=int(sys.argv[3]))
 called = threading.Event()
@@ -609,10 +610,23 @@ called.wait(5)
 async fn python_belief(key: &str, ttl_ms: &str, fault: impl FnOnce(&Proxy)) -> (f64, f64) {
     let server = TestServer::start(Backend::Memory).await;
     let proxy = Proxy::start(server.addr).await;
-    let (mut child, lines) = python(PY_WATCH, &[&proxy.addr.to_string(), key, ttl_ms]);
-    let first = tokio::task::block_in_place(|| lines.recv_timeout(Duration::from_secs(20)))
-        .expect("the Python client holds the lock");
-    assert!(first.starts_with("ALIVE"), "{first}");
+    let debug = std::env::var("BELIEF_PY_DEBUG").is_ok();
+    let mut args = vec![proxy.addr.to_string(), key.to_string(), ttl_ms.to_string()];
+    if debug {
+        args.push("debug".into());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (mut child, lines) = python(PY_WATCH, &args);
+    tokio::task::block_in_place(|| {
+        loop {
+            let line = lines
+                .recv_timeout(Duration::from_secs(20))
+                .expect("the Python client holds the lock");
+            if line.starts_with("ALIVE") {
+                break;
+            }
+        }
+    });
     let rival = rival(server.endpoint(), key).await;
     waiting(&server, 1).await;
     fault(&proxy);
@@ -620,6 +634,9 @@ async fn python_belief(key: &str, ttl_ms: &str, fault: impl FnOnce(&Proxy)) -> (
         .await
         .expect("the rival is granted")
         .unwrap();
+    if debug {
+        eprintln!("{:.3} rival granted", nanos(granted) as f64 / 1e9);
+    }
     let mut last_alive = 0u128;
     let mut on_lost = None;
     tokio::task::block_in_place(|| {
@@ -635,6 +652,7 @@ async fn python_belief(key: &str, ttl_ms: &str, fault: impl FnOnce(&Proxy)) -> (
                 "ALIVE" => last_alive = last_alive.max(at),
                 "ONLOST" => on_lost = Some(at),
                 "DEAD" if on_lost.is_some() => break,
+                _ if debug => eprintln!("{line}"),
                 _ => {}
             }
             if on_lost.is_some() && line.starts_with("DEAD") {

@@ -466,6 +466,7 @@ class KeepAlive:
             lock.old_pending = False
         if now >= lock.until:
             return  # too late: already lost on the clock
+        log.debug("answer stream=%s alive=%s active=%s clean=%s", stream.id, reply.alive, active, clean)
         if not reply.alive:
             self._lose(reply.key, "the server says this lease no longer holds it")
             return
@@ -575,6 +576,7 @@ class KeepAlive:
             move_now = draining and not lock.moved and not lock.old_pending
             if lock.in_flight is None and (lock.next_renewal <= now or move_now):
                 stream.send(key, lock.lease.token, "renew", now, not lock.old_pending)
+                log.debug("renewal sent stream=%s clean=%s", stream.id, not lock.old_pending)
                 lock.in_flight = now
             if lock.in_flight is not None:
                 wake = min(wake, lock.in_flight + _stall_after(lock.lease.ttl_ms))

@@ -151,43 +151,51 @@ async fn flowing(settings: &mut watch::Receiver<Settings>) -> bool {
 }
 
 /// Reads chunks and hands them, stamped with when they may go, to a writer
-/// that holds each until then.
+/// that holds each until then. The end of the stream (EOF) is delayed like
+/// the bytes before it: it reaches the other side after them.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     to: tokio::net::tcp::OwnedWriteHalf,
     mut settings: watch::Receiver<Settings>,
     up: bool,
 ) {
+    // An empty chunk stands for EOF.
     let (tx, rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
     let writer = write_out(to, rx, settings.clone());
     let reader = async move {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             if !flowing(&mut settings).await {
-                return;
+                return false;
             }
             let n = tokio::select! {
                 n = from.read(&mut buf) => n,
                 // Re-check the mode (a read is cancel-safe: nothing is lost).
                 _ = settings.changed() => continue,
             };
+            let s = *settings.borrow();
+            let at = Instant::now() + if up { s.up } else { s.down };
             let n = match n {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => {
+                    let _ = tx.send((at, Vec::new()));
+                    return true;
+                }
                 Ok(n) => n,
             };
-            let s = *settings.borrow();
-            let delay = if up { s.up } else { s.down };
-            if tx
-                .send((Instant::now() + delay, buf[..n].to_vec()))
-                .is_err()
-            {
-                return;
+            if tx.send((at, buf[..n].to_vec())).is_err() {
+                return false;
             }
         }
     };
+    tokio::pin!(writer);
     tokio::select! {
-        _ = reader => {}
-        _ = writer => {}
+        ended = reader => {
+            if ended {
+                // Let the writer deliver what it holds, then the EOF.
+                writer.await;
+            }
+        }
+        _ = &mut writer => {}
     }
 }
 
@@ -199,7 +207,14 @@ async fn write_out(
     while let Some((at, bytes)) = rx.recv().await {
         tokio::time::sleep_until(at).await;
         // Bytes read just before a pause are held until it ends.
-        if !flowing(&mut settings).await || to.write_all(&bytes).await.is_err() {
+        if !flowing(&mut settings).await {
+            return;
+        }
+        if bytes.is_empty() {
+            let _ = to.shutdown().await;
+            return;
+        }
+        if to.write_all(&bytes).await.is_err() {
             return;
         }
     }
