@@ -304,6 +304,9 @@ async fn lose_lock_while_running(script: &str, grace: &str) -> (Cli, Instant, Te
             "2s",
             "--grace",
             grace,
+            // Grace + margin must fit in half the TTL (or grace is shortened).
+            "--margin",
+            "0s",
             "--endpoint",
             &server.endpoint(),
             "--",
@@ -329,7 +332,7 @@ async fn lose_lock_while_running(script: &str, grace: &str) -> (Cli, Instant, Te
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_lock_stops_the_command_with_sigterm() {
     let script = r#"trap 'echo got-term; exit 3' TERM; echo started; i=0; while [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; echo not-stopped"#;
-    let (mut cli, taken_at, _server) = lose_lock_while_running(script, "10s").await;
+    let (mut cli, taken_at, _server) = lose_lock_while_running(script, "1s").await;
     let code = tokio::task::block_in_place(|| cli.wait(Duration::from_secs(10)));
     let took = taken_at.elapsed();
     assert_eq!(code, 76, "stderr: {:?}", cli.stderr());

@@ -68,7 +68,6 @@ def main() -> int:
             return 3
 
         def on_lost(key: str) -> None:
-            say(f"LOST key={key}")
             lost.set()
             stop.set()
 
@@ -76,11 +75,21 @@ def main() -> int:
         # releases every lock attached to it, then ends the stream.
         keepalive = client.keepalive(on_lost=on_lost)
         try:
-            keepalive.attach(lease)
+            # Returns once the server answered the attach: from here on, the
+            # end of this process releases the lock.
+            if not keepalive.attach(lease):
+                say(f"LOST key={lease.key}")
+                return 4
             say(f"HOLDING key={lease.key} fencing_token={lease.fencing_token}")
             deadline = time.monotonic() + args.work_seconds
             step = 0
+            held = True
             while not stop.is_set() and time.monotonic() < deadline:
+                # is_alive() turns False at the lock's own deadline, before
+                # the server can give it to anyone else.
+                held = keepalive.is_alive(lease.key)
+                if not held:
+                    break
                 # The work: every write to the protected resource carries the
                 # fencing token, so the resource can refuse a stale holder.
                 step += 1
@@ -88,7 +97,8 @@ def main() -> int:
                 stop.wait(min(0.5, max(0.0, deadline - time.monotonic())))
         finally:
             ended = keepalive.close()
-        if lost.is_set():
+        if lost.is_set() or not held:
+            say(f"LOST key={lease.key}")
             return 4
         if not ended:
             print("ERROR the server did not end the stream; the lock expires with its TTL", file=sys.stderr, flush=True)

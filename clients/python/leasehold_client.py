@@ -4,8 +4,8 @@
     lease = client.acquire("reports/nightly", ttl_ms=10_000, wait_ms=5_000)
     if lease is not None:
         with client.keepalive() as keepalive:   # one stream for all your locks
-            keepalive.attach(lease)             # renewed every ttl/3 from now on
-            do_work(fencing_token=lease.fencing_token)
+            if keepalive.attach(lease):         # answered: renewed every ttl/3
+                do_work(fencing_token=lease.fencing_token)
         # Leaving the block ends the stream; the server has released the lock.
 
 Ending the KeepAlive stream is how a client gives back every lock it holds: the
@@ -14,6 +14,12 @@ stream, cancels it, or its connection dies (process killed, host gone). When
 the *server* ends the stream (graceful shutdown of that server) it releases
 nothing, and this client re-attaches its locks on a new stream, which reaches
 another server through the same address, within their TTL.
+
+What this client believes is never more than the server does: a lock counts
+as held until (send time of the last renewal answered alive) + TTL, or, for
+a fresh grant, (send time of the Acquire) + `valid_for_ms` — on the boot
+clock, which counts a host suspend — and `is_alive()` turns False, and
+`on_lost` is called, at that instant unless a renewal came back first.
 
 Pass `lease.fencing_token` to the resource you protect and have it reject
 smaller ones (documentation/semantics.md). The lock `token` is the only proof
@@ -25,6 +31,7 @@ in $LEASEHOLD_PY_STUBS, or else in clients/python/generated/.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -32,7 +39,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Deque, Dict, Optional, Tuple
 
 import grpc
 
@@ -54,14 +61,41 @@ __all__ = ["Lease", "LeaseholdClient", "KeepAlive", "lock_pb2"]
 log = logging.getLogger("leasehold")
 
 
+def _now() -> float:
+    """Seconds on the boot clock: unlike time.monotonic() it goes on counting
+    while the host is suspended, as the server's TTL does."""
+    try:
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (AttributeError, OSError):  # not Linux
+        return time.monotonic()
+
+
+# How long a blocked wait sleeps before looking at the boot clock again.
+_RECHECK = 0.25
+# How long before a lease's deadline belief ends (at most a tenth of the
+# TTL): room for a late timer or a busy process.
+_LOST_MARGIN = 0.05
+
+
 @dataclass(frozen=True)
 class Lease:
-    """A granted lock. `token` proves ownership and is kept out of repr()."""
+    """A granted lock. `token` proves ownership and is kept out of repr().
+
+    `valid_until` (boot clock, seconds) is when the lease is sure to be
+    valid until unless renewed, when known: the Acquire's send time plus the
+    server's `valid_for_ms`, or plus `ttl_ms` for an Acquire that did not
+    wait (from a server that does not send `valid_for_ms`). None: not known
+    (a waiting Acquire answered by such a server); the lease is trusted only
+    once its attach to a KeepAlive stream is answered. `gone_by`: when it
+    is surely gone unless renewed (the reply's arrival plus the TTL).
+    """
 
     key: str
     token: str = field(repr=False)
     fencing_token: int
     ttl_ms: int
+    valid_until: Optional[float] = field(default=None, repr=False, compare=False)
+    gone_by: Optional[float] = field(default=None, repr=False, compare=False)
 
 
 class LeaseholdClient:
@@ -70,13 +104,18 @@ class LeaseholdClient:
     def __init__(self, address: str, channel: Optional[grpc.Channel] = None):
         # Reconnect quickly after a server goes away, so a KeepAlive stream
         # re-attaches its locks well within their TTL (gRPC's default first
-        # reconnect backoff is 1 s, growing to 2 min).
+        # reconnect backoff is 1 s, growing to 2 min); HTTP/2 pings notice a
+        # dead connection even while nothing is sent.
         self.channel = channel or grpc.insecure_channel(
             address,
             options=[
                 ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 1000),
+                ("grpc.keepalive_time_ms", 10_000),
+                ("grpc.keepalive_timeout_ms", 5_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.max_pings_without_data", 0),
             ],
         )
         self.stub = lock_pb2_grpc.LockServiceStub(self.channel)
@@ -109,6 +148,7 @@ class LeaseholdClient:
         """
         if timeout is None:
             timeout = wait_ms / 1000 + 10
+        sent = _now()
         reply = self.stub.Acquire(
             lock_pb2.AcquireRequest(
                 key=key,
@@ -120,10 +160,24 @@ class LeaseholdClient:
             ),
             timeout=timeout,
         )
+        replied = _now()
         if not reply.acquired:
             return None
         lease = reply.lease
-        return Lease(lease.key, lease.token, lease.fencing_token, lease.ttl_ms)
+        if lease.valid_for_ms > 0:
+            valid_until: Optional[float] = sent + lease.valid_for_ms / 1000
+        elif wait_ms == 0 and not request_id:
+            valid_until = sent + lease.ttl_ms / 1000
+        else:
+            valid_until = None  # granted at an unknown point of the wait, or a replay
+        return Lease(
+            key,
+            lease.token,
+            lease.fencing_token,
+            lease.ttl_ms,
+            valid_until=valid_until,
+            gone_by=replied + lease.ttl_ms / 1000,
+        )
 
     def release(self, lease: Lease, timeout: float = 10) -> bool:
         """Gives the lock back; False if this lease no longer held it."""
@@ -151,34 +205,114 @@ class LeaseholdClient:
         return KeepAlive(self.stub, on_lost)
 
 
+def _stall_after(ttl_ms: int) -> float:
+    """How long a renewal may go unanswered before its stream is replaced."""
+    return min(max(ttl_ms / 3000, 0.5), 5.0)
+
+
+class _Stream:
+    """One KeepAlive call: its outbox, and what was sent on it, per key."""
+
+    _STOP = object()
+
+    def __init__(self, stub, ident: int):
+        self.id = ident
+        self.opened = _now()
+        self.outbox: "queue.Queue" = queue.Queue()
+        # key -> [(kind, token, send time, clean)] in order: the server
+        # answers the requests of one key in order.
+        self.sent: Dict[str, Deque[Tuple[str, str, float, bool]]] = {}
+        self.call = stub.KeepAlive(self._requests())
+
+    def _requests(self):
+        while True:
+            item = self.outbox.get()
+            if item is self._STOP:
+                return  # half-close
+            yield item
+
+    def send(self, key: str, token: str, kind: str, at: float, clean: bool) -> None:
+        self.outbox.put(
+            lock_pb2.KeepAliveRequest(key=key, token=token, release=(kind == "release"))
+        )
+        self.sent.setdefault(key, collections.deque()).append((kind, token, at, clean))
+
+    def half_close(self) -> None:
+        self.outbox.put(self._STOP)
+
+
+class _Lock:
+    """One attached lease and what this client may believe of it."""
+
+    def __init__(self, lease: Lease, now: float):
+        self.lease = lease
+        self.known = lease.valid_until is not None
+        gone_by = lease.gone_by if lease.gone_by is not None else now + lease.ttl_ms / 1000
+        self.deadline = lease.valid_until if self.known else gone_by
+        self.attached = False
+        self.answered = threading.Event()
+        self.next_renewal = now
+        self.in_flight: Optional[float] = None
+        self.old_pending = False
+        self.moved = True
+
+    @property
+    def ttl(self) -> float:
+        return self.lease.ttl_ms / 1000
+
+    @property
+    def until(self) -> float:
+        """When this client stops believing it holds the lock."""
+        return self.deadline - min(_LOST_MARGIN, self.ttl / 10)
+
+
 class KeepAlive:
     """One KeepAlive stream that renews every attached lock every TTL/3.
+
+    `attach(lease)` returns once the server has answered the lock's first
+    renewal on the stream, so from then on the end of this process releases
+    it. A lock counts as held until (send time of the last renewal answered
+    alive) + TTL; when that passes, or the server answers that the lease no
+    longer holds the lock, it is detached, `is_alive()` turns False and
+    `on_lost(key)` is called — on a thread of its own, so it may call
+    `close()`, and an exception it raises is logged and does not stop later
+    reports.
 
     `close()` (or leaving a `with` block) half-closes the stream and waits
     until the server ended it, which it does after releasing every attached
     lock. If the server ends the stream with an error (say it is shutting
     down), the locks are still held until their TTL: a new stream is opened
-    and every lock re-attached. A lock the server reports lost (expired or
-    taken) is detached and `on_lost(key)` is called.
+    and every lock re-attached. If a renewal goes unanswered for TTL/3
+    (0.5 s to 5 s), the stream is presumed stalled: every lock is re-attached
+    through a new stream first, and the stalled one is cancelled only when
+    no lock depends on it any more (a lock still on it is lost then).
     """
-
-    _STOP = object()
 
     def __init__(self, stub, on_lost: Optional[Callable[[str], None]] = None):
         self._stub = stub
         self._on_lost = on_lost
         self._mutex = threading.Lock()
-        self._leases: Dict[str, Lease] = {}
-        self._next_renewal: Dict[str, float] = {}
-        self._lost: set = set()
-        self._closing = threading.Event()
+        self._locks: Dict[str, _Lock] = {}
+        # (key, token) -> [until, id of the stream it was sent on, or None]
+        self._releasing: Dict[Tuple[str, str], list] = {}
+        self._active: Optional[_Stream] = None
+        self._draining: Optional[_Stream] = None
+        self._next_id = 0
+        self._retry_at = 0.0
+        self._backoff = 0.05
+        self._closing = False
         self._closed = threading.Event()
         self._wake = threading.Event()
-        self._outbox: "queue.Queue" = queue.Queue()
-        self._thread = threading.Thread(
-            target=self._run, name="leasehold-keepalive", daemon=True
+        self._callbacks: "queue.Queue" = queue.Queue()
+        threading.Thread(
+            target=self._report, name="leasehold-on-lost", daemon=True
+        ).start()
+        with self._mutex:
+            self._open()
+        self._ticker = threading.Thread(
+            target=self._tick_loop, name="leasehold-keepalive", daemon=True
         )
-        self._thread.start()
+        self._ticker.start()
 
     def __enter__(self) -> "KeepAlive":
         return self
@@ -186,27 +320,54 @@ class KeepAlive:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def attach(self, lease: Lease) -> None:
-        """Keeps `lease` alive on this stream from now on (renews it at once)."""
+    def attach(self, lease: Lease, timeout: Optional[float] = None) -> bool:
+        """Keeps `lease` alive on this stream; returns once the server has
+        answered its first renewal: True if it holds the lock, False if the
+        lease is gone (or no answer came before its deadline, or `timeout`)."""
+        now = _now()
         with self._mutex:
-            self._leases[lease.key] = lease
-            self._next_renewal[lease.key] = 0.0
-            self._lost.discard(lease.key)
+            if self._closing:
+                raise RuntimeError("this KeepAlive is closed")
+            pending = self._releasing.get((lease.key, lease.token))
+            if pending is not None and pending[1] is None:
+                # A release of this very lease not sent yet would undo it.
+                del self._releasing[(lease.key, lease.token)]
+            lock = self._locks.get(lease.key)
+            if lock is None or lock.lease.token != lease.token:
+                if lock is not None:
+                    self._lose(lease.key, "replaced by a new lease")
+                lock = _Lock(lease, now)
+                self._locks[lease.key] = lock
+            limit = max(0.0, lock.until - now)
         self._wake.set()
+        if timeout is not None:
+            limit = min(limit, timeout)
+        lock.answered.wait(limit)
+        with self._mutex:
+            return self._locks.get(lease.key) is lock and lock.attached and _now() < lock.until
 
     def release(self, lease: Lease) -> None:
         """Releases one lock over the stream and detaches it."""
+        now = _now()
         with self._mutex:
-            self._leases.pop(lease.key, None)
-            self._next_renewal.pop(lease.key, None)
-        self._outbox.put(
-            lock_pb2.KeepAliveRequest(key=lease.key, token=lease.token, release=True)
-        )
+            lock = self._locks.get(lease.key)
+            if lock is not None and lock.lease.token == lease.token:
+                del self._locks[lease.key]
+                lock.answered.set()
+            self._releasing[(lease.key, lease.token)] = [now + lease.ttl_ms / 1000, None]
+        self._wake.set()
 
     def is_alive(self, key: str) -> bool:
-        """True while `key` is attached and the server has not reported it lost."""
+        """True while `key` is attached, its deadline has not passed and the
+        server has not reported it lost; False once close() was called."""
         with self._mutex:
-            return key in self._leases and key not in self._lost
+            lock = self._locks.get(key)
+            return (
+                not self._closing
+                and lock is not None
+                and lock.attached
+                and _now() < lock.until
+            )
 
     def close(self, timeout: float = 10) -> bool:
         """Ends the stream; the server releases every lock still attached.
@@ -214,88 +375,216 @@ class KeepAlive:
         Returns True once the server has ended the stream (so the releases
         are done), False if that did not happen within `timeout` seconds.
         """
-        self._closing.set()
-        self._outbox.put(self._STOP)
+        with self._mutex:
+            self._closing = True
+            if self._draining is not None:
+                self._draining.call.cancel()
+                self._draining = None
+            active = self._active
+            leftover = [] if active is not None else [l.lease for l in self._locks.values()]
+            self._locks.clear()
         self._wake.set()
+        if active is not None:
+            active.half_close()
+        else:
+            # No stream up (reconnecting): give the locks back one by one.
+            for lease in leftover:
+                try:
+                    self._stub.Release(
+                        lock_pb2.ReleaseRequest(key=lease.key, token=lease.token),
+                        timeout=min(timeout, 2),
+                    )
+                except grpc.RpcError:
+                    pass  # it expires with its TTL
+            self._closed.set()
         return self._closed.wait(timeout)
 
-    # The stream: one thread sends requests from the outbox (via the request
-    # iterator grpc consumes) and reads responses; renewals are queued by the
-    # same thread between reads, on a timer.
+    # Threads: one ticker sends due renewals and releases, expires locks on
+    # the boot clock and replaces stalled streams; one reader per stream;
+    # one thread calls on_lost. All state is under _mutex.
 
-    def _requests(self, outbox: "queue.Queue"):
+    def _report(self) -> None:
         while True:
-            item = outbox.get()
-            if item is self._STOP:
-                return  # half-close
-            yield item
+            key = self._callbacks.get()
+            try:
+                if self._on_lost is not None:
+                    self._on_lost(key)
+            except Exception:  # noqa: BLE001 - a user callback must not stop reporting
+                log.exception("on_lost(%r) raised", key)
 
-    def _run(self) -> None:
-        backoff = 0.05
+    def _open(self) -> None:
+        stream = _Stream(self._stub, self._next_id)
+        self._next_id += 1
+        self._active = stream
+        now = _now()
+        for lock in self._locks.values():
+            lock.next_renewal = now
+            lock.in_flight = None
+        threading.Thread(
+            target=self._read, args=(stream,), name="leasehold-keepalive-reader", daemon=True
+        ).start()
+
+    def _read(self, stream: _Stream) -> None:
+        error = None
         try:
-            while not self._closing.is_set():
-                outbox = self._outbox
+            for reply in stream.call:
                 with self._mutex:
-                    for key in self._leases:
-                        self._next_renewal[key] = 0.0  # re-attach on a new stream
-                call = self._stub.KeepAlive(self._requests(outbox))
-                renewer = threading.Thread(
-                    target=self._renew_loop, args=(outbox, call), daemon=True
-                )
-                renewer.start()
-                try:
-                    for reply in call:
-                        backoff = 0.05
-                        self._handle(reply)
-                    return  # the server ended the stream after our half-close
-                except grpc.RpcError as e:
-                    if self._closing.is_set():
-                        return
-                    # Server-side end (shutdown, store error): locks are kept
-                    # until their TTL, so reconnect and re-attach them.
-                    log.warning(
-                        "keepalive stream ended by the server (%s); re-attaching",
-                        e.code().name,
-                    )
-                    self._outbox = queue.Queue()
-                    outbox.put(self._STOP)
-                    self._wake.set()
-                    renewer.join()
-                    self._closing.wait(backoff)
-                    backoff = min(backoff * 2, 0.5)
-        finally:
-            self._closed.set()
-            self._wake.set()
-
-    def _renew_loop(self, outbox: "queue.Queue", call) -> None:
-        while not self._closing.is_set() and outbox is self._outbox and call.is_active():
-            self._wake.clear()  # before looking, so no attach() goes unseen
-            now = time.monotonic()
-            due = []
-            with self._mutex:
-                for key, lease in self._leases.items():
-                    if key not in self._lost and self._next_renewal.get(key, 0) <= now:
-                        due.append(lease)
-                        self._next_renewal[key] = now + max(lease.ttl_ms, 30) / 3000
-                soonest = min(self._next_renewal.values(), default=now + 1)
-            for lease in due:
-                outbox.put(lock_pb2.KeepAliveRequest(key=lease.key, token=lease.token))
-            self._wake.wait(max(0.0, min(soonest - time.monotonic(), 1.0)))
-
-    def _handle(self, reply) -> None:
-        if reply.alive:
-            with self._mutex:
-                lease = self._leases.get(reply.key)
-                if lease is not None and reply.ttl_ms and reply.ttl_ms != lease.ttl_ms:
-                    self._leases[reply.key] = Lease(
-                        lease.key, lease.token, lease.fencing_token, reply.ttl_ms
-                    )
-            return
+                    self._on_reply(stream, reply)
+        except grpc.RpcError as e:
+            error = e
         with self._mutex:
-            attached = reply.key in self._leases
-            if attached:
-                self._lost.add(reply.key)
-                self._leases.pop(reply.key, None)
-                self._next_renewal.pop(reply.key, None)
-        if attached and self._on_lost is not None:
-            self._on_lost(reply.key)
+            self._on_end(stream, error)
+        self._wake.set()
+
+    def _lose(self, key: str, why: str) -> None:
+        lock = self._locks.pop(key, None)
+        if lock is None:
+            return
+        lock.answered.set()
+        if lock.attached:
+            log.warning("lock lost: key=%s fencing_token=%s: %s", key, lock.lease.fencing_token, why)
+            self._callbacks.put(key)
+
+    def _on_reply(self, stream: _Stream, reply) -> None:
+        now = _now()
+        queue_ = stream.sent.get(reply.key)
+        if not queue_:
+            return
+        kind, token, at, clean = queue_.popleft()
+        if not queue_:
+            del stream.sent[reply.key]
+        if kind == "release":
+            self._releasing.pop((reply.key, token), None)
+            return
+        lock = self._locks.get(reply.key)
+        if lock is None or lock.lease.token != token:
+            return  # an answer about an older lease of the same key
+        active = stream is self._active
+        if active:
+            lock.in_flight = None
+        else:
+            lock.old_pending = False
+        if now >= lock.until:
+            return  # too late: already lost on the clock
+        log.debug("answer stream=%s alive=%s active=%s clean=%s", stream.id, reply.alive, active, clean)
+        if not reply.alive:
+            self._lose(reply.key, "the server says this lease no longer holds it")
+            return
+        if reply.ttl_ms:
+            lock.lease = Lease(
+                lock.lease.key, lock.lease.token, lock.lease.fencing_token, reply.ttl_ms
+            )
+        until = at + lock.ttl
+        lock.deadline = max(lock.deadline, until) if lock.known else until
+        lock.known = True
+        lock.attached = True
+        if active:
+            lock.next_renewal = lock.deadline - lock.ttl * 2 / 3
+            lock.moved = lock.moved or clean
+        lock.answered.set()
+
+    def _on_end(self, stream: _Stream, error) -> None:
+        now = _now()
+        if stream is self._draining:
+            self._abandon_draining("it ended")
+            return
+        if stream is not self._active:
+            return
+        self._active = None
+        for lock in self._locks.values():
+            lock.in_flight = None
+        for entry in self._releasing.values():
+            if entry[1] == stream.id:
+                entry[1] = None
+        if self._closing:
+            self._closed.set()
+            return
+        # Server-side end (shutdown, store error): locks are kept until
+        # their TTL, so reconnect and re-attach them.
+        log.warning(
+            "keepalive stream ended by the server (%s); re-attaching",
+            error.code().name if error is not None else "OK",
+        )
+        if now - stream.opened < 1.0:
+            self._backoff = min(self._backoff * 2, 0.5)
+        else:
+            self._backoff = 0.05
+        self._retry_at = now + self._backoff
+
+    def _abandon_draining(self, why: str) -> None:
+        old = self._draining
+        if old is None:
+            return
+        self._draining = None
+        for key in [k for k, l in self._locks.items() if not l.moved]:
+            self._lose(key, f"left a stalled KeepAlive stream ({why}) before it moved")
+        for entry in self._releasing.values():
+            if entry[1] == old.id:
+                entry[1] = None
+        old.call.cancel()
+
+    def _tick_loop(self) -> None:
+        while not self._closed.is_set():
+            self._wake.clear()
+            with self._mutex:
+                now = _now()
+                wake = self._tick(now)
+            self._wake.wait(max(0.0, min(wake - now, _RECHECK)))
+
+    def _tick(self, now: float) -> float:
+        """One turn of the ticker; returns when it must look again."""
+        for key in [k for k, l in self._locks.items() if now >= l.until]:
+            lock = self._locks[key]
+            self._releasing[(key, lock.lease.token)] = [now + lock.ttl, None]
+            self._lose(key, "no renewal succeeded before its deadline")
+        for k in [k for k, r in self._releasing.items() if r[0] <= now]:
+            del self._releasing[k]
+        active = self._active
+        if active is not None and not self._closing:
+            stalled = any(
+                l.in_flight is not None and now - l.in_flight >= _stall_after(l.lease.ttl_ms)
+                for l in self._locks.values()
+            )
+            if stalled:
+                self._abandon_draining("another stream stalled")
+                log.warning("keepalive stream stalled; moving its locks to a new stream")
+                for lock in self._locks.values():
+                    lock.old_pending = lock.in_flight is not None
+                    lock.in_flight = None
+                    lock.moved = False
+                self._draining = active
+                self._active = None
+                self._retry_at = now
+        if self._draining is not None and all(l.moved for l in self._locks.values()):
+            old = self._draining
+            self._draining = None
+            for entry in self._releasing.values():
+                if entry[1] == old.id:
+                    entry[1] = None  # sent again on the active stream
+            old.call.cancel()
+        if self._closing:
+            return now + 1
+        if self._active is None:
+            if now >= self._retry_at:
+                self._open()
+            else:
+                return self._retry_at
+        stream = self._active
+        draining = self._draining is not None
+        wake = now + 1
+        for key, lock in self._locks.items():
+            move_now = draining and not lock.moved and not lock.old_pending
+            if lock.in_flight is None and (lock.next_renewal <= now or move_now):
+                stream.send(key, lock.lease.token, "renew", now, not lock.old_pending)
+                log.debug("renewal sent stream=%s clean=%s", stream.id, not lock.old_pending)
+                lock.in_flight = now
+            if lock.in_flight is not None:
+                wake = min(wake, lock.in_flight + _stall_after(lock.lease.ttl_ms))
+            else:
+                wake = min(wake, lock.next_renewal)
+            wake = min(wake, lock.until)
+        for (key, token), entry in self._releasing.items():
+            if entry[1] is None:
+                stream.send(key, token, "release", now, False)
+                entry[1] = stream.id
+        return wake

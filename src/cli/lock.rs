@@ -4,10 +4,19 @@
 //! Takes the lock (waiting up to `--wait`), runs CMD in its own process
 //! group with `LEASEHOLD_KEY` and `LEASEHOLD_FENCING_TOKEN` in its
 //! environment, keeps the lock alive while CMD runs, releases it when CMD
-//! exits and exits with CMD's status. If the lock is lost, the whole process
-//! group gets SIGTERM, then SIGKILL after `--grace`, and the exit code is 76.
-//! SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to `leasehold lock` are passed
-//! on to CMD's process group.
+//! exits and exits with CMD's status. CMD starts only once the server has
+//! answered the lock's attach to the KeepAlive stream, so a killed
+//! `leasehold lock` releases it at once.
+//!
+//! CMD is stopped before the lease can expire: when the lease has less than
+//! `--grace` + `--margin` left (no renewal came back in time), the whole
+//! process group gets SIGTERM, then SIGKILL `--grace` later, which is still
+//! `--margin` before the earliest instant the server could expire the lease;
+//! the exit code is 76. The same when the server says the lease is gone (then
+//! it may already be someone else's). SIGINT, SIGTERM, SIGHUP and SIGQUIT
+//! are passed on to CMD's process group; SIGTSTP (Ctrl-Z) stops CMD's group
+//! (SIGSTOP) and then this process, and SIGCONT resumes CMD only if the lease
+//! is still safely valid (otherwise CMD is killed while stopped).
 
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
@@ -33,10 +42,17 @@ pub struct LockArgs {
     /// as long as it takes; `0s` tries once. Not acquired in time: exit 75.
     #[arg(long, env = "LEASEHOLD_WAIT", value_parser = humantime::parse_duration)]
     pub wait: Option<Duration>,
-    /// When the lock is lost: how long CMD has to exit after SIGTERM before
-    /// it gets SIGKILL.
+    /// How long CMD has to exit after SIGTERM before it gets SIGKILL, when
+    /// the lease runs short or is lost. Shortened to fit in half the TTL,
+    /// minus `--margin`, so that CMD is gone before the lease can expire.
     #[arg(long, env = "LEASEHOLD_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub grace: Duration,
+    /// How long before the earliest instant the server could expire the
+    /// lease CMD must be gone (SIGKILL at that instant minus this): room
+    /// for scheduling delays and for CMD's last writes to land. At most
+    /// half the TTL.
+    #[arg(long, env = "LEASEHOLD_MARGIN", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub margin: Duration,
     /// Who holds the lock, as `describe` shows it (default: HOST:PID).
     #[arg(long, env = "LEASEHOLD_OWNER")]
     pub owner: Option<String>,
@@ -59,13 +75,16 @@ struct Signals {
 impl Signals {
     fn new() -> std::io::Result<Self> {
         let mut streams = Vec::new();
-        for (number, kind) in [
-            (2, SignalKind::interrupt()),
-            (15, SignalKind::terminate()),
-            (1, SignalKind::hangup()),
-            (3, SignalKind::quit()),
+        for sig in [
+            Signal::INT,
+            Signal::TERM,
+            Signal::HUP,
+            Signal::QUIT,
+            Signal::TSTP,
+            Signal::CONT,
         ] {
-            streams.push((number, signal(kind)?));
+            let number = sig.as_raw();
+            streams.push((number, signal(SignalKind::from_raw(number))?));
         }
         Ok(Self { streams })
     }
@@ -83,21 +102,38 @@ impl Signals {
     }
 }
 
-fn to_signal(number: i32) -> Signal {
-    match number {
-        1 => Signal::HUP,
-        2 => Signal::INT,
-        3 => Signal::QUIT,
-        9 => Signal::KILL,
-        _ => Signal::TERM,
+/// Sends `signal` to CMD's process group (CMD leads it).
+fn signal_group(group: Option<Pid>, signal: Signal) {
+    if let Some(group) = group {
+        // ESRCH: everyone in the group has exited already.
+        let _ = rustix::process::kill_process_group(group, signal);
     }
 }
 
-/// Sends `signal` to CMD's process group (CMD leads it).
-fn signal_group(group: Option<Pid>, number: i32) {
-    if let Some(group) = group {
-        // ESRCH: everyone in the group has exited already.
-        let _ = rustix::process::kill_process_group(group, to_signal(number));
+/// Stops this process as SIGTSTP would have (its handler replaced the
+/// default action); returns once it is continued.
+fn stop_self() {
+    let _ = rustix::process::kill_process(rustix::process::getpid(), Signal::STOP);
+}
+
+/// Waits for `fut`, stopping this process on SIGTSTP meanwhile (nothing
+/// runs under the lock yet); another signal ends the wait with it.
+async fn until_signalled<F: std::future::Future>(
+    fut: F,
+    signals: &mut Signals,
+) -> Result<F::Output, i32> {
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            out = &mut fut => return Ok(out),
+            number = signals.recv() => {
+                if number == Signal::TSTP.as_raw() {
+                    stop_self();
+                } else if number != Signal::CONT.as_raw() {
+                    return Err(number);
+                }
+            }
+        }
     }
 }
 
@@ -117,12 +153,10 @@ pub async fn run(args: LockArgs) -> i32 {
             return exit::FAILURE;
         }
     };
-    let client = tokio::select! {
-        client = args.connect.connect() => match client {
-            Ok(c) => c,
-            Err(e) => return connect::fail("lock", &e),
-        },
-        number = signals.recv() => return 128 + number,
+    let client = match until_signalled(args.connect.connect(), &mut signals).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return connect::fail("lock", &e),
+        Err(number) => return 128 + number,
     };
     let mut builder = client.lock(args.key.clone()).owner(
         args.owner
@@ -139,18 +173,41 @@ pub async fn run(args: LockArgs) -> i32 {
         builder = builder.metadata(k.clone(), v.clone());
     }
     // Cancelling a waiting Acquire leaves nothing behind on the server.
-    let guard = tokio::select! {
-        guard = builder.acquire() => match guard {
-            Ok(g) => g,
-            Err(e) => return connect::fail("lock", &e),
-        },
-        number = signals.recv() => return 128 + number,
+    // The guard comes once the server answered the attach.
+    let guard = match until_signalled(builder.acquire(), &mut signals).await {
+        Ok(Ok(g)) => g,
+        Ok(Err(e)) => return connect::fail("lock", &e),
+        Err(number) => return 128 + number,
     };
 
     let Some((program, rest)) = args.command.split_first() else {
         eprintln!("leasehold lock: no command given after --");
         return exit::USAGE;
     };
+    // SIGTERM once the lease has less than grace + margin left, which must
+    // fit in what a renewal every TTL/3 leaves (2/3 of the TTL) with room
+    // for the renewal's round trip: half the TTL.
+    let half = guard.ttl() / 2;
+    let margin = args.margin.min(half);
+    let grace = args.grace.min(half.saturating_sub(margin));
+    if grace < args.grace {
+        eprintln!(
+            "leasehold lock: note: --grace {} shortened to {} so that the command is gone {} before the lease (TTL {}) can expire",
+            humantime::format_duration(args.grace),
+            humantime::format_duration(grace),
+            humantime::format_duration(margin),
+            humantime::format_duration(guard.ttl()),
+        );
+    }
+    let budget = grace + margin;
+    if guard.valid_for() <= budget {
+        eprintln!(
+            "leasehold lock: the lease of {:?} has less than --grace + --margin left; not starting the command",
+            guard.key()
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(1), guard.release()).await;
+        return exit::LOST;
+    }
     let mut command = tokio::process::Command::new(program);
     command
         .args(rest)
@@ -179,7 +236,17 @@ pub async fn run(args: LockArgs) -> i32 {
         .and_then(Pid::from_raw);
     let lost = guard.lost();
     tokio::pin!(lost);
-    loop {
+    let why = loop {
+        let left = guard.valid_for();
+        if left <= budget {
+            break format!(
+                "the lease has {} left and no renewal came back in time",
+                humantime::format_duration(Duration::from_millis(left.as_millis() as u64))
+            );
+        }
+        // Looked at again at least every 250 ms (the boot clock may jump
+        // after a host suspend).
+        let check = (left - budget).min(Duration::from_millis(250));
         tokio::select! {
             status = child.wait() => {
                 let code = match status {
@@ -202,21 +269,63 @@ pub async fn run(args: LockArgs) -> i32 {
                     }
                 };
             }
-            reason = &mut lost => {
-                eprintln!(
-                    "leasehold lock: lost the lock {:?} (fencing token {}): {reason}; stopping the command (SIGTERM, then SIGKILL after {})",
-                    guard.key(),
-                    guard.fencing_token(),
-                    humantime::format_duration(args.grace)
-                );
-                signal_group(group, 15);
-                if tokio::time::timeout(args.grace, child.wait()).await.is_err() {
-                    signal_group(group, 9);
-                    let _ = child.wait().await;
+            reason = &mut lost => break reason.to_string(),
+            number = signals.recv() => {
+                if number == Signal::TSTP.as_raw() {
+                    // Stop CMD with us: it must not run while nothing renews.
+                    signal_group(group, Signal::STOP);
+                    stop_self();
+                    // Continued: CMD resumes only if the lease is still
+                    // safe; otherwise it dies without running again.
+                    if guard.valid_for() > budget {
+                        signal_group(group, Signal::CONT);
+                    } else {
+                        eprintln!(
+                            "leasehold lock: the lease of {:?} (fencing token {}) ran short while stopped; killing the stopped command (SIGKILL)",
+                            guard.key(),
+                            guard.fencing_token()
+                        );
+                        signal_group(group, Signal::KILL);
+                        let _ = child.wait().await;
+                        let _ = tokio::time::timeout(Duration::from_secs(1), guard.release()).await;
+                        return exit::LOST;
+                    }
+                } else if number == Signal::CONT.as_raw() {
+                    if guard.valid_for() > budget {
+                        signal_group(group, Signal::CONT);
+                    }
+                } else if let Some(signal) = Signal::from_named_raw(number) {
+                    signal_group(group, signal);
                 }
-                return exit::LOST;
             }
-            number = signals.recv() => signal_group(group, number),
+            _ = tokio::time::sleep(check) => {}
         }
+    };
+    // Stop CMD: SIGTERM now, SIGKILL after --grace but no later than
+    // --margin before the lease's deadline. A lease already gone (the
+    // server said so, or its deadline passed while this process was
+    // stopped) may be someone else's now: CMD still gets its --grace to
+    // clean up, as it would without the lock service.
+    let left = guard.valid_for();
+    let kill_in = if left.is_zero() {
+        grace
+    } else {
+        grace.min(left.saturating_sub(margin))
+    };
+    eprintln!(
+        "leasehold lock: lost the lock {:?} (fencing token {}): {why}; stopping the command (SIGTERM, then SIGKILL after {})",
+        guard.key(),
+        guard.fencing_token(),
+        humantime::format_duration(Duration::from_millis(kill_in.as_millis() as u64))
+    );
+    signal_group(group, Signal::TERM);
+    // A stopped CMD would never see the SIGTERM.
+    signal_group(group, Signal::CONT);
+    if kill_in.is_zero() || tokio::time::timeout(kill_in, child.wait()).await.is_err() {
+        signal_group(group, Signal::KILL);
+        let _ = child.wait().await;
     }
+    // Still ours if it only ran short: give it back to the next holder.
+    let _ = tokio::time::timeout(Duration::from_secs(1), guard.release()).await;
+    exit::LOST
 }

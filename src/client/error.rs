@@ -101,14 +101,20 @@ impl Error {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum LostReason {
-    /// No renewal succeeded within the TTL, measured on this process's
-    /// monotonic clock from the last renewal that did. The server may be
+    /// Its deadline passed without a successful renewal: the TTL counted
+    /// from the send time of the last renewal answered alive (or the
+    /// grant's `valid_for_ms` from the Acquire's send time), on the boot
+    /// clock. The server may be
     /// unreachable and the lease may in fact still exist, but another
     /// client may already hold the lock, so the client assumes the worst.
     Expired,
     /// The server answered that this lease no longer holds the lock: it
     /// expired, or another client took it.
     NotHeld,
+    /// The client gave up on a KeepAlive stream that stopped answering
+    /// before the lock could be moved to a new one; the server releases
+    /// what is attached to a stream when it ends, so the lock may be free.
+    Abandoned,
     /// This client released it.
     Released,
     /// The client's keepalive task stopped (its runtime is shutting down).
@@ -120,6 +126,7 @@ impl fmt::Display for LostReason {
         f.write_str(match self {
             Self::Expired => "no renewal succeeded within its TTL",
             Self::NotHeld => "the server says this lease no longer holds it (it expired or another client took it)",
+            Self::Abandoned => "its KeepAlive stream stopped answering and was given up before the lock moved to a new one",
             Self::Released => "it was released",
             Self::ClientClosed => "the client stopped keeping it alive",
         })

@@ -7,13 +7,15 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::watch;
 
 use super::Client;
+use super::clock::BootInstant;
 use super::error::{Error, LostReason};
 use super::keeper::{self, Command, LockState};
+use super::lock::Grant;
 
 /// One grant of a lock, as the server reported it.
 ///
@@ -103,24 +105,27 @@ impl fmt::Debug for LockGuard {
 }
 
 impl LockGuard {
-    /// Hands `lease` to the client's keeper. Synchronous on purpose: from
+    /// Hands a grant to the client's keeper. Synchronous on purpose: from
     /// the moment the grant arrives there is no `.await` before the guard
     /// exists, so a cancelled caller still releases it (on drop).
-    pub(crate) fn attach(
-        client: Client,
-        lease: Lease,
-        request_id: String,
-        granted_at: Instant,
-    ) -> Self {
-        let (tx, rx) = watch::channel(LockState::Held {
-            deadline: granted_at + lease.ttl,
+    pub(crate) fn attach(client: Client, grant: Grant) -> Self {
+        let Grant {
+            lease,
+            request_id,
+            deadline,
+            gone_by,
+        } = grant;
+        let (tx, rx) = watch::channel(LockState::Attaching {
+            deadline,
             ttl: lease.ttl,
         });
         client.inner.command(Command::Attach {
             key: lease.key.clone(),
             token: lease.token.clone(),
+            fencing_token: lease.fencing_token,
             ttl: lease.ttl,
-            granted_at,
+            deadline,
+            gone_by,
             state: tx,
         });
         Self {
@@ -130,6 +135,17 @@ impl LockGuard {
             state: rx,
             done: false,
         }
+    }
+
+    /// Waits for the server's answer to the attach (the lock's first
+    /// renewal on the KeepAlive stream).
+    pub(crate) async fn attached(&self) -> Result<(), Error> {
+        keeper::attached(self.state.clone())
+            .await
+            .map_err(|reason| Error::Lost {
+                key: self.lease.key.clone(),
+                reason,
+            })
     }
 
     /// The lock's name.
@@ -153,7 +169,7 @@ impl LockGuard {
     /// long.
     pub fn ttl(&self) -> Duration {
         match &*self.state.borrow() {
-            LockState::Held { ttl, .. } => *ttl,
+            LockState::Held { ttl, .. } | LockState::Attaching { ttl, .. } => *ttl,
             LockState::Lost(_) => self.lease.ttl,
         }
     }
@@ -169,19 +185,41 @@ impl LockGuard {
         &self.request_id
     }
 
-    /// Whether the lock is known to be lost now (the server said so, or the
-    /// TTL passed without a successful renewal).
+    /// Whether the lock is known to be lost now (the server said so, or its
+    /// deadline passed without a successful renewal).
     pub fn is_lost(&self) -> bool {
         match &*self.state.borrow() {
-            LockState::Held { deadline, .. } => Instant::now() >= *deadline,
+            LockState::Held { deadline, .. } => BootInstant::now() >= *deadline,
+            LockState::Attaching { deadline, .. } => {
+                deadline.is_some_and(|d| BootInstant::now() >= d)
+            }
             LockState::Lost(_) => true,
         }
     }
 
+    /// How long the lock is sure to stay valid from now unless renewed
+    /// (zero once lost): the server may expire it at the end of this, not
+    /// before. Work that must finish under the lock should fit in it, or
+    /// watch [`LockGuard::lost`].
+    pub fn valid_for(&self) -> Duration {
+        match &*self.state.borrow() {
+            LockState::Held { deadline, .. }
+            | LockState::Attaching {
+                deadline: Some(deadline),
+                ..
+            } => deadline.remaining(),
+            _ => Duration::ZERO,
+        }
+    }
+
     /// A future that completes when the lock is lost: a renewal answered
-    /// that the lease no longer holds it, or no renewal succeeded within
-    /// the TTL since the last one that did (measured on the monotonic
-    /// clock, so it fires even when no server can be reached). Call it as
+    /// that the lease no longer holds it, or its deadline passed — the TTL
+    /// from the send time of the last renewal answered alive, measured on
+    /// the boot clock (which counts a host suspend), so it fires even when
+    /// no server can be reached, and never after the server's own expiry.
+    /// It fires at once if the client gave up on a stalled stream the
+    /// lock was still attached to. Renewals run on the Tokio runtime: a
+    /// runtime blocked for longer than the TTL loses the lock. Call it as
     /// often as needed; each future is independent and `'static`.
     pub fn lost(&self) -> Lost {
         Lost(Box::pin(keeper::lost(self.state.clone())))
@@ -190,12 +228,25 @@ impl LockGuard {
     /// Releases the lock and waits for the server's answer: `Ok(true)` if
     /// this call released it, `Ok(false)` if it had already been lost (so
     /// the work done under it may not have been exclusive to the end).
+    ///
+    /// A guard that already knows its lock is lost answers `Ok(false)` at
+    /// once, without a call.
     pub async fn release(mut self) -> Result<bool, Error> {
         self.done = true;
+        let lost = self.is_lost();
         self.client.inner.command(Command::Forget {
             key: self.lease.key.clone(),
             token: self.lease.token.clone(),
         });
+        if lost {
+            // Just in case a late renewal kept it: released in the background.
+            self.client.inner.command(Command::Release {
+                key: self.lease.key.clone(),
+                token: self.lease.token.clone(),
+                ttl: self.lease.ttl,
+            });
+            return Ok(false);
+        }
         let result = self
             .client
             .release(self.lease.key.clone(), self.lease.token.clone())

@@ -1,25 +1,36 @@
 //! The keeper: one background task per [`Client`](super::Client) that owns
-//! its one KeepAlive stream and keeps every lock of every guard alive on it.
+//! its KeepAlive stream and keeps every lock of every guard alive on it.
 //!
-//! It renews each lock about every ttl/3, declares a lock lost when the
-//! server says so or when no renewal has succeeded within the TTL (on the
-//! monotonic clock, from the send time of the last renewal that succeeded),
-//! and when the stream breaks it reconnects — to the next endpoint, with
-//! backoff — and re-attaches every held lock with its token. It never
-//! decides anything about locks it was not given, and it holds no handle
-//! to the client, so dropping the last client handle ends it.
+//! It renews each lock about every ttl/3 and declares a lock lost when the
+//! server says so or when its deadline passes: the grant's own deadline
+//! (`Lease.valid_for_ms` from the Acquire's send time), pushed to
+//! (send time of a renewal answered alive) + TTL by each renewal, all on the
+//! boot clock ([`BootInstant`]), which counts a host suspend.
+//!
+//! When the stream breaks it reconnects — to the next endpoint, with
+//! backoff — and re-attaches every held lock with its token. When a renewal
+//! goes unanswered too long (a stall), it does not drop that stream at
+//! once: the server releases whatever is attached to a stream that ends,
+//! so it first re-attaches every lock through a new stream (the server
+//! moves the stream-end release to a lock's latest attachment) and drops
+//! the stalled one only when none of its locks still depends on it. A lock
+//! still on a stream the keeper gives up on is lost at that instant.
+//!
+//! It never decides anything about locks it was not given, and it holds no
+//! handle to the client, so dropping the last client handle ends it.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Status;
 
 use super::backoff::Backoff;
+use super::clock::{self, BootInstant};
 use super::error::{self, LostReason};
 use super::transport::Transport;
 use crate::pb;
@@ -28,21 +39,37 @@ use crate::pb::lock_service_client::LockServiceClient;
 /// What a guard sees of its lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum LockState {
+    /// Granted, and the attach to the KeepAlive stream not answered yet.
+    /// `deadline`: when the lease is sure to be valid until, if known
+    /// (unknown after a waiting Acquire answered by a server that does not
+    /// send `valid_for_ms`: not trusted before the first renewal).
+    Attaching {
+        deadline: Option<BootInstant>,
+        ttl: Duration,
+    },
     /// Held until `deadline` unless renewed; `ttl` is the TTL in force.
-    Held { deadline: Instant, ttl: Duration },
+    Held {
+        deadline: BootInstant,
+        ttl: Duration,
+    },
     /// Not held any more.
     Lost(LostReason),
 }
 
 /// Requests from clients and guards to the keeper.
 pub(crate) enum Command {
-    /// Keep a freshly acquired lock alive. `granted_at` is no later than
-    /// the moment the server set its TTL.
+    /// Keep a freshly acquired lock alive.
     Attach {
         key: String,
         token: String,
+        /// For the log line when the lock is lost.
+        fencing_token: u64,
         ttl: Duration,
-        granted_at: Instant,
+        /// Until when the grant is sure to be valid, if known.
+        deadline: Option<BootInstant>,
+        /// When the grant is surely gone if no renewal answered alive
+        /// (its reply's arrival + TTL).
+        gone_by: BootInstant,
         state: watch::Sender<LockState>,
     },
     /// Stop renewing and release over the stream (a dropped guard, or a
@@ -60,26 +87,49 @@ pub(crate) enum Command {
 /// One lock being kept alive.
 struct Entry {
     token: String,
+    fencing_token: u64,
     ttl: Duration,
-    /// Send time of the last renewal that succeeded (or the grant).
-    last_ok: Instant,
-    next_renew: Instant,
-    /// Send time of the renewal awaiting its answer.
-    in_flight: Option<Instant>,
+    /// Valid until then unless renewed (when `known`); else the instant it
+    /// is surely gone unless a renewal answers alive first.
+    deadline: BootInstant,
+    known: bool,
+    /// A renewal was answered alive (the attach is done).
+    attached: bool,
+    next_renew: BootInstant,
+    /// Send time of the renewal awaiting its answer on the active stream.
+    in_flight: Option<BootInstant>,
+    /// A renewal sent on the draining stream awaits its answer.
+    old_pending: bool,
+    /// Does not depend on the draining stream any more: a renewal sent on
+    /// the active stream after the draining one's last answer came back
+    /// alive (so the active stream is its latest attachment).
+    moved: bool,
     /// One per guard sharing this lease.
     states: Vec<watch::Sender<LockState>>,
 }
 
 impl Entry {
-    fn deadline(&self) -> Instant {
-        self.last_ok + self.ttl
+    /// When the client stops believing it holds the lock.
+    fn until(&self) -> BootInstant {
+        believed_until(self.deadline, self.ttl)
+    }
+
+    fn state(&self) -> LockState {
+        if self.attached {
+            LockState::Held {
+                deadline: self.until(),
+                ttl: self.ttl,
+            }
+        } else {
+            LockState::Attaching {
+                deadline: self.known.then_some(self.until()),
+                ttl: self.ttl,
+            }
+        }
     }
 
     fn publish(&self) {
-        let state = LockState::Held {
-            deadline: self.deadline(),
-            ttl: self.ttl,
-        };
+        let state = self.state();
         for s in &self.states {
             s.send_replace(state.clone());
         }
@@ -95,20 +145,30 @@ impl Entry {
 /// A release that must reach the server (sent on the next stream if the
 /// current one breaks first), until the lease would have expired anyway.
 struct Releasing {
-    until: Instant,
-    sent: bool,
+    until: BootInstant,
+    /// The stream it was sent on.
+    sent: Option<u64>,
 }
 
-/// What was sent on the current stream and awaits an answer, per key in
-/// order (the server answers requests for one key in order).
+/// What was sent on a stream and awaits an answer, per key in order (the
+/// server answers requests for one key in order).
 enum Sent {
-    Renew { token: String, at: Instant },
-    Release { token: String },
+    Renew {
+        token: String,
+        at: BootInstant,
+        /// Sent while no renewal of this lock was pending on the draining
+        /// stream: an alive answer makes this stream its latest attachment.
+        clean: bool,
+    },
+    Release {
+        token: String,
+    },
 }
 
 struct Stream {
+    id: u64,
     endpoint: usize,
-    opened: Instant,
+    opened: BootInstant,
     tx: mpsc::UnboundedSender<pb::KeepAliveRequest>,
     rx: tonic::Streaming<pb::KeepAliveResponse>,
     sent: HashMap<String, VecDeque<Sent>>,
@@ -119,7 +179,7 @@ type Connecting = Pin<Box<dyn Future<Output = (usize, Result<Stream, Status>)> +
 /// Re-attachment in progress after a broken stream, for the log line that
 /// says when every lock is safe again.
 struct Reattach {
-    broken_at: Instant,
+    broken_at: BootInstant,
     pending: usize,
     ok: usize,
 }
@@ -129,12 +189,17 @@ pub(crate) struct Keeper {
     commands: mpsc::UnboundedReceiver<Command>,
     locks: HashMap<String, Entry>,
     releasing: HashMap<(String, String), Releasing>,
+    /// The stream renewals go to.
     stream: Option<Stream>,
+    /// A stalled stream kept open (and read) until every lock on it has
+    /// moved to `stream`: ending it would release them.
+    draining: Option<Stream>,
     connecting: Option<Connecting>,
+    next_id: u64,
     backoff: Backoff,
     failures: usize,
-    retry_at: Option<Instant>,
-    broken_at: Option<Instant>,
+    retry_at: Option<BootInstant>,
+    broken_at: Option<BootInstant>,
     reattach: Option<Reattach>,
 }
 
@@ -143,8 +208,19 @@ pub(crate) struct Keeper {
 enum Event {
     Command(Option<Command>),
     Message(Result<Option<pb::KeepAliveResponse>, Status>),
+    Old(Result<Option<pb::KeepAliveResponse>, Status>),
     Connected(usize, Result<Stream, Status>),
     Tick,
+}
+
+/// How long before a lease's deadline the client stops believing it holds
+/// the lock (at most a tenth of the TTL): room for a late timer and a busy
+/// runtime between the deadline and the instant `lost()` is seen.
+pub(crate) const LOST_MARGIN: Duration = Duration::from_millis(50);
+
+/// The instant belief ends for a lease valid until `deadline`.
+fn believed_until(deadline: BootInstant, ttl: Duration) -> BootInstant {
+    deadline.saturating_sub(LOST_MARGIN.min(ttl / 10))
 }
 
 /// How long a renewal may go unanswered before the stream is presumed
@@ -165,7 +241,9 @@ impl Keeper {
             locks: HashMap::new(),
             releasing: HashMap::new(),
             stream: None,
+            draining: None,
             connecting: None,
+            next_id: 0,
             backoff,
             failures: 0,
             retry_at: None,
@@ -177,16 +255,17 @@ impl Keeper {
     /// Runs until every handle to the client is gone.
     pub(crate) async fn run(mut self) {
         loop {
-            let now = Instant::now();
+            let now = BootInstant::now();
             self.expire(now);
             if self.stream.is_some() {
                 if let Some(stalled) = self.stalled(now) {
-                    self.broken(format!(
+                    self.stall(format!(
                         "a renewal got no answer within {}",
                         humantime::format_duration(stalled)
                     ));
                 }
             }
+            self.finish_drain();
             if self.stream.is_some() {
                 self.send_due(now);
             } else if self.connecting.is_none()
@@ -195,19 +274,23 @@ impl Keeper {
             {
                 self.connect();
             }
-            let wake = tokio::time::Instant::from_std(self.next_wake(now));
+            let wake = self.next_wake(now);
             let event = tokio::select! {
                 command = self.commands.recv() => Event::Command(command),
                 message = next_message(&mut self.stream) => Event::Message(message),
+                message = next_message(&mut self.draining) => Event::Old(message),
                 (i, result) = connected(&mut self.connecting) => Event::Connected(i, result),
                 _ = tokio::time::sleep_until(wake) => Event::Tick,
             };
             match event {
                 Event::Command(None) => return,
                 Event::Command(Some(command)) => self.command(command),
-                Event::Message(Ok(Some(response))) => self.response(response),
+                Event::Message(Ok(Some(response))) => self.response(response, false),
                 Event::Message(Ok(None)) => self.broken("the server ended the stream".into()),
                 Event::Message(Err(status)) => self.broken(error::cause(&status)),
+                Event::Old(Ok(Some(response))) => self.response(response, true),
+                Event::Old(Ok(None)) => self.abandon_draining("the server ended it"),
+                Event::Old(Err(status)) => self.abandon_draining(&error::cause(&status)),
                 Event::Connected(i, result) => {
                     self.connecting = None;
                     self.connected(i, result);
@@ -222,19 +305,41 @@ impl Keeper {
     }
 
     fn command(&mut self, command: Command) {
-        let now = Instant::now();
+        let now = BootInstant::now();
         match command {
             Command::Attach {
                 key,
                 token,
+                fencing_token,
                 ttl,
-                granted_at,
+                deadline,
+                gone_by,
                 state,
             } => {
+                // A release of this very lease still queued (a guard dropped
+                // while no stream was up) would undo this attach: cancel it.
+                // One already sent is answered first; the renewal after it
+                // then says the lease is gone.
+                let queued = (key.clone(), token.clone());
+                if self
+                    .releasing
+                    .get(&queued)
+                    .is_some_and(|r| r.sent.is_none())
+                {
+                    self.releasing.remove(&queued);
+                }
                 if let Some(entry) = self.locks.get_mut(&key) {
                     if entry.token == token {
                         // A second guard on the same lease (a request id
                         // reused while held): they share it.
+                        if let Some(d) = deadline {
+                            entry.deadline = if entry.known {
+                                entry.deadline.max(d)
+                            } else {
+                                d
+                            };
+                            entry.known = true;
+                        }
                         entry.states.push(state);
                         entry.publish();
                         return;
@@ -246,12 +351,18 @@ impl Keeper {
                 }
                 let entry = Entry {
                     token,
+                    fencing_token,
                     ttl,
-                    last_ok: granted_at,
+                    deadline: deadline.unwrap_or(gone_by),
+                    known: deadline.is_some(),
+                    attached: false,
                     // Attach at once, so the lock is released if this
                     // process dies, and renew from a known send time.
                     next_renew: now,
                     in_flight: None,
+                    old_pending: false,
+                    // Never sent on the draining stream.
+                    moved: true,
                     states: vec![state],
                 };
                 entry.publish();
@@ -260,11 +371,11 @@ impl Keeper {
             Command::Release { key, token, ttl } => {
                 let mut until = now + ttl;
                 if let Some(entry) = self.take(&key, &token) {
-                    until = until.max(entry.deadline());
+                    until = until.max(entry.deadline);
                     entry.lose(LostReason::Released);
                 }
                 self.releasing
-                    .insert((key, token), Releasing { until, sent: false });
+                    .insert((key, token), Releasing { until, sent: None });
             }
             Command::Forget { key, token } => {
                 if let Some(entry) = self.take(&key, &token) {
@@ -282,36 +393,40 @@ impl Keeper {
         }
     }
 
-    /// Declares lost every lock whose TTL ran out without a successful
+    /// Declares lost every lock whose deadline passed without a successful
     /// renewal, and asks the server to release it in case a late renewal
     /// did reach it.
-    fn expire(&mut self, now: Instant) {
+    fn expire(&mut self, now: BootInstant) {
         let expired: Vec<String> = self
             .locks
             .iter()
-            .filter(|(_, e)| now >= e.deadline())
+            .filter(|(_, e)| now >= e.until())
             .map(|(k, _)| k.clone())
             .collect();
         for key in expired {
             if let Some(entry) = self.locks.remove(&key) {
-                // Reported through `lost()`; a library does not shout.
-                tracing::debug!(
+                tracing::warn!(
                     key = key.as_str(),
+                    fencing_token = entry.fencing_token,
                     ttl = %humantime::format_duration(entry.ttl),
-                    "lock lost: no renewal succeeded within its TTL"
+                    "lock lost: no renewal succeeded before its deadline"
                 );
-                let until = now + entry.ttl;
-                let token = entry.token.clone();
-                entry.lose(LostReason::Expired);
-                self.releasing
-                    .insert((key, token), Releasing { until, sent: false });
+                self.lose_and_release(key, entry, LostReason::Expired, now);
             }
         }
         self.releasing.retain(|_, r| r.until > now);
     }
 
+    fn lose_and_release(&mut self, key: String, entry: Entry, why: LostReason, now: BootInstant) {
+        let until = now + entry.ttl;
+        let token = entry.token.clone();
+        entry.lose(why);
+        self.releasing
+            .insert((key, token), Releasing { until, sent: None });
+    }
+
     /// The longest-unanswered renewal, if it has waited too long.
-    fn stalled(&self, now: Instant) -> Option<Duration> {
+    fn stalled(&self, now: BootInstant) -> Option<Duration> {
         self.locks.values().find_map(|e| {
             let at = e.in_flight?;
             let limit = stall_after(e.ttl);
@@ -320,7 +435,8 @@ impl Keeper {
     }
 
     /// Sends every renewal that is due and every release not yet sent.
-    fn send_due(&mut self, now: Instant) {
+    fn send_due(&mut self, now: BootInstant) {
+        let draining = self.draining.is_some();
         let Some(stream) = self.stream.as_mut() else {
             return;
         };
@@ -331,7 +447,10 @@ impl Keeper {
             return;
         }
         for (key, entry) in &mut self.locks {
-            if entry.in_flight.is_none() && entry.next_renew <= now {
+            // A lock still depending on the draining stream moves as soon
+            // as nothing of it is pending there.
+            let move_now = draining && !entry.moved && !entry.old_pending;
+            if entry.in_flight.is_none() && (entry.next_renew <= now || move_now) {
                 let request = pb::KeepAliveRequest {
                     key: key.clone(),
                     token: entry.token.clone(),
@@ -347,12 +466,13 @@ impl Keeper {
                         .push_back(Sent::Renew {
                             token: entry.token.clone(),
                             at: now,
+                            clean: !entry.old_pending,
                         });
                 }
             }
         }
         for ((key, token), releasing) in &mut self.releasing {
-            if !releasing.sent {
+            if releasing.sent.is_none() {
                 let request = pb::KeepAliveRequest {
                     key: key.clone(),
                     token: token.clone(),
@@ -360,7 +480,7 @@ impl Keeper {
                     release: true,
                 };
                 if stream.tx.send(request).is_ok() {
-                    releasing.sent = true;
+                    releasing.sent = Some(stream.id);
                     stream
                         .sent
                         .entry(key.clone())
@@ -373,10 +493,16 @@ impl Keeper {
         }
     }
 
-    /// Applies one answer from the server.
-    fn response(&mut self, response: pb::KeepAliveResponse) {
-        let now = Instant::now();
-        let Some(stream) = self.stream.as_mut() else {
+    /// Applies one answer from the server, on the active stream or (`old`)
+    /// the draining one.
+    fn response(&mut self, response: pb::KeepAliveResponse, old: bool) {
+        let now = BootInstant::now();
+        let stream = if old {
+            self.draining.as_mut()
+        } else {
+            self.stream.as_mut()
+        };
+        let Some(stream) = stream else {
             return;
         };
         let key = response.key;
@@ -396,35 +522,51 @@ impl Keeper {
             Some(Sent::Release { token }) => {
                 self.releasing.remove(&(key, token));
             }
-            Some(Sent::Renew { token, at }) => {
+            Some(Sent::Renew { token, at, clean }) => {
                 let Some(entry) = self.locks.get_mut(&key) else {
                     return;
                 };
                 if entry.token != token {
                     return;
                 }
-                entry.in_flight = None;
-                if let Some(r) = self.reattach.as_mut() {
-                    r.pending = r.pending.saturating_sub(1);
+                if old {
+                    entry.old_pending = false;
+                } else {
+                    entry.in_flight = None;
+                    if let Some(r) = self.reattach.as_mut() {
+                        r.pending = r.pending.saturating_sub(1);
+                    }
                 }
-                if now >= entry.deadline() {
+                if now >= entry.until() {
                     // Too late: lost() may already have fired on the clock,
                     // and a lost lock never comes back.
                     return;
                 }
                 if response.alive {
-                    entry.last_ok = entry.last_ok.max(at);
                     if response.ttl_ms > 0 {
                         entry.ttl = Duration::from_millis(response.ttl_ms.into());
                     }
-                    entry.next_renew = entry.last_ok + entry.ttl / 3;
-                    entry.publish();
-                    if let Some(r) = self.reattach.as_mut() {
-                        r.ok += 1;
+                    // The renewal reached the store after it was sent.
+                    let until = at + entry.ttl;
+                    entry.deadline = if entry.known {
+                        entry.deadline.max(until)
+                    } else {
+                        until
+                    };
+                    entry.known = true;
+                    entry.attached = true;
+                    if !old {
+                        entry.next_renew = entry.deadline.saturating_sub(entry.ttl * 2 / 3);
+                        entry.moved |= clean;
+                        if let Some(r) = self.reattach.as_mut() {
+                            r.ok += 1;
+                        }
                     }
+                    entry.publish();
                 } else if let Some(entry) = self.locks.remove(&key) {
-                    tracing::debug!(
+                    tracing::warn!(
                         key = key.as_str(),
+                        fencing_token = entry.fencing_token,
                         "lock lost: the server says this lease no longer holds it"
                     );
                     entry.lose(LostReason::NotHeld);
@@ -439,12 +581,91 @@ impl Keeper {
                         tracing::info!(
                             endpoint,
                             reattached = r.ok,
-                            after_ms = now.duration_since(r.broken_at).as_millis() as u64,
+                            after_ms =
+                                now.saturating_duration_since(r.broken_at).as_millis() as u64,
                             "re-attached locks after the KeepAlive stream broke"
                         );
                         self.reattach = None;
                     }
                 }
+            }
+        }
+    }
+
+    /// A renewal on the active stream went unanswered too long: keep that
+    /// stream open (ending it would release its locks) but stop using it,
+    /// and open a new one to move every lock to.
+    fn stall(&mut self, cause: String) {
+        // One draining stream at most: what still depends on an older one
+        // is given up with it.
+        self.abandon_draining("another stream stalled before its locks moved off it");
+        let Some(stream) = self.stream.take() else {
+            return;
+        };
+        let now = BootInstant::now();
+        self.transport.failed(stream.endpoint);
+        for entry in self.locks.values_mut() {
+            entry.old_pending = entry.in_flight.is_some();
+            entry.in_flight = None;
+            entry.moved = false;
+        }
+        tracing::info!(
+            endpoint = self.transport.uri(stream.endpoint),
+            %cause,
+            locks = self.locks.len(),
+            "KeepAlive stream stalled; moving its locks to a new stream before leaving it"
+        );
+        self.draining = Some(stream);
+        self.retry_at = None;
+        self.broken_at = Some(now);
+        self.reattach = None;
+    }
+
+    /// Drops the draining stream: every lock that has not moved off it is
+    /// lost now, since the server releases it when that stream ends.
+    fn abandon_draining(&mut self, cause: &str) {
+        let Some(old) = self.draining.take() else {
+            return;
+        };
+        let now = BootInstant::now();
+        let stuck: Vec<String> = self
+            .locks
+            .iter()
+            .filter(|(_, e)| !e.moved)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in stuck {
+            if let Some(entry) = self.locks.remove(&key) {
+                tracing::warn!(
+                    key = key.as_str(),
+                    fencing_token = entry.fencing_token,
+                    cause,
+                    "lock lost: leaving a stalled KeepAlive stream it was still attached to"
+                );
+                self.lose_and_release(key, entry, LostReason::Abandoned, now);
+            }
+        }
+        self.resend_releases_of(old.id);
+    }
+
+    /// Drops the draining stream once no lock depends on it any more.
+    fn finish_drain(&mut self) {
+        if self.draining.is_some() && self.locks.values().all(|e| e.moved) {
+            if let Some(old) = self.draining.take() {
+                tracing::debug!(
+                    endpoint = self.transport.uri(old.endpoint),
+                    "every lock moved off the stalled stream; leaving it"
+                );
+                self.resend_releases_of(old.id);
+            }
+        }
+    }
+
+    /// Releases sent on stream `id`, which is gone, go out again.
+    fn resend_releases_of(&mut self, id: u64) {
+        for releasing in self.releasing.values_mut() {
+            if releasing.sent == Some(id) {
+                releasing.sent = None;
             }
         }
     }
@@ -455,17 +676,15 @@ impl Keeper {
         let Some(stream) = self.stream.take() else {
             return;
         };
-        let now = Instant::now();
+        let now = BootInstant::now();
         self.transport.failed(stream.endpoint);
         for entry in self.locks.values_mut() {
             entry.in_flight = None;
         }
-        for releasing in self.releasing.values_mut() {
-            releasing.sent = false;
-        }
+        self.resend_releases_of(stream.id);
         self.broken_at = Some(now);
         self.reattach = None;
-        if now.duration_since(stream.opened) < Duration::from_secs(1) {
+        if now.saturating_duration_since(stream.opened) < Duration::from_secs(1) {
             // Streams that break as soon as they open (a server whose store
             // is down) are retried with backoff, not in a tight loop.
             self.failures += 1;
@@ -492,14 +711,17 @@ impl Keeper {
         let (i, channel) = self.transport.pick();
         let limit =
             self.transport.settings.connect_timeout + self.transport.settings.request_timeout;
+        let id = self.next_id;
+        self.next_id += 1;
         self.connecting = Some(Box::pin(async move {
             let (tx, rx) = mpsc::unbounded_channel();
             let mut client = LockServiceClient::new(channel);
             let call = client.keep_alive(UnboundedReceiverStream::new(rx));
             let result = match tokio::time::timeout(limit, call).await {
                 Ok(Ok(response)) => Ok(Stream {
+                    id,
                     endpoint: i,
-                    opened: Instant::now(),
+                    opened: BootInstant::now(),
                     tx,
                     rx: response.into_inner(),
                     sent: HashMap::new(),
@@ -515,7 +737,7 @@ impl Keeper {
     }
 
     fn connected(&mut self, i: usize, result: Result<Stream, Status>) {
-        let now = Instant::now();
+        let now = BootInstant::now();
         match result {
             Ok(stream) => {
                 tracing::debug!(endpoint = self.transport.uri(i), "KeepAlive stream open");
@@ -552,14 +774,17 @@ impl Keeper {
         }
     }
 
-    /// When the loop must next look at the time.
-    fn next_wake(&self, now: Instant) -> Instant {
+    /// When the loop must next look at the time (on the boot clock, looked
+    /// at again at least every second while locks are held).
+    fn next_wake(&self, now: BootInstant) -> tokio::time::Instant {
         let mut wake = now + Duration::from_secs(3600);
+        let draining = self.draining.is_some();
         for entry in self.locks.values() {
-            wake = wake.min(entry.deadline());
+            wake = wake.min(entry.until());
             if self.stream.is_some() {
                 match entry.in_flight {
                     Some(at) => wake = wake.min(at + stall_after(entry.ttl)),
+                    None if draining && !entry.moved && !entry.old_pending => wake = now,
                     None => wake = wake.min(entry.next_renew),
                 }
             }
@@ -572,7 +797,11 @@ impl Keeper {
                 wake = wake.min(t);
             }
         }
-        wake.max(now)
+        let mut sleep = wake.saturating_duration_since(now);
+        if !self.locks.is_empty() {
+            sleep = sleep.min(Duration::from_secs(1));
+        }
+        tokio::time::Instant::now() + sleep
     }
 }
 
@@ -592,28 +821,121 @@ async fn connected(connecting: &mut Option<Connecting>) -> (usize, Result<Stream
     }
 }
 
-/// A future that completes when `state` says the lock is lost, or when its
-/// deadline passes on the monotonic clock, whichever comes first: it does
-/// not depend on the keeper task running in time.
-pub(crate) async fn lost(mut state: watch::Receiver<LockState>) -> LostReason {
+/// Waits until the attach is answered: the lock is held (`Ok`) or lost.
+pub(crate) async fn attached(mut state: watch::Receiver<LockState>) -> Result<(), LostReason> {
     loop {
         let current = state.borrow_and_update().clone();
         match current {
-            LockState::Lost(reason) => return reason,
-            LockState::Held { deadline, .. } => {
-                let deadline = tokio::time::Instant::from_std(deadline);
-                tokio::select! {
-                    changed = state.changed() => {
-                        if changed.is_err() {
-                            return match &*state.borrow() {
-                                LockState::Lost(reason) => *reason,
-                                LockState::Held { .. } => LostReason::ClientClosed,
-                            };
-                        }
-                    }
-                    _ = tokio::time::sleep_until(deadline) => return LostReason::Expired,
+            LockState::Held { .. } => return Ok(()),
+            LockState::Lost(reason) => return Err(reason),
+            LockState::Attaching { .. } => {
+                // The keeper expires it by its deadline at the latest.
+                if state.changed().await.is_err() {
+                    return Err(LostReason::ClientClosed);
                 }
             }
         }
+    }
+}
+
+/// A future that completes when `state` says the lock is lost, or when its
+/// deadline passes on the boot clock, whichever comes first: it does not
+/// depend on the keeper task running in time.
+pub(crate) async fn lost(mut state: watch::Receiver<LockState>) -> LostReason {
+    loop {
+        let current = state.borrow_and_update().clone();
+        let deadline = match current {
+            LockState::Lost(reason) => return reason,
+            LockState::Held { deadline, .. } => Some(deadline),
+            LockState::Attaching { deadline, .. } => deadline,
+        };
+        let sleep = async {
+            match deadline {
+                Some(d) => clock::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = state.changed() => {
+                if changed.is_err() {
+                    return match &*state.borrow() {
+                        LockState::Lost(reason) => *reason,
+                        _ => LostReason::ClientClosed,
+                    };
+                }
+            }
+            _ = sleep => return LostReason::Expired,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::transport::Settings;
+
+    fn attach(keeper: &mut Keeper, token: &str) -> watch::Receiver<LockState> {
+        let now = BootInstant::now();
+        let (state, rx) = watch::channel(LockState::Lost(LostReason::ClientClosed));
+        keeper.command(Command::Attach {
+            key: "k".into(),
+            token: token.into(),
+            fencing_token: 1,
+            ttl: Duration::from_secs(5),
+            deadline: Some(now + Duration::from_secs(5)),
+            gone_by: now + Duration::from_secs(5),
+            state,
+        });
+        rx
+    }
+
+    #[tokio::test]
+    async fn attach_cancels_an_unsent_release_of_the_same_lease_only() {
+        let transport = Arc::new(
+            Transport::new(vec!["http://127.0.0.1:1".into()], Settings::default()).unwrap(),
+        );
+        let (_commands, rx) = mpsc::unbounded_channel();
+        let mut keeper = Keeper::new(transport, rx);
+        // A guard dropped while no stream is up: its release waits.
+        keeper.command(Command::Release {
+            key: "k".into(),
+            token: "t1".into(),
+            ttl: Duration::from_secs(5),
+        });
+        assert_eq!(keeper.releasing.len(), 1);
+        // The same lease attached again (a request id replay): the queued
+        // release would undo it, so it goes.
+        let state = attach(&mut keeper, "t1");
+        assert!(keeper.releasing.is_empty());
+        assert!(matches!(
+            *state.borrow(),
+            LockState::Attaching {
+                deadline: Some(_),
+                ..
+            }
+        ));
+        // A release of another lease of the same key stays.
+        keeper.command(Command::Release {
+            key: "k".into(),
+            token: "t0".into(),
+            ttl: Duration::from_secs(5),
+        });
+        let _ = attach(&mut keeper, "t1");
+        assert_eq!(keeper.releasing.len(), 1);
+    }
+
+    #[test]
+    fn belief_ends_a_little_before_the_deadline() {
+        let now = BootInstant::now();
+        let deadline = now + Duration::from_secs(10);
+        assert_eq!(
+            believed_until(deadline, Duration::from_secs(10)),
+            now + Duration::from_millis(9950)
+        );
+        // Short TTLs keep nine tenths of it.
+        assert_eq!(
+            believed_until(deadline, Duration::from_millis(200)),
+            now + Duration::from_millis(9980)
+        );
     }
 }

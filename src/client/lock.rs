@@ -6,6 +6,8 @@ use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
+use super::clock::BootInstant;
+
 use tonic::Request;
 
 use super::error::{self, Error};
@@ -116,10 +118,19 @@ impl LockBuilder {
 
     /// Takes the lock and keeps it alive until the guard is released or
     /// dropped.
+    ///
+    /// Returns once the server has answered the lock's first renewal on
+    /// the client's KeepAlive stream (the attach): from then on, the end
+    /// of this process releases the lock at once. If that answer says the
+    /// lease is gone (a grant that arrived after its TTL), or none comes
+    /// before the lease's deadline, the result is [`Error::Lost`].
     pub async fn acquire(self) -> Result<LockGuard, Error> {
         let client = self.client.clone();
-        let (lease, request_id, granted_at) = self.grant().await?;
-        Ok(LockGuard::attach(client, lease, request_id, granted_at))
+        let grant = self.grant().await?;
+        // Cancel-safe: dropped while waiting, the guard releases the lock.
+        let guard = LockGuard::attach(client, grant);
+        guard.attached().await?;
+        Ok(guard)
     }
 
     /// Takes the lock *without* keeping it alive: the lease expires after
@@ -127,7 +138,7 @@ impl LockBuilder {
     /// ([`Client::release`]). For scripts and for processes that hand the
     /// token to another; everything else wants [`LockBuilder::acquire`].
     pub async fn lease(self) -> Result<Lease, Error> {
-        self.grant().await.map(|(lease, _, _)| lease)
+        self.grant().await.map(|grant| grant.lease)
     }
 
     /// Takes the lock, runs `work` with the lease, and releases the lock
@@ -173,10 +184,13 @@ impl LockBuilder {
     /// The Acquire loop: server-side waits of at most [`WAIT_SLICE`] until
     /// the lock is granted or the wait is over; UNAVAILABLE and broken
     /// connections retried across endpoints with the same request id.
-    async fn grant(self) -> Result<(Lease, String, Instant), Error> {
+    async fn grant(self) -> Result<Grant, Error> {
         let transport = &self.client.inner.transport;
         let request_id = self.request_id.clone().unwrap_or_else(new_request_id);
         let start = Instant::now();
+        // Any grant this request id gets happens after its first send.
+        let first_sent = BootInstant::now();
+        let mut waited = false;
         let wait_end = self.wait.map(|w| start + w);
         let mut retries = transport.retries();
         loop {
@@ -201,21 +215,36 @@ impl LockBuilder {
             let (i, channel) = transport.pick();
             let mut client = LockServiceClient::new(channel);
             let sent_at = Instant::now();
+            let sent_boot = BootInstant::now();
+            waited |= wait_ms > 0;
             let result = tokio::time::timeout(timeout, client.acquire(request)).await;
             let status = match result {
                 Ok(Ok(response)) => {
                     retries.succeeded();
                     let response = response.into_inner();
                     if response.acquired {
+                        let replied = BootInstant::now();
+                        let valid_for = response.lease.as_ref().map_or(0, |l| l.valid_for_ms);
                         let lease = lease_of(&self.key, response.lease)?;
-                        // A grant after a server-side wait happened close to
-                        // the reply; one with no wait, after the request left.
-                        let granted_at = if wait_ms == 0 {
-                            sent_at
+                        let deadline = if valid_for > 0 {
+                            // The server says how long from our send time.
+                            Some(sent_boot + Duration::from_millis(valid_for.into()))
+                        } else if !waited && self.request_id.is_none() {
+                            // A server without valid_for_ms, no wait, our own
+                            // request id: granted after the first send.
+                            Some(first_sent + lease.ttl)
                         } else {
-                            Instant::now()
+                            // Granted at some unknown point of a wait, or a
+                            // replay of an older lease: not trusted until a
+                            // renewal answers.
+                            None
                         };
-                        return Ok((lease, request_id, granted_at));
+                        return Ok(Grant {
+                            gone_by: replied + lease.ttl,
+                            lease,
+                            request_id,
+                            deadline,
+                        });
                     }
                     let over = wait_end.is_some_and(|end| Instant::now() >= end) || wait_ms == 0;
                     if over {
@@ -247,6 +276,16 @@ impl LockBuilder {
             }
         }
     }
+}
+
+/// A grant, with what the client may believe of its validity.
+pub(crate) struct Grant {
+    pub(crate) lease: Lease,
+    pub(crate) request_id: String,
+    /// Until when the lease is sure to be valid, if known.
+    pub(crate) deadline: Option<BootInstant>,
+    /// When it is surely gone unless renewed (the reply's arrival + TTL).
+    pub(crate) gone_by: BootInstant,
 }
 
 /// Checks a granted lease: the fields a guard relies on must be there.

@@ -6,7 +6,11 @@
 //! a bounded time) and owns one background task that keeps every lock it
 //! took alive over a single KeepAlive stream. [`Client::lock`] returns a
 //! [`LockBuilder`]; awaiting it gives a [`LockGuard`] with the lease's key,
-//! fencing token and TTL, and [`LockGuard::lost`] says when the lock is gone.
+//! fencing token and TTL — once the server has answered the lock's attach
+//! to that stream, so that from then on the end of the process releases it
+//! — and [`LockGuard::lost`] says when the lock is gone: never later than
+//! the server could let another client have it (see "What a client may
+//! believe" in documentation/semantics.md).
 //!
 //! The README's example, compiled:
 //!
@@ -50,6 +54,7 @@
 //! [`crate::pb`] client and nothing of the server, store or service code.
 
 mod backoff;
+mod clock;
 mod error;
 mod guard;
 mod keeper;
