@@ -109,6 +109,31 @@ async fn release_frees_the_lock(backend: Backend) {
     );
     let d = c.describe(describe("r")).await.unwrap().into_inner();
     assert!(d.held && d.fencing_token == again.fencing_token);
+    // However many grants and releases come in between.
+    assert!(
+        c.release(release("r", &again.token))
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    );
+    for _ in 0..3 {
+        let next = lease_of(c.acquire(acquire("r", 10_000)).await.unwrap().into_inner());
+        assert!(
+            c.release(release("r", &next.token))
+                .await
+                .unwrap()
+                .into_inner()
+                .released
+        );
+    }
+    assert!(
+        c.release(release("r", &lease.token))
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    );
     // A token that never held it is refused.
     assert!(
         !c.release(release("r", "never-held"))

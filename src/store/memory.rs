@@ -43,29 +43,35 @@ struct Inner {
 struct Slot {
     fence: u64,
     lease: Option<Held>,
-    /// The token of the last release, remembered until `gone_until` (the
-    /// TTL the lease had left, or longer while a later lease lives), so a
-    /// retried Release of it answers true (as Redis's tombstone does).
-    gone: Option<Token>,
-    gone_until: Instant,
+    /// Tokens released, each remembered for the TTL its lease had left, so
+    /// that a retried Release answers true (as Redis's tombstone keys do).
+    gone: Vec<(Token, Instant)>,
 }
 
 impl Slot {
-    fn empty(now: Instant) -> Self {
+    fn empty() -> Self {
         Self {
             fence: 0,
             lease: None,
-            gone: None,
-            gone_until: now,
+            gone: Vec::new(),
         }
     }
 
-    /// Frees the lease, remembering its token.
-    fn free(&mut self) {
+    /// Frees the lease, remembering its token until it would have expired.
+    fn free(&mut self, now: Instant) {
+        self.gone.retain(|(_, until)| *until > now);
         if let Some(held) = self.lease.take() {
-            self.gone_until = self.gone_until.max(held.expires_at);
-            self.gone = Some(held.token);
+            if held.expires_at > now {
+                self.gone.push((held.token, held.expires_at));
+            }
         }
+    }
+
+    /// Whether `token`'s release is still remembered.
+    fn released(&self, token: &Token, now: Instant) -> bool {
+        self.gone
+            .iter()
+            .any(|(t, until)| t == token && *until > now)
     }
 }
 
@@ -136,10 +142,8 @@ async fn sweep(inner: Weak<Inner>) {
                     slot.lease = None;
                     expired.push(key.clone());
                 }
-                if slot.gone.is_some() && slot.gone_until <= now {
-                    slot.gone = None;
-                }
-                slot.lease.is_some() || slot.gone.is_some() || slot.fence >= now_us
+                slot.gone.retain(|(_, until)| *until > now);
+                slot.lease.is_some() || !slot.gone.is_empty() || slot.fence >= now_us
             });
         }
         crate::metrics::expiries(expired.len() as u64);
@@ -154,7 +158,6 @@ fn grant(slot: &mut Slot, spec: &AcquireSpec, now: Instant) -> Grant {
     let fence = (slot.fence + 1).max(monotonic_unix_micros());
     slot.fence = fence;
     let expires_at = now + Duration::from_millis(spec.ttl_ms.into());
-    slot.gone_until = slot.gone_until.max(expires_at);
     slot.lease = Some(Held {
         token: spec.token.clone(),
         owner: spec.owner.clone(),
@@ -195,16 +198,16 @@ fn free_slot(slot: &mut Slot, token: &Token, kind: Releasing<'_>, now: Instant) 
             if !h.live(now) {
                 // Expired but not swept yet: lost, but freed all the same,
                 // and waiters hear of it.
-                slot.free();
+                slot.free(now);
                 return Freed::Expired;
             }
             if !may_release(h, kind) {
                 return Freed::No;
             }
-            slot.free();
+            slot.free(now);
             Freed::Now
         }
-        _ if slot.gone.as_ref() == Some(token) && slot.gone_until > now => Freed::Before,
+        _ if slot.released(token, now) => Freed::Before,
         _ => Freed::No,
     }
 }
@@ -219,7 +222,7 @@ impl LockStore for MemoryStore {
         let mut map = self.inner.shard(spec.key.as_str());
         let slot = map
             .entry(spec.key.as_str().to_owned())
-            .or_insert_with(|| Slot::empty(now));
+            .or_insert_with(Slot::empty);
         let fence = slot.fence;
         if let Some(held) = slot.lease.as_mut().filter(|h| h.live(now)) {
             let same = held.token == spec.token;
@@ -239,7 +242,7 @@ impl LockStore for MemoryStore {
             });
         }
         // An expired lease counts as released at its expiry.
-        slot.free();
+        slot.free(now);
         Ok(AcquireOutcome::Acquired(grant(slot, spec, now)))
     }
 
@@ -264,7 +267,7 @@ impl LockStore for MemoryStore {
                         .is_some_and(|h| h.token == *token && h.live(now) && may_release(h, kind))
                 })
                 .map(|slot| {
-                    slot.free();
+                    slot.free(now);
                     grant(slot, next, now)
                 })
         };

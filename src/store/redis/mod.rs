@@ -351,15 +351,20 @@ impl LockStore for RedisStore {
         let sent = Instant::now();
         let next_token = next.token.clone();
         let reply = self
-            .eval_or_late(&self.scripts.handoff, vec![n.lock, n.fence], args, || {
-                move |reply: Option<Value>| {
-                    if let Some(Ok((true, Some(grant)))) =
-                        reply.map(|r| parse_handoff(r, &next_token, sent))
-                    {
-                        late(grant);
+            .eval_or_late(
+                &self.scripts.handoff,
+                vec![n.lock.clone(), n.fence.clone(), n.gone(token)],
+                args,
+                || {
+                    move |reply: Option<Value>| {
+                        if let Some(Ok((true, Some(grant)))) =
+                            reply.map(|r| parse_handoff(r, &next_token, sent))
+                        {
+                            late(grant);
+                        }
                     }
-                }
-            })
+                },
+            )
             .await?;
         parse_handoff(reply, &next.token, sent)
     }
@@ -372,12 +377,13 @@ impl LockStore for RedisStore {
     ) -> Result<bool, LockError> {
         let n = self.names(key);
         let reply = if kind == Releasing::GiveBack {
+            let keys = vec![n.lock.clone(), n.gone(token)];
             let args = vec![token.expose().to_owned(), n.channel];
-            self.eval(&self.scripts.giveback, vec![n.lock], args)
-                .await?
+            self.eval(&self.scripts.giveback, keys, args).await?
         } else {
+            let keys = vec![n.lock.clone(), n.gone(token)];
             let args = vec![token.expose().to_owned(), n.channel, attachment_arg(kind)];
-            self.eval_or_batch(Op::Release, &self.scripts.release, vec![n.lock], args)
+            self.eval_or_batch(Op::Release, &self.scripts.release, keys, args)
                 .await?
         };
         let fence = int(&reply).ok_or_else(|| unexpected(&reply))?;

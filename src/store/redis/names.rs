@@ -17,6 +17,12 @@ pub struct Names {
 }
 
 impl Names {
+    /// The tombstone of `token`'s release of this lock (same hash slot):
+    /// lets a retried Release answer true.
+    pub fn gone(&self, token: &crate::lock::Token) -> String {
+        format!("{}:gone:{}", self.lock, token.expose())
+    }
+
     /// The names of `key` under `prefix`.
     pub fn of(prefix: &str, key: &LockKey) -> Self {
         let base = format!("{prefix}{{{}}}", escape_tag(key.as_str()));

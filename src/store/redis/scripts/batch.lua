@@ -9,7 +9,7 @@
 -- Never used on a Redis Cluster: the keys of one script must share a slot.
 -- ARGV: per operation its letter, then its arguments; KEYS in the same order:
 --   'A' token ttl owner meta rid counter_ttl    KEYS: lock, counter
---   'R' token channel att                        KEYS: lock
+--   'R' token channel att                        KEYS: lock, tombstone
 --   'N' token ttl att                            KEYS: lock
 -- Reply: one reply per operation, as its own script would give it.
 local function failed(e)
@@ -27,8 +27,8 @@ while a <= #ARGV do
       ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], '0')
     k, a = k + 2, a + 7
   elseif op == 'R' then
-    ok, r = pcall(release, KEYS[k], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], false)
-    k, a = k + 1, a + 4
+    ok, r = pcall(release, KEYS[k], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], false, KEYS[k + 1])
+    k, a = k + 2, a + 4
   elseif op == 'N' then
     ok, r = pcall(renew, KEYS[k], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
     k, a = k + 1, a + 4

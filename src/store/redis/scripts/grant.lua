@@ -2,16 +2,17 @@
 -- (src/store/redis.rs), so the two ways of granting cannot drift apart.
 --
 -- A lock record is HELD while it has a 'fence' field. Released, it keeps
--- only its 'token' (a tombstone) until the TTL it had left runs out, and the
--- next grant moves that token to 'gone': so a Release resent or retried
--- after a lost reply still answers true (documentation/semantics.md).
+-- only its 'token' until the TTL it had left runs out, and the release also
+-- leaves a tombstone key of its own (`<lock>:gone:<token>`, same hash slot)
+-- for that long: so a Release resent or retried after a lost reply still
+-- answers true, however many grants came in between
+-- (documentation/semantics.md).
 --
 -- Gives the lock record `lock` to `token` with a fencing token of
 -- max(counter + 1, TIME in microseconds): strictly increasing even when the
 -- counter key was evicted or lost in a failover. The counter outlives the
--- lock and expires `counter_ttl` ms after its last grant. `gone` is the
--- token of the release this grant follows ('' if none is known).
-local function grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl, gone)
+-- lock and expires `counter_ttl` ms after its last grant.
+local function grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl)
   local t = redis.call('TIME')
   local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
   local fence = redis.call('INCR', counter)
@@ -22,7 +23,7 @@ local function grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl, g
     redis.call('PEXPIRE', counter, counter_ttl)
   end
   redis.call('HSET', lock, 'token', token, 'fence', string.format('%d', fence),
-    'ttl', ttl, 'owner', owner, 'meta', meta, 'rid', rid, 'gone', gone or '')
+    'ttl', ttl, 'owner', owner, 'meta', meta, 'rid', rid)
   redis.call('PEXPIRE', lock, ttl)
   return fence
 end

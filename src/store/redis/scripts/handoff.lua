@@ -2,7 +2,8 @@
 -- a waiter on the calling server (a handoff: one round trip instead of a
 -- release, a notification and an acquire). No release is published: the
 -- lock never comes free.
--- KEYS[1] lock hash, KEYS[2] fencing counter (same hash slot)
+-- KEYS[1] lock hash, KEYS[2] fencing counter, KEYS[3] the old token's
+-- tombstone (same hash slot)
 -- ARGV: old token, attachment ('' unless a stream's end; see `release`),
 --       then the waiter's: token, ttl_ms, owner, metadata, request_id,
 --       counter_ttl_ms
@@ -16,6 +17,10 @@ end
 if cur[1] ~= ARGV[1] or not cur[2] or (ARGV[2] ~= '' and cur[3] ~= ARGV[2]) then
   return {0}
 end
+local left = redis.call('PTTL', KEYS[1])
 redis.call('HDEL', KEYS[1], 'rep', 'att')
-local fence = grant(KEYS[1], KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[1])
+local fence = grant(KEYS[1], KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+if left > 0 then
+  redis.pcall('SET', KEYS[3], '1', 'PX', left)
+end
 return {1, tonumber(cur[2]), fence, tonumber(ARGV[4]), tonumber(ARGV[4])}

@@ -40,7 +40,7 @@ local function acquire(lock, counter, token, ttl, owner, meta, rid, counter_ttl,
     end
     return {1, cur[1], tonumber(cur[3]), tonumber(cur[4]), redis.call('PTTL', lock)}
   end
-  local fence = grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl, cur[1])
+  local fence = grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl)
   return {1, token, fence, tonumber(ttl), tonumber(ttl)}
 end
 
@@ -50,24 +50,31 @@ end
 -- lock's latest attachment. giveback: the cleanup of a grant whose reply
 -- may not have reached its caller, which never releases a lease that a
 -- request_id replay handed out (that replay may have been delivered).
+-- gone: this token's tombstone key (`<lock>:gone:<token>`).
 -- Reply: the released grant's fencing token (the message carries it too,
 -- so the server that released can tell its own release when it comes
 -- back), -1 if this token was released already (a resent or retried
 -- release), 0 if the token does not hold the lock or the condition failed.
-local function release(lock, token, channel, att, giveback)
-  local cur = redis.call('HMGET', lock, 'token', 'fence', 'gone', 'rep', 'att')
+local function release(lock, token, channel, att, giveback, gone)
+  local cur = redis.call('HMGET', lock, 'token', 'fence', 'rep', 'att')
   if cur[1] == token and cur[2] then
-    if giveback and cur[4] then
+    if giveback and cur[3] then
       return 0
     end
-    if att ~= '' and cur[5] ~= att then
+    if att ~= '' and cur[4] ~= att then
       return 0
     end
+    local left = redis.call('PTTL', lock)
     redis.call('HDEL', lock, 'fence', 'ttl', 'owner', 'meta', 'rid', 'rep', 'att')
     redis.call('SPUBLISH', channel, cur[2])
+    if left > 0 then
+      -- Needs memory: under maxmemory the release still happens, and only
+      -- a later retry of it may answer false.
+      redis.pcall('SET', gone, '1', 'PX', left)
+    end
     return tonumber(cur[2])
   end
-  if cur[1] == token or cur[3] == token then
+  if cur[1] == token or redis.call('EXISTS', gone) == 1 then
     return -1
   end
   return 0
