@@ -388,7 +388,10 @@ async fn out_of_memory_fails_only_the_operations_that_need_memory() {
     let err = c.acquire(acquire("alone", 60_000)).await.unwrap_err();
     tokio::task::block_in_place(|| redis.cli(&["CONFIG", "SET", "maxmemory", "0"]));
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert_eq!(err.message(), "the lock store is out of memory; retry later");
+    assert_eq!(
+        err.message(),
+        "the lock store is out of memory; retry later"
+    );
     for (key, _) in &leases {
         assert!(!held(&mut c, key).await, "{key}");
     }
@@ -424,7 +427,73 @@ async fn a_request_id_replays_only_to_its_owner(backend: Backend) {
 on_every_store!(
     an_undelivered_replay_leaves_the_delivered_lease,
     a_request_id_replays_only_to_its_owner,
+    a_retried_release_after_a_handoff_says_released,
 );
+
+/// A Release retried after its reply was lost, when the first one handed
+/// the lock to a waiter on the same server (a handoff) and another waiter
+/// is queued now: it answers released, and hands nothing over again.
+/// (Found by the randomized fault run: the handoff path forgot the
+/// tombstone.)
+async fn a_retried_release_after_a_handoff_says_released(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut c = server.client().await;
+    let holder = lease_of(
+        c.acquire(acquire("handoff-retry", 30_000))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let waiters: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                c.acquire(acquire_wait("handoff-retry", 30_000, 20_000))
+                    .await
+            })
+        })
+        .collect();
+    wait_until("both waiters to queue", Duration::from_secs(5), || {
+        server.waiters.len() == 2
+    });
+    assert!(
+        c.release(release("handoff-retry", &holder.token))
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    );
+    let first = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(done) = waiters.iter().position(|w| w.is_finished()) {
+                return done;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("one waiter granted by the handoff");
+    // The retry: true, and the second waiter still waits.
+    assert!(
+        c.release(release("handoff-retry", &holder.token))
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    );
+    assert_eq!(server.waiters.len(), 1);
+    let d = c
+        .describe(describe("handoff-retry"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(d.held && d.fencing_token > holder.fencing_token);
+    for (i, w) in waiters.into_iter().enumerate() {
+        if i != first {
+            w.abort();
+        }
+    }
+}
 
 /// The same, across tenants: team-b presenting team-a's request_id on a
 /// shared key gets no lease.

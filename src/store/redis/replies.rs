@@ -85,6 +85,8 @@ pub(super) fn parse_handoff(
     let items = array(reply)?;
     match items.first().and_then(int) {
         Some(0) => Ok((false, None)),
+        // Released before: a retried Release, nothing handed over.
+        Some(2) => Ok((true, None)),
         Some(1) if items.len() == 5 => {
             let fence = int(&items[2]).ok_or_else(|| unexpected(&items[2]))?;
             let ttl = int(&items[3]).ok_or_else(|| unexpected(&items[3]))?;

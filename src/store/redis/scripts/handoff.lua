@@ -8,6 +8,7 @@
 --       then the waiter's: token, ttl_ms, owner, metadata, request_id,
 --       counter_ttl_ms
 -- Reply: {0} the old token does not hold the lock (nothing changed),
+--        {2} the old token's release happened before (nothing changed),
 --        {1, released fence, new fence, ttl_ms, pttl_ms} handed over
 --        (released fence 0: a resent handoff that had already run).
 local cur = redis.call('HMGET', KEYS[1], 'token', 'fence', 'att')
@@ -15,6 +16,11 @@ if cur[1] == ARGV[3] and cur[2] then
   return {1, 0, tonumber(cur[2]), tonumber(ARGV[4]), redis.call('PTTL', KEYS[1])}
 end
 if cur[1] ~= ARGV[1] or not cur[2] or (ARGV[2] ~= '' and cur[3] ~= ARGV[2]) then
+  if (cur[1] == ARGV[1] and not cur[2]) or redis.call('EXISTS', KEYS[3]) == 1 then
+    -- This token's release happened already (a retried Release): true,
+    -- and nothing to hand over.
+    return {2}
+  end
   return {0}
 end
 local left = redis.call('PTTL', KEYS[1])
