@@ -32,6 +32,8 @@ mod durability;
 mod proxy;
 #[path = "faults/random.rs"]
 mod random;
+#[path = "faults/reattach.rs"]
+mod reattach;
 #[path = "faults/remote.rs"]
 mod remote;
 

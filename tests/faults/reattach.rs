@@ -1,0 +1,158 @@
+//! Scenario 6 (documentation/safety.md): a client's connection to one
+//! server is cut off (a partition: the proxy holds every byte) while the
+//! client holds locks. The client re-attaches them through the other
+//! server; the old server notices the dead connection only when its HTTP/2
+//! PINGs go unanswered, and ends the old stream then. Rivals on the other
+//! server wait for the same keys the whole time. The latest attachment owns
+//! the stream-end release, so the old stream's end releases nothing: the
+//! checker sees no overlap of believed-held intervals, and no holder loses
+//! its lock.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::binary::Binary;
+use crate::checker::{End, History, Resource, check};
+use crate::common::*;
+use crate::proxy::{Mode, Proxy};
+use crate::{Crew, Load, SERIAL, full, sdk, serve};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_6_partitioned_client_reattaches_elsewhere() {
+    let _serial = SERIAL.lock().await;
+    let (holders, rounds) = if full() { (6, 5) } else { (3, 2) };
+    let redis = tokio::task::block_in_place(RedisServer::start);
+    let url = redis.url();
+    let prefix = unique_prefix();
+    // The old server notices a silent client after 2 + 2 s of silence:
+    // later than the holders notice the stall (a renewal unanswered for
+    // TTL/3 = 1 s, renewals every 1 s), as with the defaults (15 s, and a
+    // 30 s TTL: at most 10 + 5 s).
+    let fast_pings = ["--keepalive-interval", "2s", "--keepalive-timeout", "2s"];
+    let a: Binary = serve(&url, &prefix, &fast_pings);
+    let b: Binary = serve(&url, &prefix, &fast_pings);
+    let history = Arc::new(History::new());
+    let resource = Arc::new(Resource::new());
+    let ttl = Duration::from_secs(3);
+    let mut moved = Vec::new();
+
+    for round in 0..rounds {
+        let proxy = Proxy::start(a.addr.parse().expect("server address")).await;
+        // Holders reach A through the proxy first, B is their second endpoint.
+        let via_a = format!("http://{}", proxy.addr);
+        let mut held = Vec::new();
+        for h in 0..holders {
+            let client = sdk(&[via_a.clone(), b.endpoint()], Duration::from_secs(20)).await;
+            let key = format!("partitioned/{round}/{h}");
+            let sent = Instant::now();
+            let guard = client
+                .lock(key.as_str())
+                .ttl(ttl)
+                .wait(Duration::ZERO)
+                .owner(format!("holder-{h}"))
+                .await
+                .expect("held");
+            history.grant(
+                &format!("holder-{h}"),
+                &key,
+                guard.fencing_token(),
+                sent,
+                Instant::now(),
+            );
+            held.push((format!("holder-{h}"), key, guard, client));
+        }
+        // Rivals wait on B for every held key, taking each the moment it is
+        // free (which must not be before its holder gives it back).
+        let keys: Vec<String> = held.iter().map(|(_, k, _, _)| k.clone()).collect();
+        let mut crew = Crew::new();
+        for r in 0..2 {
+            let load = Load {
+                keys: keys.clone(),
+                ttl,
+                hold: Duration::from_millis(20),
+                writes: 2,
+                wait: Duration::from_secs(2),
+            };
+            crew.add(
+                format!("rival-{round}-{r}"),
+                &[b.endpoint()],
+                load,
+                &history,
+                &resource,
+            )
+            .await;
+        }
+
+        let cut = history.fault(format!(
+            "round {round}: partition between the holders and A"
+        ));
+        proxy.set(Mode::Pause);
+        // Every held lock is renewed through B well before its TTL: its
+        // remaining TTL, read from B, jumps up.
+        let observer = sdk(&[b.endpoint()], Duration::from_secs(10)).await;
+        let mut last = std::collections::HashMap::new();
+        let mut renewed = std::collections::HashMap::new();
+        let end = Instant::now() + ttl;
+        while renewed.len() < held.len() {
+            for key in &keys {
+                if renewed.contains_key(key) {
+                    continue;
+                }
+                if let Ok(Some(info)) = observer.describe(key.as_str()).await {
+                    if let Some(before) = last.insert(key.clone(), info.ttl_remaining) {
+                        if info.ttl_remaining > before + Duration::from_millis(50) {
+                            renewed.insert(key.clone(), Instant::now());
+                        }
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < end,
+                "a held lock was not re-attached through B within its TTL"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        moved.extend(renewed.values().map(|at| at.duration_since(cut)));
+        // Past A's PING deadline (4 s after the last byte) with margin: A
+        // has ended the old streams meanwhile. Every holder still holds its
+        // lock.
+        tokio::time::sleep(Duration::from_millis(5_000)).await;
+        for (name, key, guard, _) in &held {
+            if guard.is_lost() {
+                let reason = tokio::time::timeout(Duration::from_millis(100), guard.lost()).await;
+                panic!("{name} lost {key} after moving to B: {reason:?}");
+            }
+            let info = observer
+                .describe(key.as_str())
+                .await
+                .expect("describe")
+                .expect("still held");
+            assert_eq!(info.fencing_token, guard.fencing_token(), "{key}");
+            resource.write(name, key, guard.fencing_token());
+        }
+        for (name, key, guard, _) in held.drain(..) {
+            history.end(
+                &name,
+                &key,
+                guard.fencing_token(),
+                Instant::now(),
+                End::Released,
+            );
+            assert!(guard.release().await.expect("release"), "{key}");
+        }
+        let errors = crew.stop().await;
+        assert!(errors.is_empty(), "{errors:?}");
+        drop(proxy);
+    }
+    let report = check(&history, &resource, Instant::now());
+    eprintln!(
+        "scenario 6: {rounds} partition(s) of {holders} holders; locks renewed through the other server {:?} after the partition; {report}",
+        moved
+            .iter()
+            .map(|d| format!("{:.3}s", d.as_secs_f64()))
+            .collect::<Vec<_>>(),
+    );
+    report.assert_fencing_holds();
+    assert!(report.overlaps.is_empty(), "{:?}", report.overlaps);
+    assert_eq!(report.lost, 0, "a holder or rival lost a lock");
+}
