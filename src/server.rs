@@ -159,7 +159,13 @@ pub async fn run<S: LockStore>(
         .expect("the embedded descriptor set is valid");
 
     let store = Arc::new(Instrumented(store));
-    let service = LockServiceImpl::new(store, waiters, config.limits.clone(), stopping.clone());
+    let mut limits = config.limits.clone();
+    // hyper declares a connection dead no sooner than this after the last
+    // frame it read from the client (a PING goes out after an interval of
+    // silence, and the connection ends if its ack is not back in time);
+    // KeepAlive streams tell their clients, who must stop believing by then.
+    limits.silence_release = Some(config.keepalive_interval + config.keepalive_timeout);
+    let service = LockServiceImpl::new(store, waiters, limits, stopping.clone());
     let lock_service = pb::lock_service_server::LockServiceServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
 

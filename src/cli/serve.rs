@@ -363,6 +363,8 @@ impl ServeArgs {
                     locks: self.max_locks_per_caller,
                     acquires_per_second: self.max_acquires_per_second_per_caller,
                 },
+                // Set from the keepalive flags by `server::run`.
+                silence_release: None,
             },
             health_interval: self.health_interval,
             store_timeout: self.store_timeout,

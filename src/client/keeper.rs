@@ -106,12 +106,18 @@ struct Entry {
     moved: bool,
     /// One per guard sharing this lease.
     states: Vec<watch::Sender<LockState>>,
+    /// The server of the stream that renewed it last may end that stream
+    /// (and release it) once the connection has been silent for its
+    /// `leasehold-silence-release-ms`: belief ends before that, counted
+    /// from the send time of the last renewal answered alive.
+    silence_bound: Option<BootInstant>,
 }
 
 impl Entry {
     /// When the client stops believing it holds the lock.
     fn until(&self) -> BootInstant {
-        believed_until(self.deadline, self.ttl)
+        let lease = believed_until(self.deadline, self.ttl);
+        self.silence_bound.map_or(lease, |bound| lease.min(bound))
     }
 
     fn state(&self) -> LockState {
@@ -172,6 +178,8 @@ struct Stream {
     tx: mpsc::UnboundedSender<pb::KeepAliveRequest>,
     rx: tonic::Streaming<pb::KeepAliveResponse>,
     sent: HashMap<String, VecDeque<Sent>>,
+    /// The server's `leasehold-silence-release-ms`, if it sent one.
+    silence: Option<Duration>,
 }
 
 type Connecting = Pin<Box<dyn Future<Output = (usize, Result<Stream, Status>)> + Send>>;
@@ -212,6 +220,11 @@ enum Event {
     Connected(usize, Result<Stream, Status>),
     Tick,
 }
+
+/// KeepAlive response header: how long the server lets a client connection
+/// stay silent before it may end its streams and release their locks (the
+/// server's HTTP/2 PING interval + timeout).
+pub(crate) const SILENCE_RELEASE_HEADER: &str = "leasehold-silence-release-ms";
 
 /// How long before a lease's deadline the client stops believing it holds
 /// the lock (at most a tenth of the TTL): room for a late timer and a busy
@@ -364,6 +377,7 @@ impl Keeper {
                     // Never sent on the draining stream.
                     moved: true,
                     states: vec![state],
+                    silence_bound: None,
                 };
                 entry.publish();
                 self.locks.insert(key, entry);
@@ -505,6 +519,7 @@ impl Keeper {
         let Some(stream) = stream else {
             return;
         };
+        let silence = stream.silence;
         let key = response.key;
         let Some(queue) = stream.sent.get_mut(&key) else {
             tracing::debug!(
@@ -557,6 +572,16 @@ impl Keeper {
                     entry.attached = true;
                     if !old {
                         entry.next_renew = entry.deadline.saturating_sub(entry.ttl * 2 / 3);
+                        if let Some(silence) = silence {
+                            // This stream is now the lock's latest
+                            // attachment; its server may release it after
+                            // `silence` without news from us.
+                            let margin = LOST_MARGIN.min(silence / 10);
+                            entry.silence_bound = Some(at + silence.saturating_sub(margin));
+                            // Renew well within it, so that a healthy
+                            // stream never lets the bound pass.
+                            entry.next_renew = entry.next_renew.min(at + silence * 2 / 3);
+                        }
                         entry.moved |= clean;
                         if let Some(r) = self.reattach.as_mut() {
                             r.ok += 1;
@@ -723,6 +748,12 @@ impl Keeper {
                     endpoint: i,
                     opened: BootInstant::now(),
                     tx,
+                    silence: response
+                        .metadata()
+                        .get(SILENCE_RELEASE_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .map(Duration::from_millis),
                     rx: response.into_inner(),
                     sent: HashMap::new(),
                 }),

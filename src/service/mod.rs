@@ -41,7 +41,20 @@ pub struct ServiceLimits {
     /// What one tenant (or, without authentication, one connection) may
     /// hold at once: waiting Acquires, streams, attached locks.
     pub per_caller: quota::QuotaLimits,
+    /// How long a client connection may stay silent before the server may
+    /// declare it dead and release what its KeepAlive streams hold (HTTP/2
+    /// PING interval + timeout). Sent to clients in every KeepAlive
+    /// stream's response headers as [`SILENCE_RELEASE_HEADER`].
+    pub silence_release: Option<Duration>,
 }
+
+/// Response header of a KeepAlive stream: milliseconds of silence from the
+/// client (nothing received on its connection) after which this server may
+/// end the stream and release its locks. A client must stop believing it
+/// holds a lock this long after *sending* the last renewal that was
+/// answered alive, unless it renewed the lock through another stream
+/// since.
+pub const SILENCE_RELEASE_HEADER: &str = "leasehold-silence-release-ms";
 
 impl Default for ServiceLimits {
     fn default() -> Self {
@@ -50,6 +63,7 @@ impl Default for ServiceLimits {
             max_streams_per_connection: 100,
             max_locks_per_stream: 10_000,
             per_caller: quota::QuotaLimits::default(),
+            silence_release: None,
         }
     }
 }
@@ -222,7 +236,16 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
         request: Request<Streaming<pb::KeepAliveRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
         let stream = keepalive::start(self.core.clone(), request)?;
-        Ok(Response::new(stream))
+        let mut response = Response::new(stream);
+        if let Some(silence) = self.core.limits.silence_release {
+            let ms = silence.as_millis().to_string();
+            if let Ok(value) = ms.parse() {
+                response
+                    .metadata_mut()
+                    .insert(SILENCE_RELEASE_HEADER, value);
+            }
+        }
+        Ok(response)
     }
 
     async fn describe(
