@@ -222,6 +222,10 @@ class _Stream:
         # key -> [(kind, token, send time, clean)] in order: the server
         # answers the requests of one key in order.
         self.sent: Dict[str, Deque[Tuple[str, str, float, bool]]] = {}
+        # The server's leasehold-silence-release-ms (seconds), once its
+        # headers arrive: how long the connection may stay silent before
+        # the server may end this stream and release its locks.
+        self.silence: Optional[float] = None
         self.call = stub.KeepAlive(self._requests())
 
     def _requests(self):
@@ -255,6 +259,9 @@ class _Lock:
         self.in_flight: Optional[float] = None
         self.old_pending = False
         self.moved = True
+        # Belief also ends before the server of its latest stream may
+        # release it for a silent connection (see _Stream.silence).
+        self.silence_bound: Optional[float] = None
 
     @property
     def ttl(self) -> float:
@@ -263,7 +270,10 @@ class _Lock:
     @property
     def until(self) -> float:
         """When this client stops believing it holds the lock."""
-        return self.deadline - min(_LOST_MARGIN, self.ttl / 10)
+        lease = self.deadline - min(_LOST_MARGIN, self.ttl / 10)
+        if self.silence_bound is None:
+            return lease
+        return min(lease, self.silence_bound)
 
 
 class KeepAlive:
@@ -427,6 +437,12 @@ class KeepAlive:
     def _read(self, stream: _Stream) -> None:
         error = None
         try:
+            for k, v in stream.call.initial_metadata() or ():
+                if k == "leasehold-silence-release-ms":
+                    try:
+                        stream.silence = int(v) / 1000
+                    except ValueError:
+                        pass
             for reply in stream.call:
                 with self._mutex:
                     self._on_reply(stream, reply)
@@ -481,6 +497,9 @@ class KeepAlive:
         if active:
             lock.next_renewal = lock.deadline - lock.ttl * 2 / 3
             lock.moved = lock.moved or clean
+            if stream.silence is not None:
+                lock.silence_bound = at + stream.silence - min(_LOST_MARGIN, stream.silence / 10)
+                lock.next_renewal = min(lock.next_renewal, at + stream.silence * 2 / 3)
         lock.answered.set()
 
     def _on_end(self, stream: _Stream, error) -> None:
