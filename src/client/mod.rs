@@ -57,6 +57,7 @@ mod backoff;
 mod clock;
 mod error;
 mod guard;
+mod held;
 mod keeper;
 mod lock;
 mod transport;
@@ -72,9 +73,14 @@ pub use backoff::RetryPolicy;
 pub use error::{Error, LostReason};
 pub use guard::{Lease, LockGuard, LockInfo, Lost};
 pub use lock::{LockBuilder, WAIT_SLICE};
+/// The gRPC status code in [`Error::Rpc`]: tonic's, re-exported so that
+/// matching on it needs no `tonic` dependency of your own (nor the same
+/// version of it).
+pub use tonic::Code;
 
 use crate::pb;
 use crate::task::TaskGuard;
+use held::HeldKeys;
 use keeper::{Command, Keeper};
 use transport::{Secret, Settings, Transport};
 
@@ -168,6 +174,8 @@ impl std::fmt::Debug for Client {
 struct Inner {
     transport: Arc<Transport>,
     commands: mpsc::UnboundedSender<Command>,
+    /// The keys live guards hold, for the error of a lock not re-entered.
+    held: HeldKeys,
     _keeper: TaskGuard,
 }
 
@@ -280,6 +288,7 @@ impl ClientBuilder {
             inner: Arc::new(Inner {
                 transport,
                 commands: tx,
+                held: HeldKeys::default(),
                 _keeper: keeper,
             }),
         })
@@ -379,12 +388,67 @@ impl Client {
     ///     .await?;
     /// # let _ = token; Ok(()) }
     /// ```
+    ///
+    /// For work that can fail, [`Client::try_with_lock`] gives one
+    /// `Result` with your error type. Here the work's own `Result` comes
+    /// back inside the SDK's, so its error type must be spelled out where
+    /// nothing else fixes it, and the caller unwraps twice:
+    ///
+    /// ```no_run
+    /// # async fn demo(client: leasehold::client::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// let bytes = client
+    ///     .with_lock("jobs/cleanup", |_lease| async move {
+    ///         let bytes = std::fs::read("/tmp/input")?.len();
+    ///         Ok::<_, std::io::Error>(bytes)
+    ///     })
+    ///     .await??;
+    /// # let _ = bytes; Ok(()) }
+    /// ```
     pub async fn with_lock<F, Fut, T>(&self, key: impl Into<String>, work: F) -> Result<T, Error>
     where
         F: FnOnce(Lease) -> Fut,
         Fut: Future<Output = T>,
     {
         self.lock(key).run(work).await
+    }
+
+    /// Runs fallible `work` under the lock `key` and releases it
+    /// afterwards, whether the work succeeded or failed:
+    /// `client.lock(key).try_run(work)`. Your error type `E` carries the
+    /// SDK's failures too (taking the lock, [`Error::Lost`]), so it needs
+    /// `From<Error>`, as `anyhow::Error`, `Box<dyn std::error::Error>` and
+    /// an enum with a `#[from] leasehold::client::Error` variant have.
+    ///
+    /// `E` is inferred from where the result goes, e.g. the enclosing
+    /// function's return type, so the work's `?` needs no annotation:
+    ///
+    /// ```no_run
+    /// use leasehold::client::Client;
+    ///
+    /// #[derive(Debug, thiserror::Error)]
+    /// enum JobError {
+    ///     #[error(transparent)]
+    ///     Lock(#[from] leasehold::client::Error),
+    ///     #[error(transparent)]
+    ///     Io(#[from] std::io::Error),
+    /// }
+    ///
+    /// async fn cleanup(client: &Client) -> Result<usize, JobError> {
+    ///     client
+    ///         .try_with_lock("jobs/cleanup", |_lease| async move {
+    ///             let bytes = std::fs::read("/tmp/input")?.len();
+    ///             Ok(bytes)
+    ///         })
+    ///         .await
+    /// }
+    /// ```
+    pub async fn try_with_lock<F, Fut, T, E>(&self, key: impl Into<String>, work: F) -> Result<T, E>
+    where
+        F: FnOnce(Lease) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: From<Error>,
+    {
+        self.lock(key).try_run(work).await
     }
 
     /// Releases a lease by its token (for leases taken with
