@@ -53,6 +53,10 @@ say "cargo fmt --check"
 cargo fmt --all -- --check
 say "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
+say "cargo build --no-default-features --features client --lib (the SDK alone)"
+cargo build --no-default-features --features client --lib --quiet
+say "cargo test --no-default-features --features client --lib"
+cargo test --no-default-features --features client --lib --quiet
 say "cargo test"
 cargo test --all-targets --quiet --no-fail-fast
 say "cargo test --doc"
