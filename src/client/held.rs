@@ -10,12 +10,15 @@ use tokio::sync::watch;
 
 use super::keeper::LockState;
 
-/// Live guards by key. A key may have several: guards that share a lease
+/// The live guards of one key, by id: several when guards share a lease
 /// through one request id.
+type Guards = Vec<(u64, watch::Receiver<LockState>)>;
+
+/// Live guards by key.
 #[derive(Default)]
 pub(crate) struct HeldKeys {
     next: AtomicU64,
-    keys: Mutex<HashMap<String, Vec<(u64, watch::Receiver<LockState>)>>>,
+    keys: Mutex<HashMap<String, Guards>>,
 }
 
 impl HeldKeys {

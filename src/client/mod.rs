@@ -50,6 +50,29 @@
 //! # async fn migrate(_: u64) {}
 //! ```
 //!
+//! Whole programs are in the repository's `examples/` (`lock_and_work`,
+//! `contending_workers`, `with_lock_fallible`). To build the SDK alone,
+//! depend on `leasehold` with `default-features = false, features =
+//! ["client"]`; you need a Tokio runtime (e.g. tokio's `rt-multi-thread`
+//! and `macros` features for `#[tokio::main]`).
+//!
+//! # What the compiler cannot check for you
+//!
+//! - **A guard must live as long as the work.** `let _ =
+//!   client.lock(k).await?` drops the [`LockGuard`] at once, and dropping a
+//!   guard releases the lock. Bind it: `let _guard = ...`.
+//! - **Renewals need the runtime.** They run as a task on the Tokio runtime
+//!   the client was connected on; a runtime blocked for longer than the TTL
+//!   (a `std::thread::sleep` or a CPU-bound loop on a current-thread
+//!   runtime) loses the lock. See [`LockGuard::lost`].
+//! - **Locks are not re-entrant.** Guards of one client (and its clones)
+//!   exclude each other: a second `lock()` of a key the client holds waits
+//!   for the first guard, and a bounded wait that runs out is
+//!   [`Error::HeldByThisClient`]. One task waiting without bound for a
+//!   lock it holds waits forever.
+//! - **A lost lock stops protecting at once**, not when your code notices:
+//!   fence writes with [`LockGuard::fencing_token`].
+//!
 //! This module owns the client side only: it uses the generated
 //! [`crate::pb`] client and nothing of the server, store or service code.
 
