@@ -122,8 +122,19 @@ async fn lock_and_work_outlives_its_ttl_and_releases() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn contending_workers_take_turns_with_increasing_fencing_tokens() {
-    let server = TestServer::start(Backend::Memory).await;
+async fn contending_workers_take_turns_on_the_memory_store() {
+    contending_workers(Backend::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contending_workers_take_turns_on_redis() {
+    contending_workers(Backend::Redis).await;
+}
+
+/// Three turns each, never overlapping (the example checks that), with
+/// fencing tokens strictly increasing in the order of the grants.
+async fn contending_workers(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let out = run("contending_workers", &server).await;
     for worker in ["worker-a", "worker-b"] {
         let turns: Vec<u64> = out
