@@ -55,6 +55,8 @@ say "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
 say "cargo build --no-default-features --features client --lib (the SDK alone)"
 cargo build --no-default-features --features client --lib --quiet
+say "cargo clippy --no-default-features --features client --lib --examples -- -D warnings"
+cargo clippy --no-default-features --features client --lib --examples --quiet -- -D warnings
 say "cargo test --no-default-features --features client --lib"
 cargo test --no-default-features --features client --lib --quiet
 say "cargo test"
