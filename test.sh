@@ -53,6 +53,20 @@ say "cargo fmt --check"
 cargo fmt --all -- --check
 say "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
+say "the SDK alone pulls in no server dependency"
+server_deps="$(cargo tree -e normal --no-default-features --features client --prefix none |
+  grep -E '^(fred|mimalloc|metrics-exporter-prometheus|hdrhistogram|x509-parser|clap|tracing-subscriber) ' || true)"
+if [ -n "$server_deps" ]; then
+  echo "error: the client feature depends on server crates:" >&2
+  echo "$server_deps" >&2
+  exit 1
+fi
+say "cargo build --no-default-features --features client --lib (the SDK alone)"
+cargo build --no-default-features --features client --lib --quiet
+say "cargo clippy --no-default-features --features client --lib --examples -- -D warnings"
+cargo clippy --no-default-features --features client --lib --examples --quiet -- -D warnings
+say "cargo test --no-default-features --features client --lib"
+cargo test --no-default-features --features client --lib --quiet
 say "cargo test"
 cargo test --all-targets --quiet --no-fail-fast
 say "cargo test --doc"

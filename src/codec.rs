@@ -16,7 +16,7 @@ const BUFFER_BYTES: usize = 512;
 /// tonic's default: how much may be encoded before yielding to the runtime.
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
-/// `ProstCodec` with [`BUFFER_BYTES`] buffers (set in build.rs as the
+/// `ProstCodec` with 512-byte starting buffers (set in build.rs as the
 /// generated code's codec).
 #[derive(Debug, Clone, Copy)]
 pub struct CompactCodec<T, U>(PhantomData<(T, U)>);

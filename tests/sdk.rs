@@ -472,3 +472,181 @@ async fn errors_are_one_clear_line() {
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
     assert!(err.to_string().contains("ttl_ms"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_are_not_reentrant_and_the_error_says_so() {
+    let server = TestServer::start(Backend::Redis).await;
+    let client = connect(&[server.endpoint()]).await;
+    let guard = client
+        .lock("reentrant/a")
+        .ttl(Duration::from_secs(5))
+        .await
+        .unwrap();
+
+    // This client (or a clone of it) asking again: not "another client".
+    for asker in [client.clone(), client.clone().clone()] {
+        let err = asker
+            .lock("reentrant/a")
+            .wait(Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        match &err {
+            Error::HeldByThisClient { key, waited } => {
+                assert_eq!(key, "reentrant/a");
+                assert!(*waited >= Duration::from_millis(150), "{waited:?}");
+            }
+            other => panic!("expected HeldByThisClient, got {other:?}"),
+        }
+        let line = err.to_string();
+        assert!(line.contains("held by this same client"), "{line}");
+        assert!(line.contains("not re-entrant"), "{line}");
+        assert!(!line.contains("another client"), "{line}");
+    }
+    // Another client is told it is another client's.
+    let other = connect(&[server.endpoint()]).await;
+    let err = other
+        .lock("reentrant/a")
+        .wait(Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotAcquired { .. }), "{err:?}");
+
+    // Tasks sharing one client still exclude each other: a waiting task
+    // gets the lock when the holder releases it.
+    let waiter = client.clone();
+    let task = tokio::spawn(async move {
+        waiter
+            .lock("reentrant/a")
+            .ttl(Duration::from_secs(3))
+            .wait(Duration::from_secs(20))
+            .await
+    });
+    let waiters = server.waiters.clone();
+    tokio::task::block_in_place(|| {
+        wait_until("the task queued", Duration::from_secs(10), || {
+            !waiters.is_empty()
+        })
+    });
+    let fence = guard.fencing_token();
+    assert!(guard.release().await.unwrap());
+    let second = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("granted within 10 s")
+        .unwrap()
+        .expect("granted");
+    assert!(second.fencing_token() > fence);
+
+    // A guard that knows it lost its lock does not count as holding it.
+    force_expire(&server, "reentrant/a");
+    let lost = tokio::time::timeout(Duration::from_secs(10), second.lost())
+        .await
+        .expect("lost within 10 s");
+    assert_eq!(lost, LostReason::NotHeld);
+    let third = other
+        .lock("reentrant/a")
+        .wait(Duration::ZERO)
+        .await
+        .unwrap();
+    let err = client
+        .lock("reentrant/a")
+        .wait(Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotAcquired { .. }), "{err:?}");
+    drop((second, third));
+}
+
+#[derive(Debug)]
+enum JobError {
+    Lock(Error),
+    Io(std::io::Error),
+}
+
+impl From<Error> for JobError {
+    fn from(e: Error) -> Self {
+        Self::Lock(e)
+    }
+}
+
+impl From<std::io::Error> for JobError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+/// The error type comes from this function's signature; the work needs no
+/// `Ok::<_, E>` and the caller no `??`.
+async fn read_under_lock(client: &Client, path: &std::path::Path) -> Result<usize, JobError> {
+    client
+        .try_with_lock("try/a", |_lease| async move {
+            let bytes = std::fs::read(path)?;
+            Ok(bytes.len())
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_with_lock_returns_one_result_and_releases_either_way() {
+    let server = TestServer::start(Backend::Memory).await;
+    let client = connect(&[server.endpoint()]).await;
+    let len = read_under_lock(
+        &client,
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("Cargo.toml")
+            .as_path(),
+    )
+    .await
+    .unwrap();
+    assert!(len > 0);
+    assert!(
+        client.describe("try/a").await.unwrap().is_none(),
+        "released"
+    );
+
+    let err = read_under_lock(&client, std::path::Path::new("/nonexistent/leasehold"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, JobError::Io(e) if e.kind() == std::io::ErrorKind::NotFound),
+        "{err:?}"
+    );
+    assert!(
+        client.describe("try/a").await.unwrap().is_none(),
+        "released after the work failed"
+    );
+
+    // The SDK's own failures come through From<Error>.
+    let holder = connect(&[server.endpoint()]).await;
+    let _held = holder.lock("try/a").await.unwrap();
+    let err = client
+        .lock("try/a")
+        .wait(Duration::ZERO)
+        .try_run(|_lease| async move { Ok::<_, JobError>(()) })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, JobError::Lock(Error::NotAcquired { .. })),
+        "{err:?}"
+    );
+}
+
+/// `Error::Rpc`'s code can be matched through the SDK's re-export.
+#[test]
+fn rpc_codes_match_through_the_sdk() {
+    use leasehold::client::Code;
+    fn retry_later(e: &Error) -> bool {
+        matches!(
+            e,
+            Error::Rpc {
+                code: Code::Aborted | Code::FailedPrecondition,
+                ..
+            }
+        )
+    }
+    let e = Error::Rpc {
+        code: Code::Aborted,
+        message: "m".into(),
+    };
+    assert!(retry_later(&e));
+    assert!(!retry_later(&Error::Protocol("p".into())));
+}

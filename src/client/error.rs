@@ -60,6 +60,17 @@ pub enum Error {
         /// The holder's remaining TTL when the server last looked.
         retry_after: Duration,
     },
+    /// The wait ended while another [`LockGuard`](super::LockGuard) of this
+    /// same [`Client`](super::Client) (or of a clone of it) held the lock.
+    /// Locks are not re-entrant: a client that holds a key gets it again
+    /// only once that guard is released or dropped.
+    #[error("lock {key:?} is held by this same client (locks are not re-entrant: release the other guard first): not acquired within {}", humantime::format_duration(*waited))]
+    HeldByThisClient {
+        /// The lock.
+        key: String,
+        /// How long this call waited.
+        waited: Duration,
+    },
     /// The lock was lost while the caller's work ran (see [`LostReason`]).
     #[error("lock {key:?} was lost: {reason}")]
     Lost {
@@ -75,7 +86,8 @@ pub enum Error {
     /// Any other gRPC status.
     #[error("the server answered {code:?}: {message}")]
     Rpc {
-        /// The gRPC code.
+        /// The gRPC code, re-exported as [`leasehold::client::Code`](super::Code)
+        /// so that matching on it needs no tonic of your own.
         code: Code,
         /// The server's message, on one line.
         message: String,

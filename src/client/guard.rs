@@ -71,7 +71,19 @@ pub struct LockInfo {
 /// and work done under a lost lock is no longer exclusive.
 ///
 /// Dropping a guard releases the lock in the background;
-/// [`LockGuard::release`] releases it and waits for the answer.
+/// [`LockGuard::release`] releases it and waits for the answer. So bind
+/// the guard to a name for as long as the work runs: `let _ =
+/// client.lock(k).await?` (the compiler's own hint for an unused
+/// `#[must_use]` value) drops it on the spot and releases the lock at
+/// once, while `let _guard = ...` holds it to the end of the scope.
+///
+/// Locks are not re-entrant. Tasks that share one [`Client`] (or clones of
+/// it) exclude each other like separate clients do: a task that asks for a
+/// key another guard of the same client holds waits until that guard is
+/// released, and a bounded wait that runs out says so
+/// ([`Error::HeldByThisClient`]) rather than blaming another client. A task
+/// that waits without bound for a lock it holds itself waits forever, as
+/// with any mutex.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), leasehold::client::Error> {
@@ -93,6 +105,8 @@ pub struct LockGuard {
     request_id: String,
     state: watch::Receiver<LockState>,
     done: bool,
+    /// This guard's entry in the client's held keys.
+    held_id: u64,
 }
 
 impl fmt::Debug for LockGuard {
@@ -128,12 +142,14 @@ impl LockGuard {
             gone_by,
             state: tx,
         });
+        let held_id = client.inner.held.insert(&lease.key, rx.clone());
         Self {
             client,
             lease,
             request_id,
             state: rx,
             done: false,
+            held_id,
         }
     }
 
@@ -188,13 +204,7 @@ impl LockGuard {
     /// Whether the lock is known to be lost now (the server said so, or its
     /// deadline passed without a successful renewal).
     pub fn is_lost(&self) -> bool {
-        match &*self.state.borrow() {
-            LockState::Held { deadline, .. } => BootInstant::now() >= *deadline,
-            LockState::Attaching { deadline, .. } => {
-                deadline.is_some_and(|d| BootInstant::now() >= d)
-            }
-            LockState::Lost(_) => true,
-        }
+        known_lost(&self.state.borrow())
     }
 
     /// How long the lock is sure to stay valid from now unless renewed
@@ -218,9 +228,17 @@ impl LockGuard {
     /// the boot clock (which counts a host suspend), so it fires even when
     /// no server can be reached, and never after the server's own expiry.
     /// It fires at once if the client gave up on a stalled stream the
-    /// lock was still attached to. Renewals run on the Tokio runtime: a
-    /// runtime blocked for longer than the TTL loses the lock. Call it as
-    /// often as needed; each future is independent and `'static`.
+    /// lock was still attached to. Call it as often as needed; each future
+    /// is independent and `'static`.
+    ///
+    /// Renewals run as a task on the Tokio runtime the client was connected
+    /// on, so they need that runtime free to run them. A runtime blocked
+    /// for longer than the TTL loses the lock: on a current-thread runtime
+    /// (`#[tokio::main(flavor = "current_thread")]`, `#[tokio::test]`) one
+    /// `std::thread::sleep` or CPU-bound loop is enough (seen: a 3 s
+    /// `thread::sleep` under a 2 s TTL). Put blocking work on
+    /// `tokio::task::spawn_blocking` or a multi-thread runtime, and keep
+    /// `lost()` in a `select!` with the work.
     pub fn lost(&self) -> Lost {
         Lost(Box::pin(keeper::lost(self.state.clone())))
     }
@@ -233,6 +251,7 @@ impl LockGuard {
     /// once, without a call.
     pub async fn release(mut self) -> Result<bool, Error> {
         self.done = true;
+        self.client.inner.held.remove(&self.lease.key, self.held_id);
         let lost = self.is_lost();
         self.client.inner.command(Command::Forget {
             key: self.lease.key.clone(),
@@ -266,6 +285,7 @@ impl LockGuard {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
+        self.client.inner.held.remove(&self.lease.key, self.held_id);
         // A lost lock has nothing left to release (an expired one was
         // already released by the keeper, just in case).
         let lost = matches!(&*self.state.borrow(), LockState::Lost(_));
@@ -276,6 +296,16 @@ impl Drop for LockGuard {
                 ttl: self.ttl(),
             });
         }
+    }
+}
+
+/// Whether a guard in `state` knows its lock is lost now: the keeper said
+/// so, or its deadline passed without a successful renewal.
+pub(crate) fn known_lost(state: &LockState) -> bool {
+    match state {
+        LockState::Held { deadline, .. } => BootInstant::now() >= *deadline,
+        LockState::Attaching { deadline, .. } => deadline.is_some_and(|d| BootInstant::now() >= d),
+        LockState::Lost(_) => true,
     }
 }
 

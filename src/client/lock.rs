@@ -124,6 +124,18 @@ impl LockBuilder {
     /// of this process releases the lock at once. If that answer says the
     /// lease is gone (a grant that arrived after its TTL), or none comes
     /// before the lease's deadline, the result is [`Error::Lost`].
+    ///
+    /// Keep the guard in a named binding: `let _ = client.lock(k).await?`
+    /// drops it at once, and dropping a guard releases the lock.
+    ///
+    /// While no server answers, each call is retried on every endpoint for
+    /// the client's retry window ([`ClientBuilder::retry_for`], 10 s by
+    /// default) before [`Error::Unavailable`]; the window starts again
+    /// whenever a server answers. To bound the whole call, wrap it in
+    /// `tokio::time::timeout`: dropping it at any `.await` leaves nothing
+    /// held (a grant that arrives meanwhile is released).
+    ///
+    /// [`ClientBuilder::retry_for`]: super::ClientBuilder::retry_for
     pub async fn acquire(self) -> Result<LockGuard, Error> {
         let client = self.client.clone();
         let grant = self.grant().await?;
@@ -179,6 +191,19 @@ impl LockBuilder {
                 Ok(output)
             }
         }
+    }
+
+    /// Like [`LockBuilder::run`], for work that returns a `Result`: one
+    /// `Result` with your error type, which carries the SDK's failures
+    /// through `From<Error>`. The lock is released whether the work
+    /// succeeded or failed. See [`Client::try_with_lock`].
+    pub async fn try_run<F, Fut, T, E>(self, work: F) -> Result<T, E>
+    where
+        F: FnOnce(Lease) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: From<Error>,
+    {
+        self.run(work).await?
     }
 
     /// The Acquire loop: server-side waits of at most [`WAIT_SLICE`] until
@@ -248,6 +273,12 @@ impl LockBuilder {
                     }
                     let over = wait_end.is_some_and(|end| Instant::now() >= end) || wait_ms == 0;
                     if over {
+                        if self.client.inner.held.holds(&self.key) {
+                            return Err(Error::HeldByThisClient {
+                                key: self.key.clone(),
+                                waited: Duration::from_millis(start.elapsed().as_millis() as u64),
+                            });
+                        }
                         return Err(Error::NotAcquired {
                             key: self.key.clone(),
                             waited: Duration::from_millis(start.elapsed().as_millis() as u64),

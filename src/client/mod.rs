@@ -50,6 +50,29 @@
 //! # async fn migrate(_: u64) {}
 //! ```
 //!
+//! Whole programs are in the repository's `examples/` (`lock_and_work`,
+//! `contending_workers`, `with_lock_fallible`). To build the SDK alone,
+//! depend on `leasehold` with `default-features = false, features =
+//! ["client"]`; you need a Tokio runtime (e.g. tokio's `rt-multi-thread`
+//! and `macros` features for `#[tokio::main]`).
+//!
+//! # What the compiler cannot check for you
+//!
+//! - **A guard must live as long as the work.** `let _ =
+//!   client.lock(k).await?` drops the [`LockGuard`] at once, and dropping a
+//!   guard releases the lock. Bind it: `let _guard = ...`.
+//! - **Renewals need the runtime.** They run as a task on the Tokio runtime
+//!   the client was connected on; a runtime blocked for longer than the TTL
+//!   (a `std::thread::sleep` or a CPU-bound loop on a current-thread
+//!   runtime) loses the lock. See [`LockGuard::lost`].
+//! - **Locks are not re-entrant.** Guards of one client (and its clones)
+//!   exclude each other: a second `lock()` of a key the client holds waits
+//!   for the first guard, and a bounded wait that runs out is
+//!   [`Error::HeldByThisClient`]. One task waiting without bound for a
+//!   lock it holds waits forever.
+//! - **A lost lock stops protecting at once**, not when your code notices:
+//!   fence writes with [`LockGuard::fencing_token`].
+//!
 //! This module owns the client side only: it uses the generated
 //! [`crate::pb`] client and nothing of the server, store or service code.
 
@@ -57,6 +80,7 @@ mod backoff;
 mod clock;
 mod error;
 mod guard;
+mod held;
 mod keeper;
 mod lock;
 mod transport;
@@ -72,9 +96,14 @@ pub use backoff::RetryPolicy;
 pub use error::{Error, LostReason};
 pub use guard::{Lease, LockGuard, LockInfo, Lost};
 pub use lock::{LockBuilder, WAIT_SLICE};
+/// The gRPC status code in [`Error::Rpc`]: tonic's, re-exported so that
+/// matching on it needs no `tonic` dependency of your own (nor the same
+/// version of it).
+pub use tonic::Code;
 
 use crate::pb;
 use crate::task::TaskGuard;
+use held::HeldKeys;
 use keeper::{Command, Keeper};
 use transport::{Secret, Settings, Transport};
 
@@ -168,6 +197,8 @@ impl std::fmt::Debug for Client {
 struct Inner {
     transport: Arc<Transport>,
     commands: mpsc::UnboundedSender<Command>,
+    /// The keys live guards hold, for the error of a lock not re-entered.
+    held: HeldKeys,
     _keeper: TaskGuard,
 }
 
@@ -280,6 +311,7 @@ impl ClientBuilder {
             inner: Arc::new(Inner {
                 transport,
                 commands: tx,
+                held: HeldKeys::default(),
                 _keeper: keeper,
             }),
         })
@@ -379,12 +411,67 @@ impl Client {
     ///     .await?;
     /// # let _ = token; Ok(()) }
     /// ```
+    ///
+    /// For work that can fail, [`Client::try_with_lock`] gives one
+    /// `Result` with your error type. Here the work's own `Result` comes
+    /// back inside the SDK's, so its error type must be spelled out where
+    /// nothing else fixes it, and the caller unwraps twice:
+    ///
+    /// ```no_run
+    /// # async fn demo(client: leasehold::client::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// let bytes = client
+    ///     .with_lock("jobs/cleanup", |_lease| async move {
+    ///         let bytes = std::fs::read("/tmp/input")?.len();
+    ///         Ok::<_, std::io::Error>(bytes)
+    ///     })
+    ///     .await??;
+    /// # let _ = bytes; Ok(()) }
+    /// ```
     pub async fn with_lock<F, Fut, T>(&self, key: impl Into<String>, work: F) -> Result<T, Error>
     where
         F: FnOnce(Lease) -> Fut,
         Fut: Future<Output = T>,
     {
         self.lock(key).run(work).await
+    }
+
+    /// Runs fallible `work` under the lock `key` and releases it
+    /// afterwards, whether the work succeeded or failed:
+    /// `client.lock(key).try_run(work)`. Your error type `E` carries the
+    /// SDK's failures too (taking the lock, [`Error::Lost`]), so it needs
+    /// `From<Error>`, as `anyhow::Error`, `Box<dyn std::error::Error>` and
+    /// an enum with a `#[from] leasehold::client::Error` variant have.
+    ///
+    /// `E` is inferred from where the result goes, e.g. the enclosing
+    /// function's return type, so the work's `?` needs no annotation:
+    ///
+    /// ```no_run
+    /// use leasehold::client::Client;
+    ///
+    /// #[derive(Debug, thiserror::Error)]
+    /// enum JobError {
+    ///     #[error(transparent)]
+    ///     Lock(#[from] leasehold::client::Error),
+    ///     #[error(transparent)]
+    ///     Io(#[from] std::io::Error),
+    /// }
+    ///
+    /// async fn cleanup(client: &Client) -> Result<usize, JobError> {
+    ///     client
+    ///         .try_with_lock("jobs/cleanup", |_lease| async move {
+    ///             let bytes = std::fs::read("/tmp/input")?.len();
+    ///             Ok(bytes)
+    ///         })
+    ///         .await
+    /// }
+    /// ```
+    pub async fn try_with_lock<F, Fut, T, E>(&self, key: impl Into<String>, work: F) -> Result<T, E>
+    where
+        F: FnOnce(Lease) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: From<Error>,
+    {
+        self.lock(key).try_run(work).await
     }
 
     /// Releases a lease by its token (for leases taken with
