@@ -93,11 +93,14 @@ pub enum Command {
     /// Show who holds a lock.
     Describe(ops::DescribeArgs),
     /// Measure Leasehold against the gRPC floor and direct Redis.
+    #[cfg(feature = "bench")]
     Bench(crate::bench::BenchArgs),
     /// The bare tonic server `bench` compares against (internal).
+    #[cfg(feature = "bench")]
     #[command(hide = true)]
     BenchFloor(crate::bench::FloorArgs),
     /// A lock holder for `bench crash` to kill (internal).
+    #[cfg(feature = "bench")]
     #[command(hide = true)]
     BenchCrashHolder(crate::bench::CrashHolderArgs),
 }
@@ -153,8 +156,11 @@ pub async fn run(cli: Cli) -> i32 {
     };
     let (name, result) = match command {
         Command::Serve(args) => ("serve", serve::run(args).await),
+        #[cfg(feature = "bench")]
         Command::Bench(args) => ("bench", crate::bench::run(args).await),
+        #[cfg(feature = "bench")]
         Command::BenchFloor(args) => ("bench-floor", crate::bench::run_floor(args).await),
+        #[cfg(feature = "bench")]
         Command::BenchCrashHolder(args) => (
             "bench-crash-holder",
             crate::bench::run_crash_holder(args).await,
