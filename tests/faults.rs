@@ -123,6 +123,7 @@ struct Load {
 struct WorkerStats {
     errors: Vec<(Instant, String)>,
     not_acquired: u64,
+    lost_on_attach: u64,
 }
 
 /// One SDK client taking, using and giving back locks until `stop`.
@@ -148,6 +149,13 @@ async fn worker(
             Ok(guard) => guard,
             Err(Error::NotAcquired { .. }) => {
                 stats.not_acquired += 1;
+                continue;
+            }
+            // Granted, then lost before lock() returned (its attach stalled
+            // past the client's bound on a loaded machine): the client never
+            // believed it held the lock, which is the safe outcome.
+            Err(Error::Lost { .. }) => {
+                stats.lost_on_attach += 1;
                 continue;
             }
             Err(e) => {
