@@ -65,7 +65,9 @@ local function release(lock, token, channel, att, giveback, gone)
       return 0
     end
     local left = redis.call('PTTL', lock)
-    redis.call('HDEL', lock, 'fence', 'ttl', 'owner', 'meta', 'rid', 'rep', 'att')
+    -- Only what marks it held and whose: owner and metadata are overwritten
+    -- by the next grant, and expire with the record meanwhile.
+    redis.call('HDEL', lock, 'fence', 'rep', 'att')
     redis.call('SPUBLISH', channel, cur[2])
     if left > 0 then
       -- Needs memory: under maxmemory the release still happens, and only
