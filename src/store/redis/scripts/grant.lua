@@ -2,17 +2,28 @@
 -- (src/store/redis.rs), so the two ways of granting cannot drift apart.
 --
 -- A lock record is HELD while it has a 'fence' field. Released, it keeps
--- only its 'token' until the TTL it had left runs out, and the release also
--- leaves a tombstone key of its own (`<lock>:gone:<token>`, same hash slot)
--- for that long: so a Release resent or retried after a lost reply still
--- answers true, however many grants came in between
--- (documentation/semantics.md).
+-- its 'token' until the TTL it had left runs out: a Release resent or
+-- retried after a lost reply still answers true. When a new grant
+-- overwrites such a record, the released token first gets a tombstone key
+-- of its own (`<lock>:gone:<token>`, same hash slot) for what was left of
+-- that TTL, so the answer stays true however many grants come in between
+-- (documentation/semantics.md). A release pays for no extra key unless a
+-- grant follows it within its TTL.
 --
 -- Gives the lock record `lock` to `token` with a fencing token of
 -- max(counter + 1, TIME in microseconds): strictly increasing even when the
 -- counter key was evicted or lost in a failover. The counter outlives the
 -- lock and expires `counter_ttl` ms after its last grant.
 local function grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl)
+  local old = redis.call('HMGET', lock, 'token', 'fence')
+  if old[1] and not old[2] then
+    local left = redis.call('PTTL', lock)
+    if left > 0 then
+      -- Same hash slot as `lock` (the tag is the lock's); the name is built
+      -- here because only this script knows the released token.
+      redis.pcall('SET', lock .. ':gone:' .. old[1], '1', 'PX', left)
+    end
+  end
   local t = redis.call('TIME')
   local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
   local fence = redis.call('INCR', counter)

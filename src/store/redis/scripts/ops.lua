@@ -64,16 +64,11 @@ local function release(lock, token, channel, att, giveback, gone)
     if att ~= '' and cur[4] ~= att then
       return 0
     end
-    local left = redis.call('PTTL', lock)
     -- Only what marks it held and whose: owner and metadata are overwritten
-    -- by the next grant, and expire with the record meanwhile.
+    -- by the next grant, and expire with the record meanwhile. The record
+    -- keeps the token: the tombstone (see grant.lua).
     redis.call('HDEL', lock, 'fence', 'rep', 'att')
     redis.call('SPUBLISH', channel, cur[2])
-    if left > 0 then
-      -- Needs memory: under maxmemory the release still happens, and only
-      -- a later retry of it may answer false.
-      redis.pcall('SET', gone, '1', 'PX', left)
-    end
     return tonumber(cur[2])
   end
   if cur[1] == token or redis.call('EXISTS', gone) == 1 then
