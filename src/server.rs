@@ -1,11 +1,15 @@
-//! Assembles the gRPC server: the lock service, health, reflection, TLS,
-//! authentication, HTTP/2 keepalive, limits and graceful shutdown. `run` takes its listener and its
+//! Assembles the server: the lock service, health, reflection, TLS,
+//! authentication, HTTP/2 keepalive, limits and graceful shutdown, and on
+//! the same listener, over HTTP/1.1 and HTTP/2, gRPC-Web, the Connect
+//! protocol and HTTP health endpoints ([`protocols`]). `run` takes its listener and its
 //! shutdown signal as arguments, so tests bind 127.0.0.1:0 and stop it at
 //! will (mini-redis `server::run`). Connections are accepted by
 //! [`connections`], which bounds them before tonic sees them.
 
 pub mod calls;
+mod connect;
 pub mod connections;
+pub mod protocols;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -55,6 +59,9 @@ pub struct ServerConfig {
     /// Bearer-token / client-certificate authentication and key scopes;
     /// `None` lets every caller use every key.
     pub auth: Option<Arc<Authenticator>>,
+    /// Origins whose browser pages may call the server (gRPC-Web, Connect):
+    /// `*` for any; empty, the default, answers no cross-origin request.
+    pub cors_allow_origins: Vec<String>,
 }
 
 /// The server's TLS identity and, for mutual TLS, the CA its clients'
@@ -119,6 +126,7 @@ impl Default for ServerConfig {
             max_waiters: 10_000,
             tls: None,
             auth: None,
+            cors_allow_origins: Vec::new(),
         }
     }
 }
@@ -182,7 +190,15 @@ pub async fn run<S: LockStore>(
             reporter.clear_service_status(pb::SERVICE_NAME).await;
         }
     };
-    let mut builder = tonic::transport::Server::builder();
+    // `serve` checks the origins at start-up; one that slipped through
+    // allows nothing rather than everything.
+    let cors = protocols::cors(&config.cors_allow_origins).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "CORS disabled");
+        None
+    });
+    // HTTP/1.1 too, for Connect, gRPC-Web and the health endpoints; gRPC
+    // itself still needs HTTP/2.
+    let mut builder = tonic::transport::Server::builder().accept_http1(true);
     if let Some(tls) = &config.tls {
         builder = builder.tls_config(tls.config())?;
     }
@@ -193,6 +209,7 @@ pub async fn run<S: LockStore>(
         .http2_max_local_error_reset_streams(Some(connections::MAX_LOCAL_RESET_STREAMS))
         .layer(calls::ActivityLayer::new(registry))
         .layer(crate::service::delivery::DeliveryLayer)
+        .layer(protocols::ProtocolLayer::new(cors))
         .layer(crate::service::wire::WireErrorLayer)
         .layer(AuthLayer::new(config.auth.clone()))
         .add_service(health_service)

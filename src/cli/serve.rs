@@ -276,6 +276,18 @@ pub struct ServeArgs {
         requires = "redis_tls_cert"
     )]
     pub redis_tls_key: Option<PathBuf>,
+    /// Origin whose browser pages may call the server over gRPC-Web and
+    /// Connect (CORS), e.g. `https://app.example.com`; repeat the flag or
+    /// separate with commas; `*` allows any origin. Off by default: no
+    /// cross-origin request is answered. Bearer tokens still apply.
+    #[arg(
+        long,
+        env = "LEASEHOLD_CORS_ALLOW_ORIGIN",
+        help_heading = "Listening and connections",
+        value_name = "ORIGIN",
+        value_delimiter = ','
+    )]
+    pub cors_allow_origin: Vec<String>,
     /// Serve Prometheus metrics over HTTP at this address (path /metrics).
     #[arg(long, env = "LEASEHOLD_METRICS_LISTEN", help_heading = "Observability")]
     pub metrics_listen: Option<SocketAddr>,
@@ -352,7 +364,10 @@ impl ServeArgs {
             )?)),
             None => None,
         };
+        crate::server::protocols::cors(&self.cors_allow_origin)
+            .map_err(|e| format!("--cors-allow-origin: {e}"))?;
         Ok(ServerConfig {
+            cors_allow_origins: self.cors_allow_origin.clone(),
             limits: ServiceLimits {
                 fields,
                 max_streams_per_connection: self.max_streams_per_connection,

@@ -1,0 +1,543 @@
+//! The Connect protocol (connectrpc.com/docs/protocol) for
+//! `leasehold.v1.LockService`, and `GET /readyz`, over any HTTP version.
+//!
+//! A Connect unary call is translated into the gRPC call it stands for and
+//! handed to the same inner stack as gRPC (authentication, wire-error
+//! codes, the service), so both protocols share every check, limit and
+//! error; the answer is translated back. `application/json` uses the
+//! canonical proto3 JSON mapping generated from the proto (`pb`, by
+//! pbjson): camelCase written, camelCase and snake_case read, 64-bit
+//! integers as strings, an unknown field refused. `application/proto`
+//! bytes pass through untouched.
+//!
+//! A granted lease whose Connect reply is lost is given back, as over gRPC:
+//! the reply's [`DeliveryGuard`] moves to the Connect reply body, which
+//! disarms it when it hands its bytes to the connection, and fires it if
+//! dropped before (the translation or the reply was abandoned).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use base64::Engine as _;
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use prost::Message;
+use tonic::body::Body;
+use tonic::{Code, Status};
+use tower::Service;
+
+use super::MAX_MESSAGE_BYTES;
+use super::protocols::text;
+use crate::pb;
+use crate::service::delivery::DeliveryGuard;
+
+/// The path prefix of the service Connect serves.
+const SERVICE_PREFIX: &str = "/leasehold.v1.LockService/";
+
+/// How a Connect unary message is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Codec {
+    Json,
+    Proto,
+}
+
+impl Codec {
+    fn of(headers: &HeaderMap) -> Option<Self> {
+        let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+        let media = value.split(';').next().unwrap_or("").trim();
+        if media.eq_ignore_ascii_case("application/json") {
+            Some(Self::Json)
+        } else if media.eq_ignore_ascii_case("application/proto") {
+            Some(Self::Proto)
+        } else {
+            None
+        }
+    }
+
+    fn content_type(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            Self::Json => "application/json",
+            Self::Proto => "application/proto",
+        })
+    }
+}
+
+/// A Connect-protocol request to anything but the health endpoints.
+pub(super) async fn serve<S>(inner: S, req: Request<Body>) -> Result<Response<Body>, S::Error>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let path = req.uri().path();
+    let Some(method) = path.strip_prefix(SERVICE_PREFIX) else {
+        return Ok(not_found(&Status::unimplemented(format!(
+            "no such endpoint {path:?}: over HTTP this server answers the Connect protocol for \
+             leasehold.v1.LockService (POST /leasehold.v1.LockService/Acquire, ...), \
+             GET /healthz and GET /readyz; other services speak gRPC only"
+        ))));
+    };
+    let unary = matches!(method, "Acquire" | "Release" | "Renew" | "Describe");
+    if !unary {
+        let message = if method == "KeepAlive" {
+            "KeepAlive is a bidirectional stream: call it over gRPC (HTTP/2); a client \
+             limited to HTTP/1.1 takes the lock with Acquire and a TTL and keeps it with Renew"
+                .to_string()
+        } else {
+            return Ok(not_found(&Status::unimplemented(format!(
+                "leasehold.v1.LockService has no method {method:?}"
+            ))));
+        };
+        return Ok(error_response(&Status::unimplemented(message)));
+    }
+    if req.method() != Method::POST {
+        let mut response = error_response(&Status::unimplemented(format!(
+            "{} is not allowed: Connect unary calls are POST",
+            req.method()
+        )));
+        *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return Ok(response);
+    }
+    let Some(codec) = Codec::of(req.headers()) else {
+        let given = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
+        let mut response = error_response(&Status::unimplemented(format!(
+            "unsupported content-type {given:?}: Connect unary calls take application/json or \
+             application/proto; gRPC takes application/grpc"
+        )));
+        *response.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+        response.headers_mut().insert(
+            "accept-post",
+            HeaderValue::from_static("application/json, application/proto"),
+        );
+        return Ok(response);
+    };
+    let encoding = req
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.as_bytes().to_ascii_lowercase());
+    if encoding.is_some_and(|e| e != b"identity") {
+        return Ok(error_response(&Status::unimplemented(
+            "compressed requests are not supported: send the body uncompressed",
+        )));
+    }
+    let method: &'static str = match method {
+        "Acquire" => "Acquire",
+        "Release" => "Release",
+        "Renew" => "Renew",
+        _ => "Describe",
+    };
+    let (mut parts, body) = req.into_parts();
+    let timeout = match grpc_timeout(&parts.headers) {
+        Ok(timeout) => timeout,
+        Err(status) => return Ok(error_response(&status)),
+    };
+    let bytes = match read_body(body).await {
+        Ok(bytes) => bytes,
+        Err(status) => return Ok(error_response(&status)),
+    };
+    let proto = match codec {
+        Codec::Proto => bytes,
+        Codec::Json => match json_to_proto(method, &bytes) {
+            Ok(proto) => proto,
+            Err(status) => return Ok(error_response(&status)),
+        },
+    };
+    let headers = &mut parts.headers;
+    for name in [
+        "connect-protocol-version",
+        "connect-timeout-ms",
+        "accept-encoding",
+        "content-encoding",
+        "content-length",
+    ] {
+        headers.remove(name);
+    }
+    if let Some(timeout) = timeout {
+        headers.insert("grpc-timeout", timeout);
+    }
+    let reply = grpc_unary(inner, parts, proto).await?;
+    let (message, guard) = match reply {
+        Ok(reply) => reply,
+        Err(status) => return Ok(error_response(&status)),
+    };
+    let body = match codec {
+        Codec::Proto => message,
+        Codec::Json => match proto_to_json(method, &message) {
+            Ok(json) => json,
+            Err(status) => return Ok(error_response(&status)),
+        },
+    };
+    let mut response = Response::new(Body::new(Once {
+        data: Some(body),
+        guard,
+    }));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, codec.content_type());
+    Ok(response)
+}
+
+/// `GET /readyz`: the gRPC health check of the whole server (service
+/// `""`), so it says what `grpc.health.v1` says, and needs credentials
+/// exactly when health does (`--auth-protect-health`).
+pub(super) async fn readyz<S>(inner: S, req: Request<Body>) -> Result<Response<Body>, S::Error>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let (mut parts, _) = req.into_parts();
+    parts.method = Method::POST;
+    parts.uri = http::Uri::from_static("/grpc.health.v1.Health/Check");
+    let check = tonic_health::pb::HealthCheckRequest::default().encode_to_vec();
+    let reply = match grpc_unary(inner, parts, check.into()).await? {
+        Ok((message, _)) => tonic_health::pb::HealthCheckResponse::decode(message)
+            .map_err(|e| Status::internal(format!("health reply did not decode: {e}"))),
+        Err(status) => Err(status),
+    };
+    Ok(match reply {
+        Ok(r) if r.status() == tonic_health::pb::health_check_response::ServingStatus::Serving => {
+            text(StatusCode::OK, "SERVING\n")
+        }
+        Ok(_) => text(StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING\n"),
+        Err(status) => error_response(&status),
+    })
+}
+
+/// Runs one unary gRPC call, `parts` (path, headers, extensions) with
+/// `message` as its body, through `inner`. The outer `Err` is the inner
+/// service's own failure; the inner one is the call's status.
+async fn grpc_unary<S>(
+    mut inner: S,
+    mut parts: http::request::Parts,
+    message: Bytes,
+) -> Result<Result<(Bytes, Undelivered), Status>, S::Error>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    parts.version = http::Version::HTTP_2;
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    parts
+        .headers
+        .insert(header::TE, HeaderValue::from_static("trailers"));
+    let mut framed = BytesMut::with_capacity(5 + message.len());
+    framed.put_u8(0);
+    framed.put_u32(u32::try_from(message.len()).unwrap_or(u32::MAX));
+    framed.put_slice(&message);
+    let body = Body::new(http_body_util::Full::new(framed.freeze()));
+    let response = inner.call(Request::from_parts(parts, body)).await?;
+    let (mut parts, body) = response.into_parts();
+    let guard = Undelivered(parts.extensions.remove::<DeliveryGuard>());
+    // Trailers-only: an error before any message (auth, decoding, status).
+    if let Some(status) = Status::from_header_map(&parts.headers)
+        && status.code() != Code::Ok
+    {
+        return Ok(Err(status));
+    }
+    let collected = match body.collect().await {
+        Ok(collected) => collected,
+        Err(status) => return Ok(Err(status)),
+    };
+    let status = collected
+        .trailers()
+        .and_then(Status::from_header_map)
+        .unwrap_or_else(|| Status::internal("the gRPC reply ended without a status"));
+    if status.code() != Code::Ok {
+        return Ok(Err(status));
+    }
+    let bytes = collected.to_bytes();
+    Ok(unframe(bytes).map(|message| (message, guard)))
+}
+
+/// The one message of a unary gRPC reply body.
+fn unframe(mut bytes: Bytes) -> Result<Bytes, Status> {
+    if bytes.len() < 5 || bytes[0] != 0 {
+        return Err(Status::internal("the gRPC reply holds no plain message"));
+    }
+    let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
+    if bytes.len() != 5 + len {
+        return Err(Status::internal("the gRPC reply is not one message"));
+    }
+    Ok(bytes.split_off(5))
+}
+
+/// A granted lease's delivery guard while the reply is being translated:
+/// if the translation is dropped (the client went away), the lease is given
+/// back, as the delivery layer would do for a gRPC reply.
+struct Undelivered(Option<DeliveryGuard>);
+
+impl Undelivered {
+    fn disarm(&mut self) {
+        if let Some(guard) = self.0.take() {
+            guard.disarm();
+        }
+    }
+}
+
+impl Drop for Undelivered {
+    fn drop(&mut self) {
+        if let Some(guard) = self.0.take() {
+            guard.fire();
+        }
+    }
+}
+
+/// `Connect-Timeout-Ms` as a `grpc-timeout` value.
+fn grpc_timeout(headers: &HeaderMap) -> Result<Option<HeaderValue>, Status> {
+    let Some(value) = headers.get("connect-timeout-ms") else {
+        return Ok(None);
+    };
+    let ms = value
+        .to_str()
+        .ok()
+        .filter(|v| (1..=10).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or_else(|| {
+            Status::invalid_argument(
+                "connect-timeout-ms: must be a positive integer of at most 10 digits",
+            )
+        })?;
+    // grpc-timeout takes at most 8 digits.
+    let value = if ms < 100_000_000 {
+        format!("{ms}m")
+    } else {
+        format!("{}S", (ms / 1000).min(99_999_999))
+    };
+    Ok(HeaderValue::from_str(&value).ok())
+}
+
+/// Reads a request body of at most [`MAX_MESSAGE_BYTES`].
+async fn read_body(body: Body) -> Result<Bytes, Status> {
+    match http_body_util::Limited::new(body, MAX_MESSAGE_BYTES)
+        .collect()
+        .await
+    {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Status::resource_exhausted(
+            format!("request body larger than {MAX_MESSAGE_BYTES} bytes"),
+        )),
+        Err(e) => Err(Status::cancelled(format!("reading the request body: {e}"))),
+    }
+}
+
+fn from_json<T: serde::de::DeserializeOwned + Message>(
+    name: &str,
+    bytes: &[u8],
+) -> Result<Bytes, Status> {
+    let message: T = serde_json::from_slice(bytes).map_err(|e| {
+        Status::invalid_argument(format!("invalid JSON for leasehold.v1.{name}: {e}"))
+    })?;
+    Ok(message.encode_to_vec().into())
+}
+
+fn to_json<T: serde::Serialize + Message + Default>(bytes: &[u8]) -> Result<Bytes, Status> {
+    let message =
+        T::decode(bytes).map_err(|e| Status::internal(format!("the reply did not decode: {e}")))?;
+    serde_json::to_vec(&message)
+        .map(Bytes::from)
+        .map_err(|e| Status::internal(format!("the reply did not encode as JSON: {e}")))
+}
+
+/// A JSON request of `method` as protobuf bytes.
+fn json_to_proto(method: &str, bytes: &[u8]) -> Result<Bytes, Status> {
+    match method {
+        "Acquire" => from_json::<pb::AcquireRequest>("AcquireRequest", bytes),
+        "Release" => from_json::<pb::ReleaseRequest>("ReleaseRequest", bytes),
+        "Renew" => from_json::<pb::RenewRequest>("RenewRequest", bytes),
+        _ => from_json::<pb::DescribeRequest>("DescribeRequest", bytes),
+    }
+}
+
+/// A protobuf reply of `method` as JSON.
+fn proto_to_json(method: &str, bytes: &[u8]) -> Result<Bytes, Status> {
+    match method {
+        "Acquire" => to_json::<pb::AcquireResponse>(bytes),
+        "Release" => to_json::<pb::ReleaseResponse>(bytes),
+        "Renew" => to_json::<pb::RenewResponse>(bytes),
+        _ => to_json::<pb::DescribeResponse>(bytes),
+    }
+}
+
+/// The Connect name of a status code.
+pub(super) fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "canceled",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid_argument",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::NotFound => "not_found",
+        Code::AlreadyExists => "already_exists",
+        Code::PermissionDenied => "permission_denied",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out_of_range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data_loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+}
+
+/// The HTTP status the Connect protocol gives a code.
+fn http_status(code: Code) -> StatusCode {
+    match code {
+        Code::Ok => StatusCode::OK,
+        Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+            StatusCode::BAD_REQUEST
+        }
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The Connect error body of `status`: its code, message and details
+/// (the `grpc-status-details-bin` ones, each as type and base64 value).
+pub(super) fn error_json(status: &Status) -> serde_json::Value {
+    let mut error = serde_json::json!({
+        "code": code_name(status.code()),
+        "message": status.message(),
+    });
+    let details = tonic_types::pb::Status::decode(status.details())
+        .map(|s| s.details)
+        .unwrap_or_default();
+    if !details.is_empty() {
+        let details: Vec<_> = details
+            .into_iter()
+            .map(|any| {
+                let name = any.type_url.rsplit('/').next().unwrap_or_default();
+                serde_json::json!({
+                    "type": name,
+                    "value": base64::engine::general_purpose::STANDARD_NO_PAD.encode(&any.value),
+                })
+            })
+            .collect();
+        error["details"] = serde_json::Value::Array(details);
+    }
+    error
+}
+
+/// A Connect error for a path nothing serves: HTTP 404, which Connect
+/// clients read as `unimplemented`.
+fn not_found(status: &Status) -> Response<Body> {
+    let mut response = error_response(status);
+    *response.status_mut() = StatusCode::NOT_FOUND;
+    response
+}
+
+/// A Connect unary error response.
+pub(super) fn error_response(status: &Status) -> Response<Body> {
+    let body = serde_json::to_vec(&error_json(status)).unwrap_or_default();
+    let mut response = Response::new(Body::new(Once::new(body.into())));
+    *response.status_mut() = http_status(status.code());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// A body of one chunk. A lease's delivery guard rides with it: disarmed
+/// when the chunk is handed to the connection (as the delivery layer does
+/// for a gRPC reply's trailers), fired if the body is dropped before.
+struct Once {
+    data: Option<Bytes>,
+    guard: Undelivered,
+}
+
+impl Once {
+    fn new(data: Bytes) -> Self {
+        Self {
+            data: Some(data),
+            guard: Undelivered(None),
+        }
+    }
+}
+
+impl http_body::Body for Once {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let data = self.data.take();
+        if data.is_some() {
+            self.guard.disarm();
+        }
+        Poll::Ready(data.map(|data| Ok(Frame::data(data))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let len = self.data.as_ref().map_or(0, |b| b.len() as u64);
+        http_body::SizeHint::with_exact(len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_names_and_int64() {
+        let proto = json_to_proto("Acquire", br#"{"key":"a","ttl_ms":1000,"waitMs":5}"#)
+            .expect("camelCase and snake_case both read");
+        let req = pb::AcquireRequest::decode(proto).expect("decodes");
+        assert_eq!((req.key.as_str(), req.ttl_ms, req.wait_ms), ("a", 1000, 5));
+        let err = json_to_proto("Acquire", br#"{"key":"a","ttl":1000}"#).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            err.message().contains("unknown field `ttl`"),
+            "{}",
+            err.message()
+        );
+        let reply = pb::DescribeResponse {
+            held: true,
+            fencing_token: u64::MAX,
+            ..Default::default()
+        };
+        let json = proto_to_json("Describe", &reply.encode_to_vec()).expect("encodes");
+        let json: serde_json::Value = serde_json::from_slice(&json).expect("JSON");
+        assert_eq!(json["fencingToken"], "18446744073709551615");
+        assert_eq!(json["held"], true);
+    }
+
+    #[test]
+    fn timeouts_translate() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(grpc_timeout(&headers).ok(), Some(None));
+        headers.insert("connect-timeout-ms", HeaderValue::from_static("1500"));
+        assert_eq!(
+            grpc_timeout(&headers).ok().flatten(),
+            Some(HeaderValue::from_static("1500m"))
+        );
+        headers.insert("connect-timeout-ms", HeaderValue::from_static("-1"));
+        assert!(grpc_timeout(&headers).is_err());
+    }
+}
