@@ -388,10 +388,7 @@ async fn out_of_memory_fails_only_the_operations_that_need_memory() {
     let err = c.acquire(acquire("alone", 60_000)).await.unwrap_err();
     tokio::task::block_in_place(|| redis.cli(&["CONFIG", "SET", "maxmemory", "0"]));
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert_eq!(
-        err.message(),
-        "the lock store is out of memory; retry later"
-    );
+    assert_eq!(err.message(), "the lock store is out of memory; retry later");
     for (key, _) in &leases {
         assert!(!held(&mut c, key).await, "{key}");
     }
