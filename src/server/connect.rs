@@ -293,6 +293,62 @@ impl Drop for Undelivered {
     }
 }
 
+/// A reply body carrying a lease's delivery guard, for replies the
+/// delivery layer cannot follow: gRPC-Web over HTTP/1.1 ends with a body
+/// that says it has ended after its last chunk, and hyper then drops it
+/// without polling it to its end. Disarmed when the last chunk or the end
+/// is handed to the connection; fired if dropped before.
+pub(super) struct Delivered {
+    inner: Body,
+    guard: Undelivered,
+}
+
+impl Delivered {
+    /// Moves the delivery guard of `response`, if any, into its body.
+    pub(super) fn wrap(response: Response<Body>) -> Response<Body> {
+        let (mut parts, inner) = response.into_parts();
+        match parts.extensions.remove::<DeliveryGuard>() {
+            None => Response::from_parts(parts, inner),
+            Some(guard) => {
+                let body = Self {
+                    inner,
+                    guard: Undelivered(Some(guard)),
+                };
+                Response::from_parts(parts, Body::new(body))
+            }
+        }
+    }
+}
+
+impl http_body::Body for Delivered {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let last = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(frame))) => frame.is_trailers() || self.inner.is_end_stream(),
+            _ => false,
+        };
+        if last {
+            self.guard.disarm();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// `Connect-Timeout-Ms` as a `grpc-timeout` value.
 fn grpc_timeout(headers: &HeaderMap) -> Result<Option<HeaderValue>, Status> {
     let Some(value) = headers.get("connect-timeout-ms") else {

@@ -120,7 +120,8 @@ where
             .is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc-web"));
         if grpc_web {
             let mut web = tonic_web::GrpcWebLayer::new().layer(self.inner.clone());
-            return Box::pin(web.call(req));
+            let call = web.call(req);
+            return Box::pin(async move { call.await.map(connect::Delivered::wrap) });
         }
         let inner = self.inner.clone();
         let path = req.uri().path();
