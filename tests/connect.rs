@@ -645,11 +645,14 @@ fn readme_commands() -> Vec<String> {
     commands
 }
 
+/// Checks one command's output.
+type Check = fn(&str);
+
 #[test]
 fn readme_curl_session_runs_as_written() {
     let server = Binary::start(&[]);
     let commands = readme_commands();
-    let checks: Vec<(&str, fn(&str))> = vec![
+    let checks: Vec<(&str, Check)> = vec![
         ("Acquire", |out| {
             let v: Value = serde_json::from_str(out).expect("JSON");
             assert_eq!(v["acquired"], true, "{v}");
