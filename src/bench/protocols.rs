@@ -36,7 +36,10 @@ async fn call(channel: &mut Channel, method: &str, body: Value) -> Result<Value,
         .map_err(|e| e.to_string())?
         .to_bytes();
     if !status.is_success() {
-        return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)));
+        return Err(format!(
+            "HTTP {status}: {}",
+            String::from_utf8_lossy(&bytes)
+        ));
     }
     serde_json::from_slice(&bytes).map_err(|e| e.to_string())
 }
@@ -59,8 +62,12 @@ pub async fn cycles_connect_json(
             while Instant::now() < end {
                 let key = format!("bench/{}", rng.below(keys));
                 let t0 = Instant::now();
-                let acquired =
-                    call(&mut channel, "Acquire", json!({"key": key, "ttlMs": 10_000})).await;
+                let acquired = call(
+                    &mut channel,
+                    "Acquire",
+                    json!({"key": key, "ttlMs": 10_000}),
+                )
+                .await;
                 let token = match acquired {
                     Ok(reply) => {
                         out.acquire.record(t0.elapsed());

@@ -15,23 +15,25 @@
 //! disarms it when it hands its bytes to the connection, and fires it if
 //! dropped before (the translation or the reply was abandoned).
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use base64::Engine as _;
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body::Frame;
 use http_body_util::BodyExt;
 use prost::Message;
 use tonic::body::Body;
 use tonic::{Code, Status};
 use tower::Service;
 
+mod bodies;
+mod errors;
+
+pub(super) use bodies::Delivered;
+
 use super::MAX_MESSAGE_BYTES;
 use super::protocols::text;
 use crate::pb;
 use crate::service::delivery::DeliveryGuard;
+use bodies::{Once, Undelivered};
+use errors::{error_response, not_found};
 
 /// The path prefix of the service Connect serves.
 const SERVICE_PREFIX: &str = "/leasehold.v1.LockService/";
@@ -272,83 +274,6 @@ fn unframe(mut bytes: Bytes) -> Result<Bytes, Status> {
     Ok(bytes.split_off(5))
 }
 
-/// A granted lease's delivery guard while the reply is being translated:
-/// if the translation is dropped (the client went away), the lease is given
-/// back, as the delivery layer would do for a gRPC reply.
-struct Undelivered(Option<DeliveryGuard>);
-
-impl Undelivered {
-    fn disarm(&mut self) {
-        if let Some(guard) = self.0.take() {
-            guard.disarm();
-        }
-    }
-}
-
-impl Drop for Undelivered {
-    fn drop(&mut self) {
-        if let Some(guard) = self.0.take() {
-            guard.fire();
-        }
-    }
-}
-
-/// A reply body carrying a lease's delivery guard, for replies the
-/// delivery layer cannot follow: gRPC-Web over HTTP/1.1 ends with a body
-/// that says it has ended after its last chunk, and hyper then drops it
-/// without polling it to its end. Disarmed when the last chunk or the end
-/// is handed to the connection; fired if dropped before.
-pub(super) struct Delivered {
-    inner: Body,
-    guard: Undelivered,
-}
-
-impl Delivered {
-    /// Moves the delivery guard of `response`, if any, into its body.
-    pub(super) fn wrap(response: Response<Body>) -> Response<Body> {
-        let (mut parts, inner) = response.into_parts();
-        match parts.extensions.remove::<DeliveryGuard>() {
-            None => Response::from_parts(parts, inner),
-            Some(guard) => {
-                let body = Self {
-                    inner,
-                    guard: Undelivered(Some(guard)),
-                };
-                Response::from_parts(parts, Body::new(body))
-            }
-        }
-    }
-}
-
-impl http_body::Body for Delivered {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        let last = match &polled {
-            Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(frame))) => frame.is_trailers() || self.inner.is_end_stream(),
-            _ => false,
-        };
-        if last {
-            self.guard.disarm();
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// `Connect-Timeout-Ms` as a `grpc-timeout` value.
 fn grpc_timeout(headers: &HeaderMap) -> Result<Option<HeaderValue>, Status> {
     let Some(value) = headers.get("connect-timeout-ms") else {
@@ -422,137 +347,6 @@ fn proto_to_json(method: &str, bytes: &[u8]) -> Result<Bytes, Status> {
         "Release" => to_json::<pb::ReleaseResponse>(bytes),
         "Renew" => to_json::<pb::RenewResponse>(bytes),
         _ => to_json::<pb::DescribeResponse>(bytes),
-    }
-}
-
-/// The Connect name of a status code.
-pub(super) fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "ok",
-        Code::Cancelled => "canceled",
-        Code::Unknown => "unknown",
-        Code::InvalidArgument => "invalid_argument",
-        Code::DeadlineExceeded => "deadline_exceeded",
-        Code::NotFound => "not_found",
-        Code::AlreadyExists => "already_exists",
-        Code::PermissionDenied => "permission_denied",
-        Code::ResourceExhausted => "resource_exhausted",
-        Code::FailedPrecondition => "failed_precondition",
-        Code::Aborted => "aborted",
-        Code::OutOfRange => "out_of_range",
-        Code::Unimplemented => "unimplemented",
-        Code::Internal => "internal",
-        Code::Unavailable => "unavailable",
-        Code::DataLoss => "data_loss",
-        Code::Unauthenticated => "unauthenticated",
-    }
-}
-
-/// The HTTP status the Connect protocol gives a code.
-fn http_status(code: Code) -> StatusCode {
-    match code {
-        Code::Ok => StatusCode::OK,
-        Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
-        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
-            StatusCode::BAD_REQUEST
-        }
-        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        Code::NotFound => StatusCode::NOT_FOUND,
-        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
-        Code::PermissionDenied => StatusCode::FORBIDDEN,
-        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
-        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-        Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-/// The Connect error body of `status`: its code, message and details
-/// (the `grpc-status-details-bin` ones, each as type and base64 value).
-pub(super) fn error_json(status: &Status) -> serde_json::Value {
-    let mut error = serde_json::json!({
-        "code": code_name(status.code()),
-        "message": status.message(),
-    });
-    let details = tonic_types::pb::Status::decode(status.details())
-        .map(|s| s.details)
-        .unwrap_or_default();
-    if !details.is_empty() {
-        let details: Vec<_> = details
-            .into_iter()
-            .map(|any| {
-                let name = any.type_url.rsplit('/').next().unwrap_or_default();
-                serde_json::json!({
-                    "type": name,
-                    "value": base64::engine::general_purpose::STANDARD_NO_PAD.encode(&any.value),
-                })
-            })
-            .collect();
-        error["details"] = serde_json::Value::Array(details);
-    }
-    error
-}
-
-/// A Connect error for a path nothing serves: HTTP 404, which Connect
-/// clients read as `unimplemented`.
-fn not_found(status: &Status) -> Response<Body> {
-    let mut response = error_response(status);
-    *response.status_mut() = StatusCode::NOT_FOUND;
-    response
-}
-
-/// A Connect unary error response.
-pub(super) fn error_response(status: &Status) -> Response<Body> {
-    let body = serde_json::to_vec(&error_json(status)).unwrap_or_default();
-    let mut response = Response::new(Body::new(Once::new(body.into())));
-    *response.status_mut() = http_status(status.code());
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-/// A body of one chunk. A lease's delivery guard rides with it: disarmed
-/// when the chunk is handed to the connection (as the delivery layer does
-/// for a gRPC reply's trailers), fired if the body is dropped before.
-struct Once {
-    data: Option<Bytes>,
-    guard: Undelivered,
-}
-
-impl Once {
-    fn new(data: Bytes) -> Self {
-        Self {
-            data: Some(data),
-            guard: Undelivered(None),
-        }
-    }
-}
-
-impl http_body::Body for Once {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let data = self.data.take();
-        if data.is_some() {
-            self.guard.disarm();
-        }
-        Poll::Ready(data.map(|data| Ok(Frame::data(data))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.data.is_none()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        let len = self.data.as_ref().map_or(0, |b| b.len() as u64);
-        http_body::SizeHint::with_exact(len)
     }
 }
 
