@@ -713,3 +713,47 @@ fn readme_curl_session_runs_as_written() {
         }
     }
 }
+
+#[test]
+fn metrics_count_http_requests_by_protocol() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let server = Binary::start(&["--metrics-listen", &metrics]);
+    assert_eq!(
+        call(&server, "Describe", r#"{"key": "m"}"#, &[]).status,
+        200
+    );
+    assert_eq!(
+        call(&server, "Describe", r#"{"key": "m"}"#, &[]).status,
+        200
+    );
+    assert_eq!(
+        curl(&[&format!("http://{}/healthz", server.addr)]).status,
+        200
+    );
+    let scraped = curl(&[&format!("http://{metrics}/metrics")]);
+    let text = String::from_utf8_lossy(&scraped.body);
+    let value = |series: &str| {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    assert_eq!(
+        value("leasehold_http_requests_total{protocol=\"connect\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        value("leasehold_http_requests_total{protocol=\"healthz\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    // The calls themselves are counted per RPC, as gRPC calls are.
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("leasehold_requests_total{")
+                && l.contains("rpc=\"Describe\"")
+                && l.ends_with(" 2")),
+        "{text}"
+    );
+}

@@ -119,6 +119,7 @@ where
             .get(header::CONTENT_TYPE)
             .is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc-web"));
         if grpc_web {
+            count("grpc_web");
             let mut web = tonic_web::GrpcWebLayer::new().layer(self.inner.clone());
             let call = web.call(req);
             return Box::pin(async move { call.await.map(connect::Delivered::wrap) });
@@ -127,14 +128,24 @@ where
         let path = req.uri().path();
         let get = matches!(*req.method(), Method::GET | Method::HEAD);
         if get && path == "/healthz" {
+            count("healthz");
             // The process is up and serving requests: nothing else is asked.
             return Box::pin(async { Ok(text(StatusCode::OK, "ok\n")) });
         }
         if get && path == "/readyz" {
+            count("readyz");
             return Box::pin(connect::readyz(inner, req));
         }
+        count("connect");
         Box::pin(connect::serve(inner, req))
     }
+}
+
+/// Counts one request that is not plain gRPC, by protocol (gRPC calls are
+/// counted per RPC by the service, whatever protocol carried them; this
+/// layer adds nothing to them).
+fn count(protocol: &'static str) {
+    metrics::counter!("leasehold_http_requests_total", "protocol" => protocol).increment(1);
 }
 
 /// A short `text/plain` response.
