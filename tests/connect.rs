@@ -757,3 +757,84 @@ fn metrics_count_http_requests_by_protocol() {
         "{text}"
     );
 }
+
+/// Connect envelopes: flags, 4-byte length, message.
+fn envelopes(body: &[u8]) -> Vec<(u8, Value)> {
+    let mut out = Vec::new();
+    let mut rest = body;
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let message = serde_json::from_slice(&rest[5..5 + len]).expect("JSON envelope");
+        out.push((rest[0], message));
+        rest = &rest[5 + len..];
+    }
+    assert!(rest.is_empty(), "trailing bytes");
+    out
+}
+
+#[test]
+fn keepalive_over_connect_streaming() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = auth_file(dir.path());
+    let server = Binary::start(&["--auth-file", &file.to_string_lossy()]);
+    let right = format!("authorization: Bearer {TOKEN_A}");
+    let acquired = call(
+        &server,
+        "Acquire",
+        r#"{"key": "team-a/ka", "ttlMs": 30000}"#,
+        &["-H", &right],
+    )
+    .json();
+    let token = acquired["lease"]["token"].as_str().expect("token");
+    let mut body = Vec::new();
+    for message in [
+        format!(r#"{{"key": "team-a/ka", "token": "{token}", "ttlMs": 20000}}"#),
+        r#"{"key": "team-a/ka", "token": "00000000000000000000000000000000"}"#.to_string(),
+    ] {
+        body.push(0);
+        body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        body.extend_from_slice(message.as_bytes());
+    }
+    let data = dir.path().join("stream.bin");
+    std::fs::write(&data, body).expect("write");
+    let url = format!("http://{}/leasehold.v1.LockService/KeepAlive", server.addr);
+    let stream = |headers: &[&str]| {
+        let mut args = vec![
+            "--http2-prior-knowledge",
+            "-H",
+            "content-type: application/connect+json",
+        ];
+        args.extend_from_slice(headers);
+        let data = format!("@{}", data.display());
+        args.extend(["--data-binary", &data, &url]);
+        curl(&args)
+    };
+    let reply = stream(&["-H", &right]);
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(
+        reply.header("content-type"),
+        Some("application/connect+json")
+    );
+    let got = envelopes(&reply.body);
+    assert_eq!(got.len(), 3, "two replies and the end: {got:?}");
+    assert_eq!((got[0].0, &got[0].1["alive"]), (0, &Value::from(true)));
+    assert_eq!(got[0].1["ttlMs"], 20000);
+    assert_eq!(got[1].1["alive"], false, "a wrong token is alive = false");
+    assert_eq!((got[2].0, &got[2].1), (2, &serde_json::json!({})));
+    // The stream ended with the request body: its lock was released.
+    let described = call(
+        &server,
+        "Describe",
+        r#"{"key": "team-a/ka"}"#,
+        &["-H", &right],
+    );
+    assert_eq!(described.json()["held"], false);
+
+    // Refused before it begins: the end-of-stream envelope carries the error.
+    let refused = stream(&[]);
+    assert_eq!(refused.status, 200, "{refused:?}");
+    let got = envelopes(&refused.body);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0, 2);
+    assert_eq!(got[0].1["error"]["code"], "unauthenticated", "{got:?}");
+}

@@ -1,7 +1,8 @@
 // Leasehold from Node.js with Connect-ES: one lock taken, described, renewed
 // and released over the Connect protocol on HTTP/1.1 (JSON), the same over
-// gRPC-Web, and a lock kept alive over a KeepAlive stream on HTTP/2 (gRPC),
-// which the server releases when the stream ends.
+// gRPC-Web, and locks kept alive over KeepAlive streams on HTTP/2 (gRPC, and
+// Connect streaming in JSON and protobuf), which the server releases when
+// the stream ends.
 //
 //   npm ci && npm run generate
 //   LEASEHOLD_URL=http://127.0.0.1:50051 node example.js
@@ -81,14 +82,14 @@ async function badTtl(client) {
   }
 }
 
-// KeepAlive is a bidirectional stream: HTTP/2, here over gRPC. Each message
+// KeepAlive is a bidirectional stream: HTTP/2, over gRPC or Connect. Each message
 // renews one lock and attaches it to the stream; ending the stream releases
 // every lock still attached.
-async function keepAlive(grpc, connect, key) {
-  const got = await grpc.acquire({ key, ttlMs: 30_000, owner: "node-keepalive" });
+async function keepAlive(client, connect, key, protocol) {
+  const got = await client.acquire({ key, ttlMs: 30_000, owner: "node-keepalive" });
   assert.equal(got.acquired, true);
   const { token } = got.lease;
-  step("grpc acquire", key);
+  step(`${protocol} acquire`, key);
 
   let firstReply;
   const replied = new Promise((resolve) => (firstReply = resolve));
@@ -97,11 +98,11 @@ async function keepAlive(grpc, connect, key) {
     await replied; // one renewal answered, then end the stream
   }
   let answers = 0;
-  for await (const reply of grpc.keepAlive(requests())) {
+  for await (const reply of client.keepAlive(requests())) {
     assert.equal(reply.key, key);
     assert.equal(reply.alive, true);
     answers += 1;
-    step("keepalive renewed", `${reply.ttlMs} ms`);
+    step(`${protocol} keepalive renewed`, `${reply.ttlMs} ms`);
     firstReply();
   }
   assert.equal(answers, 1);
@@ -109,7 +110,7 @@ async function keepAlive(grpc, connect, key) {
   // waiting for its 30 s TTL.
   const after = await connect.describe({ key });
   assert.equal(after.held, false, "released when the stream ended");
-  step("keepalive ended", "lock released");
+  step(`${protocol} keepalive ended`, "lock released");
 }
 
 const connect = createClient(
@@ -124,10 +125,21 @@ const grpc = createClient(
   LockService,
   createGrpcTransport({ baseUrl, interceptors }),
 );
+// Connect streaming needs HTTP/2 for a bidirectional call.
+const connectH2 = createClient(
+  LockService,
+  createConnectTransport({ baseUrl, httpVersion: "2", interceptors }),
+);
+const connectH2Binary = createClient(
+  LockService,
+  createConnectTransport({ baseUrl, httpVersion: "2", useBinaryFormat: true, interceptors }),
+);
 
 const run = Date.now().toString(36);
 await leaseCycle(connect, `${prefix}connect-${run}`, "connect");
 await leaseCycle(grpcWeb, `${prefix}grpc-web-${run}`, "grpc-web");
 await badTtl(connect);
-await keepAlive(grpc, connect, `${prefix}keepalive-${run}`);
+await keepAlive(grpc, connect, `${prefix}keepalive-grpc-${run}`, "grpc");
+await keepAlive(connectH2, connect, `${prefix}keepalive-json-${run}`, "connect+json");
+await keepAlive(connectH2Binary, connect, `${prefix}keepalive-proto-${run}`, "connect+proto");
 console.log("all steps passed");

@@ -10,6 +10,9 @@
 //! integers as strings, an unknown field refused. `application/proto`
 //! bytes pass through untouched.
 //!
+//! KeepAlive, the bidirectional RPC, is served over Connect streaming to
+//! clients that speak HTTP/2 ([`streaming`]).
+//!
 //! A granted lease whose Connect reply is lost is given back, as over gRPC:
 //! the reply's [`DeliveryGuard`] moves to the Connect reply body, which
 //! disarms it when it hands its bytes to the connection, and fires it if
@@ -25,6 +28,7 @@ use tower::Service;
 
 mod bodies;
 mod errors;
+mod streaming;
 
 pub(super) use bodies::Delivered;
 
@@ -34,6 +38,7 @@ use crate::pb;
 use crate::service::delivery::DeliveryGuard;
 use bodies::{Once, Undelivered};
 use errors::{error_response, not_found};
+use streaming::StreamCodec;
 
 /// The path prefix of the service Connect serves.
 const SERVICE_PREFIX: &str = "/leasehold.v1.LockService/";
@@ -47,8 +52,7 @@ enum Codec {
 
 impl Codec {
     fn of(headers: &HeaderMap) -> Option<Self> {
-        let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
-        let media = value.split(';').next().unwrap_or("").trim();
+        let media = media_type(headers)?;
         if media.eq_ignore_ascii_case("application/json") {
             Some(Self::Json)
         } else if media.eq_ignore_ascii_case("application/proto") {
@@ -81,10 +85,26 @@ where
         ))));
     };
     let unary = matches!(method, "Acquire" | "Release" | "Renew" | "Describe");
+    if method == "KeepAlive" && req.method() == Method::POST {
+        let codec = media_type(req.headers()).and_then(StreamCodec::of);
+        let encoding = req.headers().get("connect-content-encoding");
+        let compressed = encoding.is_some_and(|e| e.as_bytes() != b"identity");
+        if let Some(codec) = codec
+            && !compressed
+        {
+            let (mut parts, body) = req.into_parts();
+            if let Err(status) = to_grpc_headers(&mut parts.headers) {
+                return Ok(error_response(&status));
+            }
+            return streaming::keep_alive(inner, parts, body, codec).await;
+        }
+    }
     if !unary {
         let message = if method == "KeepAlive" {
-            "KeepAlive is a bidirectional stream: call it over gRPC (HTTP/2); a client \
-             limited to HTTP/1.1 takes the lock with Acquire and a TTL and keeps it with Renew"
+            "KeepAlive is a bidirectional stream: call it over gRPC, or Connect streaming \
+             (POST, application/connect+json or application/connect+proto, uncompressed) \
+             over HTTP/2; a client limited to HTTP/1.1 takes the lock with Acquire and a TTL \
+             and keeps it with Renew"
                 .to_string()
         } else {
             return Ok(not_found(&Status::unimplemented(format!(
@@ -137,10 +157,9 @@ where
         _ => "Describe",
     };
     let (mut parts, body) = req.into_parts();
-    let timeout = match grpc_timeout(&parts.headers) {
-        Ok(timeout) => timeout,
-        Err(status) => return Ok(error_response(&status)),
-    };
+    if let Err(status) = to_grpc_headers(&mut parts.headers) {
+        return Ok(error_response(&status));
+    }
     let bytes = match read_body(body).await {
         Ok(bytes) => bytes,
         Err(status) => return Ok(error_response(&status)),
@@ -152,19 +171,6 @@ where
             Err(status) => return Ok(error_response(&status)),
         },
     };
-    let headers = &mut parts.headers;
-    for name in [
-        "connect-protocol-version",
-        "connect-timeout-ms",
-        "accept-encoding",
-        "content-encoding",
-        "content-length",
-    ] {
-        headers.remove(name);
-    }
-    if let Some(timeout) = timeout {
-        headers.insert("grpc-timeout", timeout);
-    }
     let reply = grpc_unary(inner, parts, proto).await?;
     let (message, guard) = match reply {
         Ok(reply) => reply,
@@ -272,6 +278,34 @@ fn unframe(mut bytes: Bytes) -> Result<Bytes, Status> {
         return Err(Status::internal("the gRPC reply is not one message"));
     }
     Ok(bytes.split_off(5))
+}
+
+/// The headers of a Connect request made those of the gRPC call it stands
+/// for: Connect's own ones dropped, its timeout as `grpc-timeout`, the
+/// rest (`authorization`, custom metadata) kept.
+fn to_grpc_headers(headers: &mut HeaderMap) -> Result<(), Status> {
+    let timeout = grpc_timeout(headers)?;
+    for name in [
+        "connect-protocol-version",
+        "connect-timeout-ms",
+        "connect-content-encoding",
+        "connect-accept-encoding",
+        "accept-encoding",
+        "content-encoding",
+        "content-length",
+    ] {
+        headers.remove(name);
+    }
+    if let Some(timeout) = timeout {
+        headers.insert("grpc-timeout", timeout);
+    }
+    Ok(())
+}
+
+/// The media type of a request's `content-type`, without parameters.
+fn media_type(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    Some(value.split(';').next().unwrap_or("").trim())
 }
 
 /// `Connect-Timeout-Ms` as a `grpc-timeout` value.
