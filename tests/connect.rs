@@ -7,6 +7,8 @@
 
 #[path = "common/binary.rs"]
 mod binary;
+#[path = "common/certs.rs"]
+mod certs;
 mod common;
 
 use std::io::{Read, Write};
@@ -837,4 +839,58 @@ fn keepalive_over_connect_streaming() {
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].0, 2);
     assert_eq!(got[0].1["error"]["code"], "unauthenticated", "{got:?}");
+}
+
+#[test]
+fn connect_over_mutual_tls_on_both_http_versions() {
+    let pki = certs::Pki::new("connect");
+    let server_cert = pki.server();
+    let client_cert = pki.client("connect-user", &[]);
+    let path = |p: &std::path::Path| p.to_string_lossy().to_string();
+    let server = Binary::start(&[
+        "--tls-cert",
+        &path(&server_cert.cert_path),
+        "--tls-key",
+        &path(&server_cert.key_path),
+        "--tls-client-ca",
+        &path(&pki.ca_path),
+    ]);
+    let url = format!("https://{}/leasehold.v1.LockService/Describe", server.addr);
+    let ca = path(&pki.ca_path);
+    let (cert, key) = (path(&client_cert.cert_path), path(&client_cert.key_path));
+    for version in ["--http1.1", "--http2"] {
+        let reply = curl(&[
+            version,
+            "--cacert",
+            &ca,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"key": "tls/a"}"#,
+            &url,
+        ]);
+        assert_eq!(reply.status, 200, "{version}: {reply:?}");
+        assert_eq!(reply.json()["held"], false);
+    }
+    // Without a client certificate the handshake fails, whatever the protocol.
+    let refused = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--http1.1", "--cacert", &ca])
+        .args(["-H", "content-type: application/json", "-d", "{}", &url])
+        .output()
+        .expect("curl");
+    assert!(
+        !refused.status.success(),
+        "served without a client certificate"
+    );
+    // Plain HTTP on the TLS port is not served either.
+    let plain = Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .arg(format!("http://{}/healthz", server.addr))
+        .output()
+        .expect("curl");
+    assert!(!plain.status.success(), "plaintext served on the TLS port");
 }
