@@ -244,8 +244,7 @@ pub async fn run<S: LockStore>(
             Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
         }
         Some(tls) => {
-            let incoming =
-                connections::incoming_tls(listener, &config.connections, registry, tls);
+            let incoming = connections::incoming_tls(listener, &config.connections, registry, tls);
             Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
         }
     };

@@ -19,7 +19,8 @@ use crate::task::TaskGuard;
 /// Flags of `leasehold serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Address to listen on for gRPC.
+    /// Address to listen on: gRPC, and over HTTP/1.1 or HTTP/2 the Connect
+    /// protocol, gRPC-Web, `/healthz` and `/readyz`.
     #[arg(
         long,
         env = "LEASEHOLD_LISTEN",
@@ -198,9 +199,10 @@ pub struct ServeArgs {
     /// Longest a graceful shutdown may take before the process exits anyway.
     #[arg(long, env = "LEASEHOLD_SHUTDOWN_GRACE", help_heading = "Listening and connections", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
-    /// PEM certificate chain for TLS on the gRPC port (with --tls-key).
-    /// Without it the port speaks plaintext HTTP/2, and bearer tokens and
-    /// lock tokens cross the network readable by anyone on the path.
+    /// PEM certificate chain for TLS on the listening port (with
+    /// --tls-key), every protocol on it. Without it the port speaks
+    /// plaintext HTTP/2 and HTTP/1.1, and bearer tokens and lock tokens
+    /// cross the network readable by anyone on the path.
     #[arg(
         long,
         env = "LEASEHOLD_TLS_CERT",

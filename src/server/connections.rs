@@ -396,8 +396,7 @@ pub fn incoming_tls(
     limits: &ConnectionLimits,
     registry: Arc<Registry>,
     tls: Arc<rustls::ServerConfig>,
-) -> impl Stream<Item = Result<tokio_rustls::server::TlsStream<Conn>, io::Error>> + Send + 'static
-{
+) -> impl Stream<Item = Result<tokio_rustls::server::TlsStream<Conn>, io::Error>> + Send + 'static {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let state = (
         Accepting::new(listener, limits, registry),
