@@ -279,6 +279,12 @@ fn refusals_have_the_connect_status_code_and_details() {
         (info.reason.as_str(), info.domain.as_str()),
         ("INVALID_FIELD", "leasehold")
     );
+    // And readable as is, for curl users (Connect's `debug`).
+    let debug = error["details"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["type"] == "google.rpc.BadRequest"))
+        .map(|d| d["debug"]["fieldViolations"][0]["field"].clone());
+    assert_eq!(debug, Some(Value::from("ttl_ms")), "{error}");
 
     let url = format!("http://{}/leasehold.v1.LockService/Acquire", server.addr);
     let wrong_type = curl(&["-H", "content-type: text/plain", "-d", "{}", &url]);

@@ -67,15 +67,46 @@ pub(super) fn error_json(status: &Status) -> serde_json::Value {
             .into_iter()
             .map(|any| {
                 let name = any.type_url.rsplit('/').next().unwrap_or_default();
-                serde_json::json!({
+                let mut detail = serde_json::json!({
                     "type": name,
                     "value": base64::engine::general_purpose::STANDARD_NO_PAD.encode(&any.value),
-                })
+                });
+                if let Some(debug) = debug(name, &any.value) {
+                    detail["debug"] = debug;
+                }
+                detail
             })
             .collect();
         error["details"] = serde_json::Value::Array(details);
     }
     error
+}
+
+/// The detail as JSON, for people reading a reply with curl (Connect's
+/// optional `debug`; clients decode `value`).
+fn debug(name: &str, value: &[u8]) -> Option<serde_json::Value> {
+    use tonic_types::pb;
+    Some(match name {
+        "google.rpc.BadRequest" => {
+            let bad = pb::BadRequest::decode(value).ok()?;
+            let violations: Vec<_> = bad
+                .field_violations
+                .iter()
+                .map(|v| serde_json::json!({"field": v.field, "description": v.description}))
+                .collect();
+            serde_json::json!({ "fieldViolations": violations })
+        }
+        "google.rpc.ErrorInfo" => {
+            let info = pb::ErrorInfo::decode(value).ok()?;
+            serde_json::json!({"reason": info.reason, "domain": info.domain, "metadata": info.metadata})
+        }
+        "google.rpc.RetryInfo" => {
+            let delay = pb::RetryInfo::decode(value).ok()?.retry_delay?;
+            let seconds = delay.seconds as f64 + f64::from(delay.nanos) / 1e9;
+            serde_json::json!({ "retryDelay": format!("{seconds:.3}s") })
+        }
+        _ => return None,
+    })
 }
 
 /// A Connect error for a path nothing serves: HTTP 404, which Connect
