@@ -74,11 +74,13 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
+        // The one check a gRPC call pays: `application/grpc`, `+proto`, ...
+        // but not `-web`.
         let content_type = req.headers().get(header::CONTENT_TYPE);
-        let grpc = content_type.is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"));
-        if grpc
-            && !content_type.is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc-web"))
-        {
+        let grpc = content_type
+            .and_then(|ct| ct.as_bytes().strip_prefix(b"application/grpc"))
+            .is_some_and(|rest| !rest.starts_with(b"-web"));
+        if grpc {
             return Either::Left(self.inner.call(req));
         }
         // The ready service goes with the call; a clone waits for the next.
