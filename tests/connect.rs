@@ -900,3 +900,58 @@ fn connect_over_mutual_tls_on_both_http_versions() {
         .expect("curl");
     assert!(!plain.status.success(), "plaintext served on the TLS port");
 }
+
+#[test]
+fn readyz_needs_a_token_when_health_is_protected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = auth_file(dir.path());
+    let server = Binary::start(&[
+        "--auth-file",
+        &file.to_string_lossy(),
+        "--auth-protect-health",
+    ]);
+    let readyz = format!("http://{}/readyz", server.addr);
+    let refused = curl(&[&readyz]);
+    assert_eq!(refused.connect_error(401)["code"], "unauthenticated");
+    let right = format!("authorization: Bearer {TOKEN_A}");
+    let ready = curl(&["-H", &right, &readyz]);
+    assert_eq!(
+        (ready.status, ready.body.as_slice()),
+        (200, &b"SERVING\n"[..])
+    );
+    // Liveness asks nothing of anyone.
+    let healthz = curl(&[&format!("http://{}/healthz", server.addr)]);
+    assert_eq!(healthz.status, 200);
+}
+
+#[test]
+fn connect_timeout_ms_is_the_call_deadline() {
+    let server = Binary::start(&[]);
+    let held = call(
+        &server,
+        "Acquire",
+        r#"{"key": "slow", "ttlMs": 30000}"#,
+        &[],
+    );
+    assert_eq!(held.json()["acquired"], true);
+    let start = Instant::now();
+    let waited = call(
+        &server,
+        "Acquire",
+        r#"{"key": "slow", "ttlMs": 30000, "waitMs": 20000}"#,
+        &["-H", "connect-timeout-ms: 500"],
+    );
+    let took = start.elapsed();
+    assert_eq!(waited.connect_error(504)["code"], "deadline_exceeded");
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    let bad = call(
+        &server,
+        "Describe",
+        r#"{"key": "slow"}"#,
+        &["-H", "connect-timeout-ms: soon"],
+    );
+    assert_eq!(bad.connect_error(400)["code"], "invalid_argument");
+}
