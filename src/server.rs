@@ -1,11 +1,15 @@
-//! Assembles the gRPC server: the lock service, health, reflection, TLS,
-//! authentication, HTTP/2 keepalive, limits and graceful shutdown. `run` takes its listener and its
+//! Assembles the server: the lock service, health, reflection, TLS,
+//! authentication, HTTP/2 keepalive, limits and graceful shutdown, and on
+//! the same listener, over HTTP/1.1 and HTTP/2, gRPC-Web, the Connect
+//! protocol and HTTP health endpoints ([`protocols`]). `run` takes its listener and its
 //! shutdown signal as arguments, so tests bind 127.0.0.1:0 and stop it at
 //! will (mini-redis `server::run`). Connections are accepted by
 //! [`connections`], which bounds them before tonic sees them.
 
 pub mod calls;
+mod connect;
 pub mod connections;
+pub mod protocols;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -55,6 +59,9 @@ pub struct ServerConfig {
     /// Bearer-token / client-certificate authentication and key scopes;
     /// `None` lets every caller use every key.
     pub auth: Option<Arc<Authenticator>>,
+    /// Origins whose browser pages may call the server (gRPC-Web, Connect):
+    /// `*` for any; empty, the default, answers no cross-origin request.
+    pub cors_allow_origins: Vec<String>,
 }
 
 /// The server's TLS identity and, for mutual TLS, the CA its clients'
@@ -81,28 +88,48 @@ impl std::fmt::Debug for ServerTls {
 impl ServerTls {
     /// Checks that the PEM parses and the key matches, for start-up.
     pub fn check(&self) -> Result<(), String> {
-        tonic::transport::Server::builder()
-            .tls_config(self.config())
-            .map(|_| ())
-            .map_err(|e| {
-                let mut message = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(cause) = source {
-                    message = format!("{message}: {cause}");
-                    source = cause.source();
-                }
-                message
-            })
+        self.rustls_config().map(|_| ())
     }
 
-    fn config(&self) -> tonic::transport::ServerTlsConfig {
-        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-        let config =
-            ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
-        match &self.client_ca_pem {
-            Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
-            None => config,
+    /// The TLS configuration of the listener: this identity, client
+    /// certificates required when a client CA is set, and both HTTP/2 and
+    /// HTTP/1.1 offered (ALPN), for gRPC and for the HTTP protocols.
+    fn rustls_config(&self) -> Result<rustls::ServerConfig, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certs = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("certificate: {e}"))?;
+        if certs.is_empty() {
+            return Err("certificate: no certificate in the PEM".into());
         }
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| format!("key: {e}"))?;
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?;
+        let builder = match &self.client_ca_pem {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(ca) {
+                    let cert = cert.map_err(|e| format!("client CA: {e}"))?;
+                    roots.add(cert).map_err(|e| format!("client CA: {e}"))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| format!("client CA: {e}"))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| e.to_string())?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(config)
     }
 }
 
@@ -119,6 +146,7 @@ impl Default for ServerConfig {
             max_waiters: 10_000,
             tls: None,
             auth: None,
+            cors_allow_origins: Vec::new(),
         }
     }
 }
@@ -133,7 +161,7 @@ pub async fn run<S: LockStore>(
     config: ServerConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let stopping = CancellationToken::new();
     let (reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::NotServing).await;
@@ -170,7 +198,6 @@ pub async fn run<S: LockStore>(
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
 
     let registry = Arc::new(connections::Registry::new(&config.connections));
-    let incoming = connections::incoming(listener, &config.connections, registry.clone());
     let signal = {
         let stopping = stopping.clone();
         let mut reporter = reporter.clone();
@@ -188,31 +215,52 @@ pub async fn run<S: LockStore>(
             reporter.clear_service_status(pb::SERVICE_NAME).await;
         }
     };
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &config.tls {
-        builder = builder.tls_config(tls.config())?;
-    }
-    let serve = builder
+    // `serve` checks the origins at start-up; one that slipped through
+    // allows nothing rather than everything.
+    let cors = protocols::cors(&config.cors_allow_origins).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "CORS disabled");
+        None
+    });
+    // HTTP/1.1 too, for Connect, gRPC-Web and the health endpoints; gRPC
+    // itself still needs HTTP/2.
+    // TLS is ours, not tonic's (its TLS offers only HTTP/2 in ALPN); a
+    // configuration `check` accepted cannot fail here.
+    let tls = match &config.tls {
+        Some(tls) => Some(Arc::new(tls.rustls_config()?)),
+        None => None,
+    };
+    let router = tonic::transport::Server::builder()
+        .accept_http1(true)
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .max_concurrent_streams(Some(config.connections.max_concurrent_streams))
         .http2_max_local_error_reset_streams(Some(connections::MAX_LOCAL_RESET_STREAMS))
-        .layer(calls::ActivityLayer::new(registry))
+        .layer(calls::ActivityLayer::new(registry.clone()))
         .layer(crate::service::delivery::DeliveryLayer)
+        .layer(protocols::ProtocolLayer::new(cors))
         .layer(crate::service::wire::WireErrorLayer)
         .layer(AuthLayer::new(config.auth.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(lock_service)
-        .serve_with_incoming_shutdown(incoming, signal);
+        .add_service(lock_service);
+    let serve: std::pin::Pin<Box<dyn Future<Output = _> + Send>> = match tls {
+        None => {
+            let incoming = connections::incoming(listener, &config.connections, registry);
+            Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
+        }
+        Some(tls) => {
+            let incoming = connections::incoming_tls(listener, &config.connections, registry, tls);
+            Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
+        }
+    };
     tokio::pin!(serve);
     let grace = async {
         stopping.cancelled().await;
         tokio::time::sleep(config.shutdown_grace).await;
     };
     tokio::select! {
-        result = &mut serve => result,
+        result = &mut serve => Ok(result?),
         _ = grace => {
             tracing::warn!(grace = ?config.shutdown_grace, "graceful shutdown took too long; exiting anyway");
             Ok(())

@@ -6,6 +6,7 @@
 
 mod floor;
 mod load;
+mod protocols;
 mod spawn;
 mod stats;
 
@@ -35,6 +36,9 @@ pub enum Scenario {
     Handoff,
     /// Only the baselines: the gRPC floor and direct Redis.
     Baseline,
+    /// Acquire + Release cycles over gRPC and over Connect with JSON, on
+    /// one server (memory store with --spawn), with server CPU per call.
+    Protocols,
     /// cycles, hot, keepalive and crash, one after the other.
     All,
 }
@@ -233,6 +237,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             Scenario::Crash => crash(&args, redis_url.as_deref()).await?,
             Scenario::Handoff => handoff(&args, redis_url.as_deref()).await?,
             Scenario::Baseline => baseline(&args, redis_url.as_deref()).await?,
+            Scenario::Protocols => protocols::protocols(&args).await?,
             Scenario::All => unreachable!("expanded above"),
         };
         if args.json {
@@ -769,7 +774,7 @@ fn print_report(report: &Value) {
         v => v.to_string(),
     };
     match scenario {
-        "cycles" | "baseline" | "hot" => {
+        "cycles" | "baseline" | "hot" | "protocols" => {
             for row in report["rows"].as_array().into_iter().flatten() {
                 if row.get("cycles_per_s").is_some() {
                     println!(

@@ -19,7 +19,8 @@ use crate::task::TaskGuard;
 /// Flags of `leasehold serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Address to listen on for gRPC.
+    /// Address to listen on: gRPC, and over HTTP/1.1 or HTTP/2 the Connect
+    /// protocol, gRPC-Web, `/healthz` and `/readyz`.
     #[arg(
         long,
         env = "LEASEHOLD_LISTEN",
@@ -198,9 +199,10 @@ pub struct ServeArgs {
     /// Longest a graceful shutdown may take before the process exits anyway.
     #[arg(long, env = "LEASEHOLD_SHUTDOWN_GRACE", help_heading = "Listening and connections", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
-    /// PEM certificate chain for TLS on the gRPC port (with --tls-key).
-    /// Without it the port speaks plaintext HTTP/2, and bearer tokens and
-    /// lock tokens cross the network readable by anyone on the path.
+    /// PEM certificate chain for TLS on the listening port (with
+    /// --tls-key), every protocol on it. Without it the port speaks
+    /// plaintext HTTP/2 and HTTP/1.1, and bearer tokens and lock tokens
+    /// cross the network readable by anyone on the path.
     #[arg(
         long,
         env = "LEASEHOLD_TLS_CERT",
@@ -276,6 +278,18 @@ pub struct ServeArgs {
         requires = "redis_tls_cert"
     )]
     pub redis_tls_key: Option<PathBuf>,
+    /// Origin whose browser pages may call the server over gRPC-Web and
+    /// Connect (CORS), e.g. `https://app.example.com`; repeat the flag or
+    /// separate with commas; `*` allows any origin. Off by default: no
+    /// cross-origin request is answered. Bearer tokens still apply.
+    #[arg(
+        long,
+        env = "LEASEHOLD_CORS_ALLOW_ORIGIN",
+        help_heading = "Listening and connections",
+        value_name = "ORIGIN",
+        value_delimiter = ','
+    )]
+    pub cors_allow_origin: Vec<String>,
     /// Serve Prometheus metrics over HTTP at this address (path /metrics).
     #[arg(long, env = "LEASEHOLD_METRICS_LISTEN", help_heading = "Observability")]
     pub metrics_listen: Option<SocketAddr>,
@@ -352,7 +366,10 @@ impl ServeArgs {
             )?)),
             None => None,
         };
+        crate::server::protocols::cors(&self.cors_allow_origin)
+            .map_err(|e| format!("--cors-allow-origin: {e}"))?;
         Ok(ServerConfig {
+            cors_allow_origins: self.cors_allow_origin.clone(),
             limits: ServiceLimits {
                 fields,
                 max_streams_per_connection: self.max_streams_per_connection,

@@ -1,6 +1,20 @@
-//! The one error type of the domain, and its mapping to gRPC status codes.
+//! The one error type of the domain, and its mapping to gRPC status codes
+//! with rich details (`google.rpc.BadRequest`, `ErrorInfo`, `RetryInfo` in
+//! `grpc-status-details-bin`; the Connect protocol carries the same details).
+
+use std::collections::HashMap;
+use std::time::Duration;
 
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The `ErrorInfo.domain` of every error Leasehold reports.
+pub const ERROR_DOMAIN: &str = "leasehold";
+
+/// How long a client should wait before retrying a call that failed because
+/// the store could not be reached (`RetryInfo`); a hint, the client's own
+/// backoff decides.
+pub const STORE_RETRY_DELAY: Duration = Duration::from_millis(200);
 
 /// Everything that can go wrong with a lock operation. Contention is not an
 /// error (it is [`super::AcquireOutcome::Held`]).
@@ -79,10 +93,90 @@ impl LockError {
             Self::Internal(_) => "internal",
         }
     }
+
+    /// The stable `ErrorInfo.reason` of this error: what a program matches
+    /// on, where the message is for people and may be reworded.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidArgument { .. } => "INVALID_FIELD",
+            Self::Unavailable(_) => "STORE_UNAVAILABLE",
+            Self::ResourceExhausted(_) => "QUOTA_EXCEEDED",
+            Self::DeadlineExceeded(_) => "DEADLINE_EXCEEDED",
+            Self::ShuttingDown => "SERVER_SHUTTING_DOWN",
+            Self::Unauthenticated(_) => "UNAUTHENTICATED",
+            Self::PermissionDenied(_) => "KEY_OUT_OF_SCOPE",
+            Self::Internal(_) => "INTERNAL",
+        }
+    }
+
+    /// The details a client can act on: which field is wrong, a stable
+    /// reason, and when retrying helps, how soon.
+    pub fn details(&self) -> ErrorDetails {
+        let mut metadata = HashMap::new();
+        let mut details = ErrorDetails::new();
+        match self {
+            Self::InvalidArgument { field, reason } => {
+                details.add_bad_request_violation(*field, reason.clone());
+                metadata.insert("field".to_string(), (*field).to_string());
+            }
+            // Retrying helps: the store may be back, or another server up.
+            Self::Unavailable(_) => {
+                details.set_retry_info(Some(STORE_RETRY_DELAY));
+            }
+            Self::ShuttingDown => {
+                details.set_retry_info(Some(Duration::ZERO));
+            }
+            _ => {}
+        }
+        details.set_error_info(self.reason(), ERROR_DOMAIN, metadata);
+        details
+    }
 }
 
 impl From<LockError> for Status {
     fn from(err: LockError) -> Self {
-        Status::new(err.code(), err.to_string())
+        Status::with_error_details(err.code(), err.to_string(), err.details())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_carry_details_and_keep_their_message() {
+        let status = Status::from(LockError::invalid("ttl_ms", "must be at most 3600000"));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.message(), "ttl_ms: must be at most 3600000");
+        let details = status.get_error_details();
+        let violations = &details.bad_request().expect("BadRequest").field_violations;
+        assert_eq!(violations.len(), 1);
+        assert_eq!(violations[0].field, "ttl_ms");
+        assert_eq!(violations[0].description, "must be at most 3600000");
+        let info = details.error_info().expect("ErrorInfo");
+        assert_eq!(
+            (info.reason.as_str(), info.domain.as_str()),
+            ("INVALID_FIELD", ERROR_DOMAIN)
+        );
+
+        let status = Status::from(LockError::Unavailable("connection refused".into()));
+        assert_eq!(status.message(), "store unavailable: connection refused");
+        let details = status.get_error_details();
+        assert_eq!(
+            details.retry_info().and_then(|r| r.retry_delay),
+            Some(STORE_RETRY_DELAY)
+        );
+        assert_eq!(
+            details.error_info().map(|i| i.reason.as_str()),
+            Some("STORE_UNAVAILABLE")
+        );
+
+        let status = Status::from(LockError::PermissionDenied("key \"a\" is not yours".into()));
+        let details = status.get_error_details();
+        assert!(details.retry_info().is_none() && details.bad_request().is_none());
+        assert_eq!(
+            details.error_info().map(|i| i.reason.as_str()),
+            Some("KEY_OUT_OF_SCOPE")
+        );
     }
 }

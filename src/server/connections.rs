@@ -378,23 +378,44 @@ pub fn incoming(
     limits: &ConnectionLimits,
     registry: Arc<Registry>,
 ) -> impl Stream<Item = Result<Conn, io::Error>> + Send + 'static {
-    let max = limits.max_connections();
-    let state = Accepting {
-        listener,
-        slots: Arc::new(Semaphore::new(max)),
-        max,
-        registry,
-        timeouts: Timeouts {
-            handshake: limits.handshake_timeout,
-            idle: limits.idle_timeout,
-        },
-        backoff: ACCEPT_BACKOFF_MIN,
-        refused: Throttled::new(),
-        failing: Throttled::new(),
-    };
+    let state = Accepting::new(listener, limits, registry);
     futures_util::stream::unfold(state, |mut state| async move {
         let conn = state.next().await;
         Some((Ok(conn), state))
+    })
+}
+
+/// [`incoming`], over TLS: each accepted connection's handshake runs
+/// beside the others (one slow client holds up no one) and within the
+/// connection's handshake deadline, which `Conn` enforces on its reads. A
+/// connection whose handshake fails is dropped. The TLS configuration
+/// decides the protocols offered (ALPN), so HTTP/1.1 clients are served
+/// too.
+pub fn incoming_tls(
+    listener: TcpListener,
+    limits: &ConnectionLimits,
+    registry: Arc<Registry>,
+    tls: Arc<rustls::ServerConfig>,
+) -> impl Stream<Item = Result<tokio_rustls::server::TlsStream<Conn>, io::Error>> + Send + 'static {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let state = (
+        Accepting::new(listener, limits, registry),
+        futures_util::stream::FuturesUnordered::new(),
+    );
+    futures_util::stream::unfold(state, move |(mut accepting, mut handshakes)| {
+        let acceptor = acceptor.clone();
+        async move {
+            use futures_util::StreamExt;
+            loop {
+                tokio::select! {
+                    conn = accepting.next() => handshakes.push(acceptor.accept(conn)),
+                    Some(done) = handshakes.next(), if !handshakes.is_empty() => match done {
+                        Ok(tls) => return Some((Ok(tls), (accepting, handshakes))),
+                        Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    },
+                }
+            }
+        }
     })
 }
 
@@ -410,6 +431,25 @@ struct Accepting {
 }
 
 impl Accepting {
+    fn new(listener: TcpListener, limits: &ConnectionLimits, registry: Arc<Registry>) -> Self {
+        let max = limits.max_connections();
+        Self {
+            listener,
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+            registry,
+            timeouts: Timeouts {
+                handshake: limits.handshake_timeout,
+                idle: limits.idle_timeout,
+            },
+            backoff: ACCEPT_BACKOFF_MIN,
+            refused: Throttled::new(),
+            failing: Throttled::new(),
+        }
+    }
+
+    /// The next connection within the cap. Cancel-safe: nothing is lost
+    /// when the future is dropped at an `.await`.
     async fn next(&mut self) -> Conn {
         loop {
             let (socket, peer) = match self.listener.accept().await {
