@@ -82,6 +82,11 @@ say "cargo clippy --no-default-features --features client --lib --examples -- -D
 cargo clippy --no-default-features --features client --lib --examples --quiet -- -D warnings
 say "cargo test --no-default-features --features client --lib"
 cargo test --no-default-features --features client --lib --quiet
+# tests/examples.rs runs the SDK's example programs: `cargo test` builds
+# examples only as test targets (under hashed names), so build them as the
+# programs a user runs.
+say "cargo build --examples"
+cargo build --examples --quiet
 say "cargo test"
 cargo test --all-targets --quiet --no-fail-fast
 say "cargo test --doc"
