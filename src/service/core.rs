@@ -185,7 +185,11 @@ pub(crate) fn give_back<S: LockStore>(store: Arc<S>, key: LockKey, token: Token)
             match store.release(&key, &token, Releasing::GiveBack).await {
                 Ok(true) => tracing::debug!(key = key.as_str(), "gave back a grant its client never received"),
                 Ok(false) => {}
-                Err(e) => tracing::warn!(key = key.as_str(), error = %e, "could not give back an undelivered grant; it expires with its TTL"),
+                // The store is down: the Acquire this undoes most likely never
+                // reached it either (the outage is reported by health), and if
+                // it did, its TTL frees it.
+                Err(e @ LockError::Unavailable(_)) => tracing::debug!(key = key.as_str(), error = %e, "could not give back a grant that may have been made; if it was, it expires with its TTL"),
+                Err(e) => tracing::warn!(key = key.as_str(), error = %e, "could not give back a grant that may have been made; if it was, it expires with its TTL"),
             }
         }
         .instrument(tracing::debug_span!("give-back")),
