@@ -13,15 +13,16 @@
 -- Gives the lock record `lock` to `token` with a fencing token of
 -- max(counter + 1, TIME in microseconds): strictly increasing even when the
 -- counter key was evicted or lost in a failover. The counter outlives the
--- lock and expires `counter_ttl` ms after its last grant.
-local function grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl)
-  local old = redis.call('HMGET', lock, 'token', 'fence')
-  if old[1] and not old[2] then
+-- lock and expires `counter_ttl` ms after its last grant. `released`: the
+-- token of the released lease this record still keeps (nil if none), as the
+-- caller already read it.
+local function grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl, released)
+  if released then
     local left = redis.call('PTTL', lock)
     if left > 0 then
       -- Same hash slot as `lock` (the tag is the lock's); the name is built
       -- here because only this script knows the released token.
-      redis.pcall('SET', lock .. ':gone:' .. old[1], '1', 'PX', left)
+      redis.pcall('SET', lock .. ':gone:' .. released, '1', 'PX', left)
     end
   end
   local t = redis.call('TIME')

@@ -40,7 +40,9 @@ local function acquire(lock, counter, token, ttl, owner, meta, rid, counter_ttl,
     end
     return {1, cur[1], tonumber(cur[3]), tonumber(cur[4]), redis.call('PTTL', lock)}
   end
-  local fence = grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl)
+  -- Not held, but the record keeps a released token: its tombstone.
+  local released = (cur[1] and not cur[3]) and cur[1] or nil
+  local fence = grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl, released)
   return {1, token, fence, tonumber(ttl), tonumber(ttl)}
 end
 
