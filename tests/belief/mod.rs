@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+#[path = "../faults/proxy.rs"]
 pub mod proxy;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
