@@ -32,7 +32,11 @@ impl Binary {
     #[track_caller]
     pub fn start_on(listen: &str, args: &[&str]) -> Self {
         assert!(listen.starts_with("127.0.0.1:"), "tests listen on loopback");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_leasehold"));
+        // LEASEHOLD_TEST_BINARY replays a test on another build (an older
+        // release, to show that a regression test fails there).
+        let program = std::env::var_os("LEASEHOLD_TEST_BINARY")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_leasehold").into());
+        let mut cmd = Command::new(program);
         // Debug lines of the service say when a call waits, for tests to
         // wait on; they never carry a token.
         cmd.env("LEASEHOLD_LOG", "info,leasehold::service=debug")
