@@ -20,16 +20,23 @@ impl Names {
     /// The tombstone of `token`'s release of this lock (same hash slot):
     /// lets a retried Release answer true.
     pub fn gone(&self, token: &crate::lock::Token) -> String {
-        format!("{}:gone:{}", self.lock, token.expose())
+        concat(&[&self.lock, ":gone:", token.expose()])
     }
 
-    /// The names of `key` under `prefix`.
+    /// The names of `key` under `prefix`. Built with `push_str`, not
+    /// `format!`: every store call builds them, and the formatting
+    /// machinery cost about 4 000 instructions per call (callgrind).
     pub fn of(prefix: &str, key: &LockKey) -> Self {
-        let base = format!("{prefix}{{{}}}", escape_tag(key.as_str()));
+        let key = key.as_str();
+        let mut base = String::with_capacity(prefix.len() + key.len() + 2);
+        base.push_str(prefix);
+        base.push('{');
+        push_escaped(&mut base, key);
+        base.push('}');
         Self {
-            lock: format!("{base}:lock"),
-            fence: format!("{base}:fence"),
-            channel: format!("{base}:released"),
+            lock: concat(&[&base, ":lock"]),
+            fence: concat(&[&base, ":fence"]),
+            channel: concat(&[&base, ":released"]),
         }
     }
 }
@@ -39,9 +46,29 @@ pub(super) fn slot_of(name: &str) -> u16 {
     fred::util::redis_keyslot(name.as_bytes())
 }
 
+/// The parts, one after the other, in a string allocated once.
+fn concat(parts: &[&str]) -> String {
+    let mut out = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for part in parts {
+        out.push_str(part);
+    }
+    out
+}
+
 /// Escapes `%`, `{` and `}` so the tag has no braces and stays injective.
-pub(super) fn escape_tag(key: &str) -> String {
+#[cfg(test)]
+fn escape_tag(key: &str) -> String {
     let mut out = String::with_capacity(key.len());
+    push_escaped(&mut out, key);
+    out
+}
+
+/// [`escape_tag`] onto the end of `out`.
+fn push_escaped(out: &mut String, key: &str) {
+    if !key.contains(['%', '{', '}']) {
+        out.push_str(key);
+        return;
+    }
     for c in key.chars() {
         match c {
             '%' => out.push_str("%25"),
@@ -50,7 +77,6 @@ pub(super) fn escape_tag(key: &str) -> String {
             c => out.push(c),
         }
     }
-    out
 }
 
 pub(super) fn unescape_tag(tag: &str) -> String {
@@ -79,6 +105,14 @@ mod tests {
             assert_eq!(unescape_tag(&tag), key);
         }
         assert_ne!(escape_tag("{"), escape_tag("%7B"));
+        let names = Names::of("p:", &LockKey::parse("a{b}", 100).unwrap());
+        assert_eq!(names.lock, "p:{a%7Bb%7D}:lock");
+        assert_eq!(names.fence, "p:{a%7Bb%7D}:fence");
+        assert_eq!(names.channel, "p:{a%7Bb%7D}:released");
+        assert_eq!(
+            Names::of("", &LockKey::parse("k", 100).unwrap()).lock,
+            "{k}:lock"
+        );
         let ch = format!("p:{{{}}}:released", escape_tag("a}b"));
         assert_eq!(
             key_of_channel("p:", &ch).map(unescape_tag),
