@@ -85,16 +85,30 @@ fn metadata() -> impl Strategy<Value = HashMap<String, String>> {
 }
 
 fn acquire_request() -> impl Strategy<Value = pb::AcquireRequest> {
-    (text(), int(), int(), text(), metadata(), text()).prop_map(
-        |(key, ttl_ms, wait_ms, owner, metadata, request_id)| pb::AcquireRequest {
-            key,
-            ttl_ms,
-            wait_ms,
-            owner,
-            metadata,
-            request_id,
-        },
+    (
+        text(),
+        int(),
+        int(),
+        text(),
+        metadata(),
+        text(),
+        -1i32..4,
+        int(),
     )
+        .prop_map(
+            |(key, ttl_ms, wait_ms, owner, metadata, request_id, mode, shared_limit)| {
+                pb::AcquireRequest {
+                    key,
+                    ttl_ms,
+                    wait_ms,
+                    owner,
+                    metadata,
+                    request_id,
+                    mode,
+                    shared_limit,
+                }
+            },
+        )
 }
 
 fn keepalive_request() -> impl Strategy<Value = pb::KeepAliveRequest> {

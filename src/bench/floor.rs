@@ -86,6 +86,15 @@ impl LockService for Floor {
     ) -> Result<Response<pb::DescribeResponse>, Status> {
         Err(Status::unimplemented("floor server"))
     }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        _: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("floor server"))
+    }
 }
 
 /// Serves the floor on `listener` until the process is killed.

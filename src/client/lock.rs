@@ -232,6 +232,7 @@ impl LockBuilder {
                 owner: self.owner.clone(),
                 metadata: self.metadata.clone(),
                 request_id: request_id.clone(),
+                ..Default::default()
             };
             let timeout =
                 Duration::from_millis(wait_ms.into()) + transport.settings.request_timeout;

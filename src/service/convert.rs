@@ -15,6 +15,23 @@ pub struct AcquireCall {
 
 /// Validates every field of an Acquire request, and picks a fresh token.
 pub fn acquire_request(req: pb::AcquireRequest, limits: &Limits) -> Result<AcquireCall, LockError> {
+    match pb::LockMode::try_from(req.mode) {
+        Ok(pb::LockMode::Unspecified | pb::LockMode::Exclusive) => {}
+        // Shared holders are not served yet: refused rather than taken for
+        // an exclusive lock, which a semaphore user would not expect.
+        Ok(pb::LockMode::Shared) => {
+            return Err(LockError::invalid(
+                "mode",
+                "LOCK_MODE_SHARED is not served by this server yet",
+            ));
+        }
+        Err(_) => {
+            return Err(LockError::invalid(
+                "mode",
+                format!("unknown lock mode {}", req.mode),
+            ));
+        }
+    }
     Ok(AcquireCall {
         spec: AcquireSpec {
             key: limits.key(req.key)?,
@@ -28,7 +45,6 @@ pub fn acquire_request(req: pb::AcquireRequest, limits: &Limits) -> Result<Acqui
     })
 }
 
-/// Builds the reply to an Acquire.
 /// Builds the reply to an Acquire that arrived at `arrival`.
 /// `valid_for_ms` counts the lease's validity from the request's arrival
 /// (so from the client's send time, which is earlier): the store set the
@@ -77,12 +93,25 @@ pub fn key_and_token(
 pub fn describe_response(info: Option<LockInfo>) -> pb::DescribeResponse {
     match info {
         None => pb::DescribeResponse::default(),
-        Some(info) => pb::DescribeResponse {
-            held: true,
-            owner: info.owner,
-            fencing_token: info.fencing_token,
-            ttl_ms: info.ttl_ms,
-            metadata: info.metadata.entries().iter().cloned().collect(),
-        },
+        Some(info) => {
+            let metadata: std::collections::HashMap<String, String> =
+                info.metadata.entries().iter().cloned().collect();
+            pb::DescribeResponse {
+                held: true,
+                holders: vec![pb::Holder {
+                    owner: info.owner.clone(),
+                    fencing_token: info.fencing_token,
+                    ttl_ms: info.ttl_ms,
+                    metadata: metadata.clone(),
+                    mode: pb::LockMode::Exclusive.into(),
+                }],
+                owner: info.owner,
+                fencing_token: info.fencing_token,
+                ttl_ms: info.ttl_ms,
+                metadata,
+                mode: pb::LockMode::Exclusive.into(),
+                shared_limit: 0,
+            }
+        }
     }
 }

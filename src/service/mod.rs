@@ -231,6 +231,17 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
 
     type KeepAliveStream = KeepAliveStream;
 
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        _: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented(
+            "Watch is not served by this server yet; poll Describe",
+        ))
+    }
+
     async fn keep_alive(
         &self,
         request: Request<Streaming<pb::KeepAliveRequest>>,
