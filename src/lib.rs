@@ -42,6 +42,7 @@
 #[cfg(feature = "client")]
 pub mod client;
 
+mod backoff;
 pub mod codec;
 pub mod pb;
 pub mod task;

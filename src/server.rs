@@ -27,7 +27,7 @@ use crate::pb;
 use crate::service::queues::WaitQueues;
 use crate::service::{LockServiceImpl, ServiceLimits};
 use crate::store::{Instrumented, LockStore};
-use crate::task::TaskGuard;
+use crate::task;
 
 /// Largest request message accepted. Requests are small (a key, an owner,
 /// 4 KiB of metadata); anything far bigger is hostile.
@@ -165,7 +165,7 @@ pub async fn run<S: LockStore>(
     let stopping = CancellationToken::new();
     let (reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::NotServing).await;
-    let _health_task = TaskGuard::spawn(
+    let _health_task = task::spawn(
         "health",
         watch_store(
             store.clone(),
@@ -238,7 +238,7 @@ pub async fn run<S: LockStore>(
         .layer(calls::ActivityLayer::new(registry.clone()))
         .layer(crate::service::delivery::DeliveryLayer)
         .layer(protocols::ProtocolLayer::new(cors))
-        .layer(crate::service::wire::WireErrorLayer)
+        .layer(crate::service::wire::layer())
         .layer(AuthLayer::new(config.auth.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -4,8 +4,6 @@
 //! and reflection stay open unless protected; the SDK and the CLI send
 //! their token; the auth file reloads on SIGHUP and a bad one is refused.
 
-#[path = "common/binary.rs"]
-mod binary;
 mod common;
 
 use std::process::Command;
@@ -315,7 +313,7 @@ async fn sighup_reloads_the_auth_file_and_a_bad_one_is_refused() {
     let file = dir.path().join("auth.toml");
     write(&file, &policy_text());
     let server = tokio::task::block_in_place(|| {
-        binary::Binary::start(&["--auth-file", &file.to_string_lossy()])
+        ServerProcess::start(&["--auth-file", &file.to_string_lossy()])
     });
     let mut c = pb::lock_service_client::LockServiceClient::connect(server.endpoint())
         .await
@@ -397,7 +395,7 @@ async fn the_cli_sends_its_token_and_exits_77_when_denied() {
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, format!("{TOKEN_B}\n")).unwrap();
     let server = tokio::task::block_in_place(|| {
-        binary::Binary::start(&["--auth-file", &file.to_string_lossy()])
+        ServerProcess::start(&["--auth-file", &file.to_string_lossy()])
     });
     let run = |key: &str, env_token: Option<&str>, file: Option<&std::path::Path>| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_leasehold"));
@@ -485,7 +483,7 @@ async fn digest_entries_in_any_case_authenticate_the_token_not_the_digest() {
         ),
     );
     let server = tokio::task::block_in_place(|| {
-        binary::Binary::start(&["--auth-file", &file.to_string_lossy()])
+        ServerProcess::start(&["--auth-file", &file.to_string_lossy()])
     });
     let mut c = pb::lock_service_client::LockServiceClient::connect(server.endpoint())
         .await

@@ -105,12 +105,7 @@ impl Cli {
     }
 
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok);
+        signal(self.child.id(), sig);
     }
 }
 
@@ -532,6 +527,25 @@ async fn exit_codes_and_one_line_errors() {
     // No command at all: a usage error.
     let (code, _, _) = tokio::task::block_in_place(|| run(&["lock", "k", "--endpoint", &endpoint]));
     assert_eq!(code, 2);
+    // The command without `--`: a usage error that says where it goes.
+    let (code, _, err) = tokio::task::block_in_place(|| run(&["lock", "k", "echo", "hi"]));
+    assert_eq!(code, 2);
+    assert!(
+        err.iter()
+            .any(|l| l.contains("tip: put the command after `--`")),
+        "{err:?}"
+    );
+    // `--ttl 0` and a negative TTL are refused, not taken for the default
+    // or for a command after `--`.
+    for (ttl, says) in [
+        ("0", "must be more than 0"),
+        ("-5s", "cannot be negative (did you mean 5s?)"),
+    ] {
+        let (code, _, err) =
+            tokio::task::block_in_place(|| run(&["lock", "k", "--ttl", ttl, "--", "true"]));
+        assert_eq!(code, 2, "{ttl}: {err:?}");
+        assert!(err.iter().any(|l| l.contains(says)), "{ttl}: {err:?}");
+    }
     drop(holder);
 }
 

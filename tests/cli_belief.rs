@@ -38,15 +38,6 @@ fn stamps(file: &Path) -> Vec<u128> {
         .collect()
 }
 
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
-
 fn wait_exit(child: &mut std::process::Child, within: Duration) -> i32 {
     let mut code = None;
     wait_until("leasehold lock to exit", within, || {

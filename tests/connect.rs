@@ -5,10 +5,6 @@
 //! the connection limits over HTTP/1.1. Also the README's curl session, run
 //! as written, and the rich error details of a gRPC status.
 
-#[path = "common/binary.rs"]
-mod binary;
-#[path = "common/certs.rs"]
-mod certs;
 mod common;
 
 use std::io::{Read, Write};
@@ -18,7 +14,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use binary::Binary;
 use common::*;
 use leasehold::pb;
 use prost::Message;
@@ -101,7 +96,7 @@ fn curl(args: &[&str]) -> Reply {
 
 /// POSTs `json` to a LockService method over HTTP/1.1.
 #[track_caller]
-fn call(server: &Binary, method: &str, json: &str, extra: &[&str]) -> Reply {
+fn call(server: &ServerProcess, method: &str, json: &str, extra: &[&str]) -> Reply {
     let url = format!("http://{}/leasehold.v1.LockService/{method}", server.addr);
     let mut args = vec!["-H", "content-type: application/json", "-d", json];
     args.extend_from_slice(extra);
@@ -126,7 +121,7 @@ fn detail<T: Message + Default>(error: &Value, name: &str) -> T {
 
 #[test]
 fn every_unary_rpc_over_http1_json() {
-    let server = Binary::start(&[]);
+    let server = ServerProcess::start(&[]);
     let acquired = call(
         &server,
         "Acquire",
@@ -193,7 +188,7 @@ fn every_unary_rpc_over_http1_json() {
 
 #[test]
 fn json_over_http2_and_proto_over_both() {
-    let server = Binary::start(&[]);
+    let server = ServerProcess::start(&[]);
     let h2 = call(
         &server,
         "Acquire",
@@ -240,7 +235,7 @@ fn json_over_http2_and_proto_over_both() {
 
 #[test]
 fn refusals_have_the_connect_status_code_and_details() {
-    let server = Binary::start(&["--max-ttl", "1h"]);
+    let server = ServerProcess::start(&["--max-ttl", "1h"]);
     let bad_json = call(&server, "Acquire", r#"{"key": "a", "ttlMs": }"#, &[]);
     let error = bad_json.connect_error(400);
     assert_eq!(error["code"], "invalid_argument");
@@ -344,7 +339,7 @@ fn auth_file(dir: &std::path::Path) -> PathBuf {
 fn bearer_tokens_apply_to_connect_as_to_grpc() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = auth_file(dir.path());
-    let server = Binary::start(&["--auth-file", &file.to_string_lossy()]);
+    let server = ServerProcess::start(&["--auth-file", &file.to_string_lossy()]);
     let body = r#"{"key": "team-a/x", "ttlMs": 30000}"#;
 
     let missing = call(&server, "Acquire", body, &[]);
@@ -383,7 +378,7 @@ fn bearer_tokens_apply_to_connect_as_to_grpc() {
 fn readyz_follows_the_store_and_healthz_the_process() {
     let mut redis = RedisServer::start();
     let url = redis.url();
-    let server = Binary::start(&[
+    let server = ServerProcess::start(&[
         "--redis-url",
         &url,
         "--health-interval",
@@ -441,7 +436,7 @@ fn web_frames(body: &[u8]) -> (Vec<u8>, String) {
 
 #[test]
 fn grpc_web_over_http1_and_cors() {
-    let server = Binary::start(&["--cors-allow-origin", "https://app.example"]);
+    let server = ServerProcess::start(&["--cors-allow-origin", "https://app.example"]);
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("req.bin");
     let request = pb::AcquireRequest {
@@ -514,7 +509,7 @@ fn grpc_web_over_http1_and_cors() {
 
 #[test]
 fn no_cors_unless_configured() {
-    let server = Binary::start(&[]);
+    let server = ServerProcess::start(&[]);
     let reply = call(
         &server,
         "Describe",
@@ -531,7 +526,7 @@ fn no_cors_unless_configured() {
 
 #[test]
 fn connection_limits_hold_for_http1() {
-    let server = Binary::start(&["--max-connections", "1", "--handshake-timeout", "1s"]);
+    let server = ServerProcess::start(&["--max-connections", "1", "--handshake-timeout", "1s"]);
     let healthz = format!("http://{}/healthz", server.addr);
 
     // A silent connection is closed after the handshake timeout, HTTP/1.1
@@ -589,7 +584,7 @@ fn connection_limits_hold_for_http1() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_statuses_carry_bad_request() {
-    let server = tokio::task::block_in_place(|| Binary::start(&[]));
+    let server = tokio::task::block_in_place(|| ServerProcess::start(&[]));
     let mut client = pb::lock_service_client::LockServiceClient::connect(server.endpoint())
         .await
         .expect("connect");
@@ -658,7 +653,7 @@ type Check = fn(&str);
 
 #[test]
 fn readme_curl_session_runs_as_written() {
-    let server = Binary::start(&[]);
+    let server = ServerProcess::start(&[]);
     let commands = readme_commands();
     let checks: Vec<(&str, Check)> = vec![
         ("Acquire", |out| {
@@ -725,7 +720,7 @@ fn readme_curl_session_runs_as_written() {
 #[test]
 fn metrics_count_http_requests_by_protocol() {
     let metrics = format!("127.0.0.1:{}", free_port());
-    let server = Binary::start(&["--metrics-listen", &metrics]);
+    let server = ServerProcess::start(&["--metrics-listen", &metrics]);
     assert_eq!(
         call(&server, "Describe", r#"{"key": "m"}"#, &[]).status,
         200
@@ -784,7 +779,7 @@ fn envelopes(body: &[u8]) -> Vec<(u8, Value)> {
 fn keepalive_over_connect_streaming() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = auth_file(dir.path());
-    let server = Binary::start(&["--auth-file", &file.to_string_lossy()]);
+    let server = ServerProcess::start(&["--auth-file", &file.to_string_lossy()]);
     let right = format!("authorization: Bearer {TOKEN_A}");
     let acquired = call(
         &server,
@@ -853,7 +848,7 @@ fn connect_over_mutual_tls_on_both_http_versions() {
     let server_cert = pki.server();
     let client_cert = pki.client("connect-user", &[]);
     let path = |p: &std::path::Path| p.to_string_lossy().to_string();
-    let server = Binary::start(&[
+    let server = ServerProcess::start(&[
         "--tls-cert",
         &path(&server_cert.cert_path),
         "--tls-key",
@@ -905,7 +900,7 @@ fn connect_over_mutual_tls_on_both_http_versions() {
 fn readyz_needs_a_token_when_health_is_protected() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = auth_file(dir.path());
-    let server = Binary::start(&[
+    let server = ServerProcess::start(&[
         "--auth-file",
         &file.to_string_lossy(),
         "--auth-protect-health",
@@ -926,7 +921,7 @@ fn readyz_needs_a_token_when_health_is_protected() {
 
 #[test]
 fn connect_timeout_ms_is_the_call_deadline() {
-    let server = Binary::start(&[]);
+    let server = ServerProcess::start(&[]);
     let held = call(
         &server,
         "Acquire",

@@ -7,8 +7,6 @@
 //! middle of a batch — and checks that nobody else's lease was touched and
 //! nothing was left behind.
 
-#[path = "common/binary.rs"]
-mod binary;
 mod common;
 
 use std::time::{Duration, Instant};
@@ -558,7 +556,7 @@ tokens = ["team-b-token-0a1b2c3d4e5f"]
 async fn a_handoff_that_lands_with_the_waiters_last_attempt_is_kept() {
     let redis = tokio::task::block_in_place(RedisServer::start);
     let url = redis.url();
-    let server = binary::Binary::start(&[
+    let server = ServerProcess::start(&[
         "--redis-url",
         &url,
         "--pool-size",

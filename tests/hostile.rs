@@ -9,8 +9,6 @@
 //! on one connection, many connections, silent and idle sockets, and
 //! running out of file descriptors.
 
-#[path = "common/certs.rs"]
-mod certs;
 mod common;
 #[path = "hostile/connections.rs"]
 mod connections;

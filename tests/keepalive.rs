@@ -200,16 +200,6 @@ async fn holder_process_main() {
     }
 }
 
-fn signal(child: &std::process::Child, sig: &str) {
-    assert!(
-        Command::new("kill")
-            .args([sig, &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-}
-
 async fn killed_client_process_releases_within_a_second(backend: Backend) {
     let server = TestServer::start(backend).await;
     let (mut child, _out) = tokio::task::block_in_place(|| holder_process(&server, "sigkill"));
@@ -224,7 +214,7 @@ async fn killed_client_process_releases_within_a_second(backend: Backend) {
     });
     wait_for_waiter(&server).await;
     let killed = Instant::now();
-    signal(&child, "-KILL");
+    signal(child.id(), "-KILL");
     let _ = child.wait();
     let (resp, at) = task.await.unwrap();
     assert!(resp.acquired, "{resp:?}");
@@ -252,9 +242,9 @@ async fn frozen_client_is_detected_by_http2_pings(backend: Backend) {
     });
     wait_for_waiter(&server).await;
     let frozen = Instant::now();
-    signal(&child, "-STOP");
+    signal(child.id(), "-STOP");
     let (resp, at) = task.await.unwrap();
-    signal(&child, "-KILL");
+    signal(child.id(), "-KILL");
     let _ = child.wait();
     assert!(resp.acquired, "{resp:?}");
     // Detected after at most interval + timeout (600 ms), long before the

@@ -9,15 +9,13 @@
 //! Needs `node` and `clients/node/node_modules` (`./test.sh` runs `npm ci`
 //! there); without them the test fails and says what to install.
 
-#[path = "common/binary.rs"]
-mod binary;
 mod common;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::Mutex;
 
-use binary::Binary;
+use common::ServerProcess;
 
 const TOKEN: &str = "node-tenant-token-5e4d3c2b1a";
 
@@ -51,7 +49,7 @@ fn generate() {
 }
 
 /// Runs the example against `server` with `envs`, at most 60 s.
-fn run_example(server: &Binary, envs: &[(&str, &str)]) -> Output {
+fn run_example(server: &ServerProcess, envs: &[(&str, &str)]) -> Output {
     generate();
     let mut cmd = Command::new("timeout");
     cmd.args(["60", "node", "example.js"])
@@ -76,7 +74,7 @@ fn assert_passed(out: &Output) -> String {
 
 #[test]
 fn node_example_runs_every_transport() {
-    let server = Binary::start(&[]);
+    let server = ServerProcess::start(&[]);
     let stdout = assert_passed(&run_example(&server, &[]));
     for step in [
         "ok connect release",
@@ -102,7 +100,7 @@ fn node_example_sends_its_bearer_token() {
         format!("[[tenant]]\nname = \"node\"\nprefixes = [\"node/\"]\ntokens = [\"{TOKEN}\"]\n"),
     )
     .expect("write auth file");
-    let server = Binary::start(&["--auth-file", &file.to_string_lossy()]);
+    let server = ServerProcess::start(&["--auth-file", &file.to_string_lossy()]);
     let out = run_example(
         &server,
         &[

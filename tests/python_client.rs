@@ -8,8 +8,6 @@
 //! Needs `python3` with grpcio and grpcio-tools (`./test.sh` installs them);
 //! without them these tests fail and say what to install.
 
-#[path = "common/binary.rs"]
-mod binary;
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -17,7 +15,6 @@ use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use binary::{Binary, signal, wait_exit};
 use common::*;
 use leasehold::pb;
 use leasehold::pb::lock_service_client::LockServiceClient;
@@ -107,9 +104,9 @@ fn line(output: &Output, needle: &str) -> String {
     tokio::task::block_in_place(|| output.wait_for(needle, Duration::from_secs(30)))
 }
 
-fn redis_server(prefix: &str) -> Binary {
+fn redis_server(prefix: &str) -> ServerProcess {
     let url = shared_redis().url();
-    Binary::start(&["--redis-url", &url, "--key-prefix", prefix])
+    ServerProcess::start(&["--redis-url", &url, "--key-prefix", prefix])
 }
 
 /// Polls Describe for `span`: the lock must stay held by `fence` throughout.
@@ -282,7 +279,7 @@ async fn reattaches_after_server_stop(sig: &str) {
     let prefix = unique_prefix();
     let url = tokio::task::block_in_place(|| shared_redis().url());
     let args = ["--redis-url", url.as_str(), "--key-prefix", prefix.as_str()];
-    let mut old = tokio::task::block_in_place(|| Binary::start(&args));
+    let mut old = tokio::task::block_in_place(|| ServerProcess::start(&args));
     let addr = old.addr.clone();
     let key = "py/upgrade";
     let (mut py, out) = example(
@@ -299,7 +296,7 @@ async fn reattaches_after_server_stop(sig: &str) {
         assert_eq!(status.code(), Some(0), "graceful exit");
     }
     drop(old);
-    let new = tokio::task::block_in_place(|| Binary::start_on(&addr, &args));
+    let new = tokio::task::block_in_place(|| ServerProcess::start_on(&addr, &args));
     let mut c = client(new.endpoint()).await;
     // Until 2 s past a TTL after the old server went away, the lock stays
     // the example's: its new stream renews it. (The TTL leaves the client

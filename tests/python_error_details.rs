@@ -5,13 +5,11 @@
 //!
 //! Needs python3 with grpcio and grpcio-status (`./test.sh` installs them).
 
-#[path = "common/binary.rs"]
-mod binary;
 mod common;
 
 use std::process::Command;
 
-use binary::Binary;
+use common::ServerProcess;
 use leasehold::pb;
 use prost::Message;
 
@@ -56,7 +54,7 @@ fn python_decodes_bad_request_from_a_grpc_status() {
          python3 -m pip install grpcio-status (./test.sh installs it)\n{}",
         String::from_utf8_lossy(&probe.stderr)
     );
-    let server = Binary::start(&[]);
+    let server = ServerProcess::start(&[]);
     let request = pb::AcquireRequest {
         key: "py/details".into(),
         ttl_ms: 50,

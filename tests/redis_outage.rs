@@ -75,14 +75,7 @@ async fn frozen_redis_is_unavailable_not_a_hang() {
             .unwrap()
             .into_inner(),
     );
-    let pid = redis.pid().expect("running").to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-STOP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    redis.freeze();
     let start = Instant::now();
     let err = c.acquire(acquire("frozen2", 1_000)).await.unwrap_err();
     let took = start.elapsed();
@@ -91,13 +84,7 @@ async fn frozen_redis_is_unavailable_not_a_hang() {
     server
         .wait_health("NOT_SERVING", Duration::from_secs(10))
         .await;
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-CONT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    redis.thaw();
     server.wait_health("SERVING", Duration::from_secs(20)).await;
     let d = c.describe(describe("frozen")).await.unwrap().into_inner();
     assert!(d.held);
@@ -115,14 +102,7 @@ async fn cancelled_in_flight_acquire(resume_after: Duration) {
     )
     .await;
     let mut c = server.client().await;
-    let pid = redis.pid().expect("running").to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-STOP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    redis.freeze();
     let call = c.acquire(acquire("inflight", 60_000));
     let cancelled = tokio::time::timeout(Duration::from_millis(200), call).await;
     assert!(
@@ -130,13 +110,7 @@ async fn cancelled_in_flight_acquire(resume_after: Duration) {
         "the Acquire cannot finish while Redis is frozen"
     );
     tokio::time::sleep(resume_after).await;
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-CONT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    redis.thaw();
     // The Acquire now runs and grants; the server must give it back, so
     // another client gets the lock. (The lock may look free for a moment
     // before the abandoned grant lands: the give-back sent at the store

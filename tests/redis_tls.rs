@@ -5,8 +5,6 @@
 //! server NOT_SERVING with calls UNAVAILABLE and a log line that says why,
 //! and no log line ever holds a password.
 
-#[path = "common/certs.rs"]
-mod certs;
 mod common;
 
 use std::process::Command;
@@ -102,7 +100,7 @@ async fn rediss_with_an_acl_user_and_a_client_certificate() {
     let wrong = "wrong-pw-31415926535897";
     let args = tls_args(rediss_url(tls_port, wrong), true);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let bad = tokio::task::block_in_place(|| ServerProcess::start(&args));
+    let bad = tokio::task::block_in_place(|| ServerProcess::start_unready(&args));
     let line =
         tokio::task::block_in_place(|| bad.output.wait_for("WRONGPASS", Duration::from_secs(20)));
     assert!(line.contains("WARN"), "{line}");
@@ -117,7 +115,7 @@ async fn rediss_with_an_acl_user_and_a_client_certificate() {
     // No client certificate: the TLS handshake is refused; NOT_SERVING.
     let args = tls_args(rediss_url(tls_port, REDIS_PASSWORD), false);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let no_cert = tokio::task::block_in_place(|| ServerProcess::start(&args));
+    let no_cert = tokio::task::block_in_place(|| ServerProcess::start_unready(&args));
     tokio::task::block_in_place(|| {
         no_cert
             .output

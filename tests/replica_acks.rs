@@ -5,20 +5,16 @@
 
 mod common;
 
-#[path = "common/binary.rs"]
-mod binary;
-
 use std::time::{Duration, Instant};
 
-use binary::{Binary, signal};
 use common::*;
 use leasehold::pb;
 use leasehold::pb::lock_service_client::LockServiceClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
-fn serve(url: &str, prefix: &str, acks: &str) -> Binary {
-    Binary::start(&[
+fn serve(url: &str, prefix: &str, acks: &str) -> ServerProcess {
+    ServerProcess::start(&[
         "--redis-url",
         url,
         "--key-prefix",
@@ -33,7 +29,7 @@ fn serve(url: &str, prefix: &str, acks: &str) -> Binary {
     ])
 }
 
-async fn client(server: &Binary) -> LockServiceClient<Channel> {
+async fn client(server: &ServerProcess) -> LockServiceClient<Channel> {
     LockServiceClient::connect(server.endpoint())
         .await
         .expect("connect")

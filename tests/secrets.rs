@@ -6,11 +6,8 @@
 //! the scope — and then its whole output is searched for every lock token,
 //! every bearer token (good and bad) and the Redis password.
 
-#[path = "common/certs.rs"]
-mod certs;
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use certs::{Pki, REDIS_PASSWORD, rediss_url, tls_acl_redis};
@@ -35,28 +32,14 @@ fn req<T>(message: T, token: Option<&str>) -> Request<T> {
 }
 
 /// `leasehold serve` with every log target at trace, in `format`.
-fn start(format: &str, args: &[String]) -> (std::process::Child, Output, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_leasehold"));
-    cmd.env("LEASEHOLD_LOG", "trace")
-        .env_remove("RUST_LOG")
-        .args(["--log-format", format, "serve", "--listen", "127.0.0.1:0"])
-        .args(args);
-    let mut child = spawn_tied(cmd);
-    let output = Output::capture(&mut child);
-    let line = output.wait_for("listening", Duration::from_secs(20));
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("addr="))
-        .map(str::to_string)
-        .or_else(|| {
-            line.split("\"addr\":\"")
-                .nth(1)
-                .and_then(|r| r.split('"').next())
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| panic!("no addr in {line:?}"));
-    output.wait_for("store reachable: SERVING", Duration::from_secs(20));
-    (child, output, addr)
+fn start(format: &'static str, args: &[String]) -> ServerProcess {
+    let launch = Launch {
+        log: "trace".into(),
+        format,
+        ..Launch::default()
+    };
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ServerProcess::launch(launch, &args)
 }
 
 /// Everything a client does in a day, good and bad; returns the lock
@@ -209,15 +192,11 @@ async fn no_secret_reaches_the_logs_at_trace_level() {
             "--health-interval".into(),
             "100ms".into(),
         ];
-        let (mut child, output, addr) = tokio::task::block_in_place(|| start(format, &args));
-        let lock_tokens = session(format!("http://{addr}")).await;
-        binary_signal(child.id(), "TERM");
-        tokio::task::block_in_place(|| {
-            wait_until("the server to exit", Duration::from_secs(20), || {
-                matches!(child.try_wait(), Ok(Some(_)))
-            })
-        });
-        let lines = output.all();
+        let mut server = tokio::task::block_in_place(|| start(format, &args));
+        let lock_tokens = session(server.endpoint()).await;
+        server.signal("TERM");
+        tokio::task::block_in_place(|| server.wait_exit(Duration::from_secs(20)));
+        let lines = server.output.all();
         // The log really was at trace, transport included.
         let trace = if format == "json" {
             "\"level\":\"TRACE\""
@@ -251,14 +230,4 @@ async fn no_secret_reaches_the_logs_at_trace_level() {
             secrets.len()
         );
     }
-}
-
-fn binary_signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok, "kill -{sig} {pid}");
 }

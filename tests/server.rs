@@ -1,8 +1,6 @@
 //! The `leasehold` binary end to end: flags, the in-memory default, health,
 //! reflection-free gRPC calls, JSON logs, and graceful shutdown on SIGTERM.
 
-#[path = "common/certs.rs"]
-mod certs;
 mod common;
 
 use std::process::Command;
@@ -15,68 +13,9 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic_health::pb::health_client::HealthClient;
 
-struct Binary {
-    child: std::process::Child,
-    output: Output,
-    addr: String,
-}
-
-impl Binary {
-    fn start(args: &[&str]) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_leasehold"));
-        cmd.env("LEASEHOLD_LOG", "info,leasehold::service=debug");
-        cmd.args(["serve", "--listen", "127.0.0.1:0"]).args(args);
-        let mut child = spawn_tied(cmd);
-        let output = Output::capture(&mut child);
-        let line = output.wait_for("listening", Duration::from_secs(20));
-        let addr = line
-            .split_whitespace()
-            .find_map(|w| {
-                w.strip_prefix("addr=")
-                    .or_else(|| w.strip_prefix("\"addr\":"))
-            })
-            .map(|a| a.trim_matches(|c| c == '"' || c == ',').to_string())
-            .or_else(|| {
-                // JSON: ..."addr":"127.0.0.1:1234"...
-                line.split("\"addr\":\"")
-                    .nth(1)
-                    .and_then(|r| r.split('"').next())
-                    .map(str::to_string)
-            })
-            .unwrap_or_else(|| panic!("no addr in {line:?}"));
-        Self {
-            child,
-            output,
-            addr,
-        }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok);
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let mut status = None;
-        wait_until("the server process to exit", within, || {
-            status = self.child.try_wait().expect("try_wait");
-            status.is_some()
-        });
-        status.expect("exited")
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_default_serves_and_sigterm_is_graceful() {
-    let mut server = tokio::task::block_in_place(|| Binary::start(&["--log-format", "text"]));
+    let mut server = tokio::task::block_in_place(|| ServerProcess::start(&[]));
     let warnings: Vec<_> = server
         .output
         .all()
@@ -161,7 +100,7 @@ async fn memory_default_serves_and_sigterm_is_graceful() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_and_sigint() {
-    let mut server = tokio::task::block_in_place(|| Binary::start(&["--log-format", "json"]));
+    let mut server = tokio::task::block_in_place(|| ServerProcess::launch(json_logs(), &[]));
     let line = server.output.find("listening").expect("listening line");
     assert!(
         line.trim_start().starts_with('{') && line.contains("\"level\":\"INFO\""),
@@ -311,29 +250,15 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_json_log_line_is_strict_json() {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_leasehold"));
     // Debug for Leasehold's own modules: every span and event it has.
-    cmd.env("LEASEHOLD_LOG", "info,leasehold=debug").args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--log-format",
-        "json",
-        "--health-interval",
-        "100ms",
-    ]);
-    let mut child = spawn_tied(cmd);
-    let output = Output::capture(&mut child);
-    let line =
-        tokio::task::block_in_place(|| output.wait_for("listening", Duration::from_secs(20)));
-    let addr = line
-        .split("\"addr\":\"")
-        .nth(1)
-        .and_then(|r| r.split('"').next())
-        .expect("addr")
-        .to_string();
-    // The health task's span (the duplicate "name" of issue 18) logs this.
-    tokio::task::block_in_place(|| output.wait_for("SERVING", Duration::from_secs(20)));
+    let launch = Launch {
+        log: "info,leasehold=debug".into(),
+        ..json_logs()
+    };
+    let mut server = tokio::task::block_in_place(|| {
+        ServerProcess::launch(launch, &["--health-interval", "100ms"])
+    });
+    let addr = server.addr.clone();
     let mut c = LockServiceClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
@@ -347,20 +272,16 @@ async fn every_json_log_line_is_strict_json() {
     let waiting =
         tokio::spawn(async move { waiter.acquire(acquire_wait("j/1", 30_000, 10_000)).await });
     tokio::task::block_in_place(|| {
-        output.wait_for("waiting for the holder", Duration::from_secs(10))
+        server
+            .output
+            .wait_for("waiting for the holder", Duration::from_secs(10))
     });
     c.release(release("j/1", &lease.token)).await.unwrap();
     waiting.await.unwrap().unwrap();
     let _ = c.acquire(acquire("", 30_000)).await;
-    signal_term(child.id());
-    let mut status = None;
-    tokio::task::block_in_place(|| {
-        wait_until("the server to exit", Duration::from_secs(15), || {
-            status = child.try_wait().expect("try_wait");
-            status.is_some()
-        })
-    });
-    let lines = output.all();
+    server.signal("TERM");
+    tokio::task::block_in_place(|| server.wait_exit(Duration::from_secs(15)));
+    let lines = server.output.all();
     assert!(lines.len() >= 5, "{lines:?}");
     for line in &lines {
         serde_json::from_str::<Strict>(line).unwrap_or_else(|e| panic!("{e}: {line}"));
@@ -371,13 +292,12 @@ async fn every_json_log_line_is_strict_json() {
     );
 }
 
-fn signal_term(pid: u32) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok);
+/// A server that logs JSON.
+fn json_logs() -> Launch {
+    Launch {
+        format: "json",
+        ..Launch::default()
+    }
 }
 
 /// Runs `leasehold ARGS`; returns its exit code, stderr and how long it took.
@@ -402,10 +322,8 @@ async fn tls_mismatch_and_missing_files_are_configuration_errors_at_once() {
     let leaf = pki.server();
     let ca = pki.ca_path.to_str().unwrap();
     let (plain, tls) = tokio::task::block_in_place(|| {
-        let plain = Binary::start(&["--log-format", "text"]);
-        let tls = Binary::start(&[
-            "--log-format",
-            "text",
+        let plain = ServerProcess::start(&[]);
+        let tls = ServerProcess::start(&[
             "--tls-cert",
             leaf.cert_path.to_str().unwrap(),
             "--tls-key",
@@ -492,4 +410,36 @@ async fn the_redis_address_is_logged_before_connecting_without_its_password() {
     for l in output.all() {
         assert!(!l.contains("pw-5e4d3c2b1a"), "{l}");
     }
+}
+
+/// A server on a Redis Cluster stops without a word from fred: it closes
+/// its connections (a pool per primary, the subscriber) before its runtime
+/// stops. It used to leave that to the runtime's teardown, and fred warned
+/// "Fatal error sending QUIT command" once per client (13 lines).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_on_the_cluster_stops_without_warnings() {
+    let url = cluster_url();
+    let prefix = unique_prefix();
+    let mut server =
+        tokio::task::block_in_place(|| ServerProcess::start(&on_redis_args(&url, &prefix)));
+    // Keys on every primary, so that every pool was made.
+    let mut c = LockServiceClient::connect(server.endpoint()).await.unwrap();
+    for i in 0..30 {
+        let key = format!("quiet/{i}");
+        let lease = lease_of(c.acquire(acquire(&key, 30_000)).await.unwrap().into_inner());
+        c.release(release(&key, &lease.token)).await.unwrap();
+    }
+    drop(c);
+    server.signal("TERM");
+    let status = tokio::task::block_in_place(|| server.wait_exit(Duration::from_secs(15)));
+    assert!(status.success(), "{status:?}");
+    tokio::task::block_in_place(|| server.output.wait_closed(Duration::from_secs(5)));
+    let lines = server.output.all();
+    assert!(lines.iter().any(|l| l.contains("stopped")), "{lines:?}");
+    let noisy: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .filter(|l| !l.contains("store health check failed"))
+        .collect();
+    assert!(noisy.is_empty(), "{noisy:?}");
 }

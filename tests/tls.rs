@@ -4,8 +4,6 @@
 //! keyed on the peer address over TLS, and client-certificate subjects
 //! mapped to tenant scopes.
 
-#[path = "common/certs.rs"]
-mod certs;
 mod common;
 
 use std::process::Command;

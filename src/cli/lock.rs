@@ -34,13 +34,13 @@ use super::connect::{self, ConnectArgs, exit};
 pub struct LockArgs {
     /// The lock's name.
     pub key: String,
-    /// TTL to ask for (e.g. `30s`); without it, the server's default. It is
-    /// renewed about every third of it while CMD runs.
-    #[arg(long, env = "LEASEHOLD_TTL", value_parser = humantime::parse_duration)]
+    /// TTL to ask for (e.g. `30s`, more than 0); without it, the server's
+    /// default. It is renewed about every third of it while CMD runs.
+    #[arg(long, env = "LEASEHOLD_TTL", allow_hyphen_values = true, value_parser = connect::parse_ttl)]
     pub ttl: Option<Duration>,
     /// How long to wait while another client holds the lock; without it,
     /// as long as it takes; `0s` tries once. Not acquired in time: exit 75.
-    #[arg(long, env = "LEASEHOLD_WAIT", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "LEASEHOLD_WAIT", allow_hyphen_values = true, value_parser = connect::parse_duration_not_negative)]
     pub wait: Option<Duration>,
     /// How long CMD has to exit after SIGTERM before it gets SIGKILL, when
     /// the lease runs short or is lost. Shortened to fit in half the TTL,

@@ -44,7 +44,7 @@ impl Cli {
     /// ...`: when the arguments do not parse as given, start with a flag,
     /// and parse once `serve` is put in front, that is what they mean.
     pub fn parse_from_args(args: Vec<std::ffi::OsString>) -> Result<Self, clap::Error> {
-        let first = Self::try_parse_from(&args);
+        let first = Self::try_parse_from(&args).map_err(|e| with_lock_hint(e, &args));
         let Err(e) = &first else {
             return first;
         };
@@ -64,6 +64,22 @@ impl Cli {
             Err(_) => first,
         }
     }
+}
+
+/// `leasehold lock KEY echo hi` fails on `echo`: the command goes after
+/// `--` (so that its own flags are never taken for ours); say so.
+fn with_lock_hint(mut e: clap::Error, args: &[std::ffi::OsString]) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let is_lock = args.get(1).is_some_and(|a| a == "lock");
+    if is_lock && e.kind() == ErrorKind::UnknownArgument && !args.iter().any(|a| a == "--") {
+        e.insert(
+            ContextKind::Suggested,
+            ContextValue::StyledStrs(vec![
+                "put the command after `--`: leasehold lock KEY [OPTIONS] -- CMD [ARGS]...".into(),
+            ]),
+        );
+    }
+    e
 }
 
 /// Log output format.

@@ -14,7 +14,7 @@ use crate::server::{self, ConnectionLimits, ServerConfig, ServerTls};
 use crate::service::ServiceLimits;
 use crate::service::queues::WaitQueues;
 use crate::store::{self, LockStore, RedisConfig, RedisTls, redact_url};
-use crate::task::TaskGuard;
+use crate::task::{self, TaskGuard};
 
 /// Flags of `leasehold serve`.
 #[derive(Debug, Clone, Args)]
@@ -484,7 +484,7 @@ fn reload_on_sighup(auth: Option<Arc<Authenticator>>) -> Option<TaskGuard> {
             return None;
         }
     };
-    Some(TaskGuard::spawn("auth-reload", async move {
+    Some(task::spawn("auth-reload", async move {
         while hangups.recv().await.is_some() {
             let Some(auth) = &auth else {
                 tracing::info!("SIGHUP: no --auth-file, nothing to reload");
@@ -574,7 +574,8 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     };
     let store = Arc::new(store::open(redis.as_ref(), waiters.clone()).await?);
     tracing::info!(%addr, store = store.name(), tls = config.tls.is_some(), max_connections, "listening");
-    let result = server::run(store, waiters, config, listener, termination()).await;
+    let result = server::run(store.clone(), waiters, config, listener, termination()).await;
+    store.close().await;
     result.map_err(|e| format!("server error: {e}"))?;
     tracing::info!("stopped");
     Ok(())

@@ -247,7 +247,7 @@ impl Keeper {
         transport: Arc<Transport>,
         commands: mpsc::UnboundedReceiver<Command>,
     ) -> Self {
-        let backoff = Backoff::new(&transport.settings.retry);
+        let backoff = transport.settings.retry.backoff();
         Self {
             transport,
             commands,

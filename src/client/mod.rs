@@ -102,7 +102,7 @@ pub use lock::{LockBuilder, WAIT_SLICE};
 pub use tonic::Code;
 
 use crate::pb;
-use crate::task::TaskGuard;
+use crate::task::{self, TaskGuard};
 use held::HeldKeys;
 use keeper::{Command, Keeper};
 use transport::{Secret, Settings, Transport};
@@ -303,7 +303,7 @@ impl ClientBuilder {
         let transport = Arc::new(Transport::new(endpoints, self.settings)?);
         probe(&transport).await?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let keeper = TaskGuard::spawn(
+        let keeper = task::spawn(
             "leasehold-keepalive",
             Keeper::new(transport.clone(), rx).run(),
         );

@@ -261,7 +261,7 @@ impl Transport {
     pub(crate) fn retries(&self) -> Retries<'_> {
         Retries {
             transport: self,
-            backoff: Backoff::new(&self.settings.retry),
+            backoff: self.settings.retry.backoff(),
             started: None,
             failures: 0,
         }

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::Rng;
+use crate::backoff::Backoff;
 
 use super::Core;
 use super::queues::Seat;
@@ -33,40 +33,6 @@ const DEADLINE_MARGIN_MAX: Duration = Duration::from_millis(100);
 /// However long an attempt in flight takes, the call answers this long
 /// before the caller's deadline.
 const HARD_DEADLINE_MARGIN: Duration = Duration::from_millis(2);
-
-/// Exponential backoff with full jitter (AWS architecture blog, "Exponential
-/// Backoff And Jitter"): sleep a uniform time in [0, min(cap, base * 2^n)].
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    base: Duration,
-    cap: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub(crate) fn new(base: Duration, cap: Duration) -> Self {
-        Self {
-            base,
-            cap,
-            attempt: 0,
-        }
-    }
-
-    /// How many delays were handed out so far.
-    pub(crate) fn attempts(&self) -> u32 {
-        self.attempt
-    }
-
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        let ceiling = self
-            .base
-            .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.cap);
-        self.attempt = self.attempt.saturating_add(1);
-        let ms = ceiling.as_millis() as u64;
-        Duration::from_millis(rand::rng().random_range(0..=ms))
-    }
-}
 
 impl<S: LockStore> Core<S> {
     pub(super) async fn acquire_waiting(
@@ -236,21 +202,5 @@ impl<S: LockStore> Core<S> {
                 _ = self.shutdown.cancelled() => return Err(LockError::ShuttingDown),
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        for _ in 0..100 {
-            assert!(b.next_delay() <= Duration::from_secs(2));
-        }
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        assert!(b.next_delay() <= Duration::from_millis(100));
-        assert!(b.next_delay() <= Duration::from_millis(200));
     }
 }

@@ -9,13 +9,9 @@
 //! layer rewrites unary replies; KeepAlive uses [`contract_code`] for what
 //! its inbound stream reports.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
 use tonic::body::Body;
 use tonic::{Code, Status};
-use tower::{Layer, Service};
+use tower::util::MapResponseLayer;
 
 /// The code the contract gives a decoding failure tonic reported as
 /// `status`, or `None` when `status` is not one.
@@ -37,50 +33,25 @@ pub fn contract_code(status: &Status) -> Option<Code> {
     }
 }
 
-/// Tower layer that applies [`contract_code`] to trailers-only replies
-/// (how tonic answers a unary request it could not decode).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct WireErrorLayer;
+/// A response from the inner services.
+type Reply = http::Response<Body>;
 
-impl<S> Layer<S> for WireErrorLayer {
-    type Service = WireErrors<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        WireErrors(inner)
-    }
+/// Rewrites the status of unary replies with [`contract_code`]: a map over
+/// the response (tower's `MapResponseLayer`), nothing kept per call.
+pub fn layer() -> MapResponseLayer<fn(Reply) -> Reply> {
+    MapResponseLayer::new(rewrite)
 }
 
-/// The service made by [`WireErrorLayer`].
-#[derive(Debug, Clone)]
-pub struct WireErrors<S>(S);
-
-impl<S, B> Service<http::Request<B>> for WireErrors<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
+fn rewrite(mut response: Reply) -> Reply {
+    let code = Status::from_header_map(response.headers())
+        .as_ref()
+        .and_then(contract_code);
+    if let Some(code) = code {
+        response
+            .headers_mut()
+            .insert("grpc-status", http::HeaderValue::from(code as i32));
     }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let fut = self.0.call(req);
-        Box::pin(async move {
-            let mut response = fut.await?;
-            let code = Status::from_header_map(response.headers())
-                .as_ref()
-                .and_then(contract_code);
-            if let Some(code) = code {
-                response
-                    .headers_mut()
-                    .insert("grpc-status", http::HeaderValue::from(code as i32));
-            }
-            Ok(response)
-        })
-    }
+    response
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use super::{LateGrant, LockStore, ReleaseListener, Releasing, monotonic_unix_mic
 use crate::lock::{
     AcquireOutcome, AcquireSpec, Attachment, Grant, LockError, LockInfo, LockKey, Metadata, Token,
 };
-use crate::task::TaskGuard;
+use crate::task::{self, TaskGuard};
 
 const SHARDS: usize = 64;
 /// How often expired leases are dropped and their waiters woken.
@@ -109,7 +109,7 @@ impl MemoryStore {
             waiters,
         });
         let weak = Arc::downgrade(&inner);
-        let sweeper = TaskGuard::spawn("memory-sweeper", sweep(weak));
+        let sweeper = task::spawn("memory-sweeper", sweep(weak));
         Self {
             inner,
             _sweeper: sweeper,

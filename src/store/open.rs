@@ -35,6 +35,16 @@ pub async fn open(
     })
 }
 
+impl Store {
+    /// Closes the store's connections, waiting until they are closed (at
+    /// most the store timeout). Nothing to do for the memory store.
+    pub async fn close(&self) {
+        if let Store::Redis(s) = self {
+            s.close().await;
+        }
+    }
+}
+
 /// Calls `$call` on whichever store `$self` is.
 macro_rules! either {
     ($self:ident, $s:ident => $call:expr) => {

@@ -1,8 +1,7 @@
 //! Certificates made at test time (rcgen): a CA, server certificates for
 //! 127.0.0.1 and localhost, client certificates with a chosen CN, all
 //! written as PEM files into a temporary directory; and a redis-server
-//! that speaks only TLS and knows only one ACL user. Included with
-//! `#[path = "common/certs.rs"] mod certs;` next to `mod common;`.
+//! that speaks only TLS and knows only one ACL user.
 
 #![allow(dead_code)]
 

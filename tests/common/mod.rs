@@ -9,6 +9,12 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
+pub mod process;
+
+#[allow(unused_imports)]
+pub use process::{Launch, Ready, ServerProcess, signal, wait_exit};
+
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -138,13 +144,18 @@ pub fn spawn_tied(cmd: Command) -> Child {
 /// Reads a child's output in the background; lets a test wait for a line.
 pub struct Output {
     lines: Arc<Mutex<Vec<String>>>,
+    /// Readers (stdout, stderr) that reached the end of their pipe.
+    closed: Arc<std::sync::atomic::AtomicUsize>,
+    readers: usize,
 }
 
 impl Output {
     pub fn capture(child: &mut Child) -> Self {
         let lines = Arc::new(Mutex::new(Vec::new()));
+        let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let out = child.stdout.take();
         let err = child.stderr.take();
+        let mut readers = 0;
         for reader in [
             out.map(|o| Box::new(o) as Box<dyn std::io::Read + Send>),
             err.map(|e| Box::new(e) as _),
@@ -152,14 +163,29 @@ impl Output {
         .into_iter()
         .flatten()
         {
-            let lines = lines.clone();
+            readers += 1;
+            let (lines, closed) = (lines.clone(), closed.clone());
             std::thread::spawn(move || {
                 for line in BufReader::new(reader).lines().map_while(Result::ok) {
                     lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
                 }
+                closed.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             });
         }
-        Self { lines }
+        Self {
+            lines,
+            closed,
+            readers,
+        }
+    }
+
+    /// Waits until the child closed its output (it exited): every line it
+    /// wrote is in [`Output::all`] then.
+    #[track_caller]
+    pub fn wait_closed(&self, within: Duration) {
+        wait_until("the process's output to close", within, || {
+            self.closed.load(std::sync::atomic::Ordering::Acquire) == self.readers
+        });
     }
 
     /// Waits until a line containing `needle` appeared; returns it.
@@ -303,13 +329,7 @@ impl RedisServer {
     }
 
     fn signal(&self, sig: &str) {
-        let pid = self.pid().expect("running").to_string();
-        let ok = Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "kill {sig} {pid}");
+        signal(self.pid().expect("running"), sig);
     }
 
     /// Bytes sent to this server that it has not read yet (the receive
@@ -808,101 +828,6 @@ pub fn on_redis_args<'a>(url: &'a str, prefix: &'a str) -> Vec<&'a str> {
         "--shutdown-grace",
         "5s",
     ]
-}
-
-/// A real `leasehold serve` process, for tests that kill, freeze or restart
-/// servers. Its address comes from its `listening addr=...` log line.
-pub struct ServerProcess {
-    child: Option<Child>,
-    pub output: Output,
-    pub addr: String,
-    args: Vec<String>,
-}
-
-impl ServerProcess {
-    /// `leasehold serve --listen 127.0.0.1:0 ARGS...`, ready to serve.
-    pub fn start(args: &[&str]) -> Self {
-        Self::start_at("127.0.0.1:0", args.iter().map(|s| s.to_string()).collect())
-    }
-
-    /// A server on Redis (`url`, `prefix`) with a short health interval.
-    pub fn on_redis(url: &str, prefix: &str) -> Self {
-        Self::start(&on_redis_args(url, prefix))
-    }
-
-    fn start_at(listen: &str, args: Vec<String>) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_leasehold"));
-        cmd.env("LEASEHOLD_LOG", "info")
-            .args(["--log-format", "text", "serve", "--listen", listen])
-            .args(&args);
-        let mut child = spawn_tied(cmd);
-        let output = Output::capture(&mut child);
-        let line = output.wait_for("listening", Duration::from_secs(20));
-        let addr = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("addr="))
-            .map(|a| a.trim_matches('"').to_string())
-            .unwrap_or_else(|| panic!("no addr in {line:?}"));
-        Self {
-            child: Some(child),
-            output,
-            addr,
-            args,
-        }
-    }
-
-    pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
-    /// Sends a signal (`-TERM`, `-KILL`, `-STOP`, `-CONT`).
-    pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.pid().to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill {sig} failed");
-    }
-
-    /// Waits (bounded) for the process to exit; returns its status.
-    #[track_caller]
-    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let child = self.child.as_mut().expect("running");
-        let mut status = None;
-        wait_until("the server process to exit", within, || {
-            status = child.try_wait().expect("try_wait");
-            status.is_some()
-        });
-        self.child = None;
-        status.expect("exited")
-    }
-
-    /// SIGKILL: a crash, nothing released.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts the server again on the same address with the same flags.
-    pub fn restart(&mut self) {
-        self.kill();
-        let again = Self::start_at(&self.addr, self.args.clone());
-        assert_eq!(again.addr, self.addr);
-        *self = again;
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// The Redis URL of the shared cluster (starting it if needed).

@@ -77,6 +77,8 @@ struct Targets {
     proxies: Vec<Proxy>,
 }
 
+/// A signal to a server that may have exited already (a nemesis step
+/// racing a crash): unlike [`signal`], a failure is not an error.
 fn kill_signal(pid: u32, sig: &str) {
     let _ = std::process::Command::new("kill")
         .args([sig, &pid.to_string()])

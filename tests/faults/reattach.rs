@@ -11,7 +11,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::binary::Binary;
 use crate::checker::{End, History, Resource, check};
 use crate::common::*;
 use crate::proxy::{Mode, Proxy};
@@ -55,8 +54,8 @@ async fn partitions(pings: [&str; 4], losses_allowed: bool) {
     let redis = tokio::task::block_in_place(RedisServer::start);
     let url = redis.url();
     let prefix = unique_prefix();
-    let a: Binary = serve(&url, &prefix, &pings);
-    let b: Binary = serve(&url, &prefix, &pings);
+    let a: ServerProcess = serve(&url, &prefix, &pings);
+    let b: ServerProcess = serve(&url, &prefix, &pings);
     let history = Arc::new(History::new());
     let resource = Arc::new(Resource::new());
     let ttl = Duration::from_secs(3);

@@ -29,7 +29,7 @@ use super::call::{LATE_REPLY_LIMIT, evalsha, routed};
 use super::errors::{map_error, op_result};
 use super::route::Route;
 use crate::lock::LockError;
-use crate::task::TaskGuard;
+use crate::task::{self, TaskGuard};
 
 /// Called with the reply of an Acquire whose caller stopped waiting for it
 /// (`None`: the call failed, the outcome is unknown), to release a grant
@@ -87,7 +87,7 @@ impl Batcher {
         let (tx, rx) = mpsc::unbounded_channel();
         let slots = Arc::new(Semaphore::new(in_flight.max(1)));
         let queued = Arc::new(AtomicUsize::new(0));
-        let task = TaskGuard::spawn(
+        let task = task::spawn(
             "redis-batcher",
             gather(
                 rx,

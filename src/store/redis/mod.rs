@@ -66,6 +66,8 @@ pub struct RedisStore {
     /// On one node (not a cluster): Acquire, Release and renewals that
     /// queue behind each other go to Redis together (`batch.rs`).
     batch: Option<Batcher>,
+    /// Set by [`RedisStore::close`]: the clients are closed already.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -181,7 +183,41 @@ impl RedisStore {
             timeout,
             acks,
             batch,
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Every client this store made: the pool, the subscriber and, on a
+    /// cluster, a pool per primary.
+    fn clients(&self) -> (Pool, fred::clients::SubscriberClient, Vec<Pool>) {
+        let mut pools = self.route.own_pools();
+        if let Some(acks) = &self.acks {
+            pools.extend(acks.route.own_pools());
+        }
+        (
+            self.pool.clone(),
+            self.subscriptions.client().clone(),
+            pools,
+        )
+    }
+
+    /// Closes every connection and waits (at most the store timeout) until
+    /// they are closed. A server calls it before its runtime stops: QUITs
+    /// sent while the runtime winds down found their clients' tasks gone,
+    /// and fred warned once per client ("Fatal error sending QUIT").
+    pub async fn close(&self) {
+        if self.closed.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let (pool, subscriber, pools) = self.clients();
+        let all = async {
+            let _ = pool.quit().await;
+            let _ = subscriber.quit().await;
+            for pool in pools {
+                let _ = pool.quit().await;
+            }
+        };
+        let _ = tokio::time::timeout(self.timeout, all).await;
     }
 
     fn names(&self, key: &LockKey) -> Names {
@@ -466,10 +502,18 @@ impl LockStore for RedisStore {
                 "no Redis Cluster primary known yet".into(),
             ));
         }
-        let pings = primaries.into_iter().map(|(server, client)| async move {
-            let client = client.ok_or_else(|| {
-                LockError::Unavailable(format!("not connected to the primary {server}"))
-            })?;
+        let pings = primaries.into_iter().map(|(server, pool)| async move {
+            let not_connected =
+                || LockError::Unavailable(format!("not connected to the primary {server}"));
+            let pool = pool.ok_or_else(not_connected)?;
+            // A pool made a moment ago (the first check after start, or a
+            // replica just promoted) is still connecting: it gets the store
+            // timeout, not a NOT_SERVING at once.
+            let _ = tokio::time::timeout(self.timeout, pool.wait_for_connect()).await;
+            let client = pool.next_connected().clone();
+            if !client.is_connected() {
+                return Err(not_connected());
+            }
             bounded(self.timeout, client.ping::<()>(None)).await
         });
         join_all(pings)
@@ -486,13 +530,11 @@ impl LockStore for RedisStore {
 
 impl Drop for RedisStore {
     fn drop(&mut self) {
-        let pool = self.pool.clone();
-        let subscriber = self.subscriptions.client().clone();
-        // Close connections in the background; nothing waits for it.
-        let mut pools = self.route.own_pools();
-        if let Some(acks) = &self.acks {
-            pools.extend(acks.route.own_pools());
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
         }
+        // Close connections in the background; nothing waits for it.
+        let (pool, subscriber, pools) = self.clients();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let _ = pool.quit().await;

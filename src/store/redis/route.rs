@@ -123,9 +123,9 @@ impl Route {
         }
     }
 
-    /// Every primary and a client for it (None: not connected), for health
+    /// Every primary and its pool (None: none could be made), for health
     /// checks. Pools of nodes that are no longer primaries are closed.
-    pub(super) fn primaries(&self) -> Option<Vec<(Server, Option<Client>)>> {
+    pub(super) fn primaries(&self) -> Option<Vec<(Server, Option<Pool>)>> {
         let Self::Shards(shards) = self else {
             return None;
         };
@@ -140,12 +140,8 @@ impl Route {
             primaries
                 .into_iter()
                 .map(|server| {
-                    let client = shards
-                        .pool(&server)
-                        .ok()
-                        .map(|(p, _)| p.next_connected().clone())
-                        .filter(|c| c.is_connected());
-                    (server, client)
+                    let pool = shards.pool(&server).ok().map(|(p, _)| p);
+                    (server, pool)
                 })
                 .collect(),
         )

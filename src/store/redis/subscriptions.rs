@@ -16,7 +16,7 @@ use super::names::{key_of_channel, unescape_tag};
 use super::replies::int;
 use crate::lock::LockError;
 use crate::store::ReleaseListener;
-use crate::task::TaskGuard;
+use crate::task::{self, TaskGuard};
 
 /// The subscriber client and what it is subscribed to.
 pub(super) struct Subscriptions {
@@ -45,13 +45,13 @@ impl Subscriptions {
         let local = Arc::new(LocalReleases::default());
         let subscribing = Arc::new(tokio::sync::Mutex::new(()));
         let tasks = vec![
-            TaskGuard::spawn("redis-resubscribe", {
+            task::spawn("redis-resubscribe", {
                 let handle = subscriber.manage_subscriptions();
                 async move {
                     let _ = handle.await;
                 }
             }),
-            TaskGuard::spawn(
+            task::spawn(
                 "redis-release-listener",
                 listen(
                     subscriber.clone(),
@@ -60,7 +60,7 @@ impl Subscriptions {
                     local.clone(),
                 ),
             ),
-            TaskGuard::spawn(
+            task::spawn(
                 "redis-subscription-reaper",
                 reap(
                     subscriber.clone(),
