@@ -54,6 +54,8 @@ say "python: $(python3 --version 2>&1), grpcurl: $("$LEASEHOLD_GRPCURL" -version
 # HTTP: the Connect, gRPC-Web and health tests drive curl; the Node.js example's
 # test needs node (20 or later) and the npm packages of clients/node.
 command -v curl >/dev/null 2>&1 || apt_install curl
+# The README's shell examples (tests/readme_cli.rs) pipe through jq.
+command -v jq >/dev/null 2>&1 || apt_install jq
 command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || apt_install nodejs npm
 if [ ! -x clients/node/node_modules/.bin/buf ]; then
   say "installing clients/node packages with npm ci"

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tonic::transport::Channel;
 
 use super::h2raw;
-use crate::certs::Pki;
+use crate::common::certs::Pki;
 use crate::common::*;
 use crate::rss_kib;
 use leasehold::pb::lock_service_client::LockServiceClient;
