@@ -404,6 +404,14 @@ async fn the_redis_address_is_logged_before_connecting_without_its_password() {
         line.contains(&format!("redis://leasehold:***@127.0.0.1:{port}")),
         "{line}"
     );
+    // The warning that it is not reachable names it too.
+    let warning = tokio::task::block_in_place(|| {
+        output.wait_for("Redis not reachable", Duration::from_secs(20))
+    });
+    assert!(
+        warning.contains("WARN") && warning.contains(&format!("127.0.0.1:{port}")),
+        "{warning}"
+    );
     tokio::task::block_in_place(|| output.wait_for("listening", Duration::from_secs(20)));
     let _ = child.kill();
     let _ = child.wait();

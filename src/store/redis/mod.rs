@@ -161,12 +161,18 @@ impl RedisStore {
             subscriber.wait_for_connect().await
         })
         .await;
+        // The address it tried, in every line: the "connecting" line may be
+        // far above in a busy log.
+        let redis = config::redact_url(&config.url);
         match connected {
-            Ok(Ok(())) => tracing::info!("connected to Redis"),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "Redis not reachable yet; retrying in the background")
-            }
+            Ok(Ok(())) => tracing::info!(%redis, "connected to Redis"),
+            Ok(Err(e)) => tracing::warn!(
+                %redis,
+                error = %e,
+                "Redis not reachable yet; retrying in the background"
+            ),
             Err(_) => tracing::warn!(
+                %redis,
                 "Redis not reachable within the store timeout; retrying in the background"
             ),
         }
