@@ -1,4 +1,4 @@
-//! The conformance suite of DESIGN §2, run unchanged against the memory
+//! The conformance suite of documentation/semantics.md, run unchanged against the memory
 //! store, a single redis-server and a 3-master/3-replica Redis Cluster,
 //! through a real server over gRPC.
 

@@ -247,7 +247,7 @@ fn refusals_have_the_connect_status_code_and_details() {
         "{error}"
     );
 
-    // The mistake of issue 14: a field the server does not know is refused,
+    // A common mistake: a field the server does not know is refused,
     // naming it, instead of silently granting the default TTL.
     let unknown = call(&server, "Acquire", r#"{"key": "a", "ttl": 1000}"#, &[]);
     let error = unknown.connect_error(400);

@@ -79,7 +79,7 @@ async fn keeps(c: &mut LockServiceClient<Channel>, key: &str, token: &str, windo
     }
 }
 
-/// Issue 12, case 1: the first attempt times out while its script is
+/// A retry and the first attempt's cleanup: the first attempt times out while its script is
 /// queued; the retry with the same request_id gets the lease; the first
 /// attempt's cleanup (its dropped call, the store timeout, the late reply)
 /// must not release what the retry was given.
@@ -124,7 +124,7 @@ async fn a_request_id_retry_keeps_the_lease_the_first_attempt_got() {
     );
 }
 
-/// Issue 12, case 2: a duplicated Acquire (same request_id) replays the
+/// A replay that is not delivered: a duplicated Acquire (same request_id) replays the
 /// delivered lease; the duplicate's reply cannot be delivered (the client
 /// gives no flow-control window, then resets the stream). Its undelivered
 /// reply must not release the original holder's lease.
@@ -186,7 +186,7 @@ async fn undelivered_acquire(addr: std::net::SocketAddr, req: pb::AcquireRequest
     conn.abort();
 }
 
-/// Issue 12, case 3: a grant handed to a waiter just as its deadline
+/// A handoff at the waiter's deadline: a grant handed to a waiter just as its deadline
 /// comes is delivered or given back, never dropped. Trials race the
 /// holder's release against the waiter's deadline; after each, the lock is
 /// either the waiter's (it was told so) or free.
@@ -240,7 +240,7 @@ async fn a_handoff_at_the_waiters_deadline_is_never_left_behind() {
     }
 }
 
-/// Issue 12, case 4: a handoff whose reply is lost (Redis frozen past the
+/// An ambiguous handoff: a handoff whose reply is lost (Redis frozen past the
 /// store timeout) to a waiter that has left: when the handoff runs after
 /// all, the waiter's grant is given back instead of holding the lock for
 /// its whole TTL.
@@ -305,7 +305,7 @@ async fn an_ambiguous_handoff_to_a_waiter_that_left_is_given_back() {
     );
 }
 
-/// Issue 12, case 5, and issue 19's Redis errors: with Redis out of memory
+/// A batch that fails half way, and Redis errors: with Redis out of memory
 /// (maxmemory, noeviction), concurrent Releases and Acquires share script
 /// calls. Every Release still happens and says so; every Acquire fails on
 /// its own, as RESOURCE_EXHAUSTED with a message of ours, not Redis's.
@@ -397,7 +397,7 @@ async fn out_of_memory_fails_only_the_operations_that_need_memory() {
     }
 }
 
-/// Issue 12, case 6: a request_id is not a bearer credential. Only the same
+/// a request_id is not a bearer credential. Only the same
 /// owner (and tenant) gets the lease again; anyone else presenting the id
 /// makes an ordinary Acquire.
 async fn a_request_id_replays_only_to_its_owner(backend: Backend) {
@@ -539,7 +539,7 @@ tokens = ["team-b-token-0a1b2c3d4e5f"]
     assert!(!other.acquired, "{other:?}");
 }
 
-/// Issue 12, case 3, made to happen on purpose: the waiter's last attempt
+/// A handoff at the waiter's deadline, made to happen on purpose: the waiter's last attempt
 /// and the holder's handoff both wait in a frozen Redis, queued on the one
 /// connection in that order, and Redis is thawed after the point where the
 /// server stops granting (a tenth of the time left before the caller's

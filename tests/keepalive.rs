@@ -1,4 +1,4 @@
-//! KeepAlive streams (DESIGN §1–2): renewals keep locks, lost locks are
+//! KeepAlive streams (documentation/semantics.md, "KeepAlive streams"): renewals keep locks, lost locks are
 //! reported and detached, and every way a client can end its stream
 //! releases its locks and wakes waiters; a server shutdown does not.
 

@@ -1,4 +1,4 @@
-//! Server-side waiting (DESIGN §2 "Waiting"): waiters are woken by a
+//! Server-side waiting (documentation/semantics.md, "Waiting"): waiters are woken by a
 //! release or by the holder's expiry, end at wait_ms or at the gRPC
 //! deadline, are served one at a time, and leave nothing behind when they
 //! give up or are cancelled.

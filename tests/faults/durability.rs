@@ -1,4 +1,4 @@
-//! Durability (issue 12): what survives a Redis SIGKILLed mid-load with
+//! Durability (documentation/safety.md): what survives a Redis SIGKILLed mid-load with
 //! each persistence setting, and a rolling restart of every Leasehold
 //! server under load.
 //!

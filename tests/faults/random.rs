@@ -1,4 +1,4 @@
-//! The randomized fault run (issue 12): raw gRPC clients and SDK users on a
+//! The randomized fault run (documentation/safety.md): raw gRPC clients and SDK users on a
 //! few keys, with random deadlines, cancels, `request_id` retries,
 //! duplicated Acquires, lost replies (a TCP proxy between some clients and
 //! the servers that pauses or cuts) and KeepAlive attach/close races, while
