@@ -397,7 +397,7 @@ async fn out_of_memory_fails_only_the_operations_that_need_memory() {
     }
 }
 
-/// a request_id is not a bearer credential. Only the same
+/// A request_id is not a bearer credential. Only the same
 /// owner (and tenant) gets the lease again; anyone else presenting the id
 /// makes an ordinary Acquire.
 async fn a_request_id_replays_only_to_its_owner(backend: Backend) {
