@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Request;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::checker::{End, History, Resource, check};
+use crate::checker::{History, Resource, check};
 use crate::common::{RedisServer, ServerProcess, on_redis_args, unique_prefix};
 
 /// How Redis persists, for one run of the kill scenario.
@@ -492,22 +492,7 @@ async fn durability_rolling_restart_loses_no_lock() {
         let client = crate::sdk(&eps, Duration::from_secs(20)).await;
         for j in 0..per_holder {
             let key = format!("roll/{h}/{j}");
-            let sent = Instant::now();
-            let guard = client
-                .lock(key.as_str())
-                .ttl(ttl)
-                .wait(Duration::ZERO)
-                .await
-                .expect("held");
-            history.grant(
-                &format!("holder-{h}"),
-                &key,
-                guard.fencing_token(),
-                sent,
-                Instant::now(),
-            );
-            let lost = guard.lost();
-            held.push((format!("holder-{h}"), key, guard, lost));
+            held.push(crate::hold(&client, &history, &format!("holder-{h}"), key, ttl).await);
         }
     }
     let held_keys: Vec<String> = held.iter().map(|(_, k, _, _)| k.clone()).collect();
@@ -579,14 +564,7 @@ async fn durability_rolling_restart_loses_no_lock() {
         );
     }
     for (name, key, guard, _) in held.drain(..) {
-        history.end(
-            &name,
-            &key,
-            guard.fencing_token(),
-            Instant::now(),
-            End::Released,
-        );
-        assert!(guard.release().await.expect("release"), "{key}");
+        crate::give_back(&history, &name, &key, guard).await;
     }
     let report = check(&history, &resource, Instant::now());
     eprintln!(

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use checker::{End, History, Resource, check};
 use common::*;
-use leasehold::client::{Client, Error, LostReason};
+use leasehold::client::{Client, Error, LockGuard, Lost, LostReason};
 use leasehold::pb;
 use leasehold::pb::lock_service_client::LockServiceClient;
 use tokio_util::sync::CancellationToken;
@@ -328,6 +328,41 @@ fn serve(url: &str, prefix: &str, extra: &[&str]) -> ServerProcess {
     let mut args = on_redis_args(url, prefix);
     args.extend_from_slice(extra);
     tokio::task::block_in_place(|| ServerProcess::start(&args))
+}
+
+/// A lock a holder keeps through a scenario: (holder, key, guard, lost).
+type Held = (String, String, LockGuard, Lost);
+
+/// Takes `key` for `holder` (trying once) and records the grant.
+async fn hold(
+    client: &Client,
+    history: &History,
+    holder: &str,
+    key: String,
+    ttl: Duration,
+) -> Held {
+    let sent = Instant::now();
+    let guard = client
+        .lock(key.as_str())
+        .ttl(ttl)
+        .wait(Duration::ZERO)
+        .await
+        .expect("held");
+    history.grant(holder, &key, guard.fencing_token(), sent, Instant::now());
+    let lost = guard.lost();
+    (holder.to_string(), key, guard, lost)
+}
+
+/// Releases a held lock, records it, and checks that it was still held.
+async fn give_back(history: &History, holder: &str, key: &str, guard: LockGuard) {
+    history.end(
+        holder,
+        key,
+        guard.fencing_token(),
+        Instant::now(),
+        End::Released,
+    );
+    assert!(guard.release().await.expect("release"), "{key}");
 }
 
 // ------------------------------------------------------ cluster topology

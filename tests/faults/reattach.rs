@@ -168,14 +168,7 @@ async fn partitions(pings: [&str; 4], losses_allowed: bool) {
                 lost_holders += 1;
                 continue;
             }
-            history.end(
-                &name,
-                &key,
-                guard.fencing_token(),
-                Instant::now(),
-                End::Released,
-            );
-            assert!(guard.release().await.expect("release"), "{key}");
+            crate::give_back(&history, &name, &key, guard).await;
         }
         let errors = crew.stop().await;
         assert!(errors.is_empty(), "{errors:?}");

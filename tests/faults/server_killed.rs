@@ -24,22 +24,7 @@ async fn scenario_2_leasehold_server_killed() {
         let client = sdk(&endpoints, Duration::from_secs(20)).await;
         for j in 0..2 {
             let key = format!("held/{h}/{j}");
-            let sent = Instant::now();
-            let guard = client
-                .lock(key.as_str())
-                .ttl(ttl)
-                .wait(Duration::ZERO)
-                .await
-                .expect("held");
-            history.grant(
-                &format!("holder-{h}"),
-                &key,
-                guard.fencing_token(),
-                sent,
-                Instant::now(),
-            );
-            let lost = guard.lost();
-            held.push((format!("holder-{h}"), key, guard, lost));
+            held.push(hold(&client, &history, &format!("holder-{h}"), key, ttl).await);
         }
         // The guards keep the client's keepalive task running.
         drop(client);
@@ -145,14 +130,7 @@ async fn scenario_2_leasehold_server_killed() {
         assert_eq!(info.fencing_token, guard.fencing_token());
     }
     for (name, key, guard, _) in held.drain(..) {
-        history.end(
-            &name,
-            &key,
-            guard.fencing_token(),
-            Instant::now(),
-            End::Released,
-        );
-        assert!(guard.release().await.expect("release"), "{key}");
+        give_back(&history, &name, &key, guard).await;
     }
     let report = check(&history, &resource, Instant::now());
     eprintln!(
