@@ -38,8 +38,16 @@ fn example_binary(name: &str) -> PathBuf {
         "build the examples with `cargo build --examples` (or run `cargo test --all-targets`)";
     assert!(binary.exists(), "{} is missing: {build}", binary.display());
     let mut sources = vec![repo().join("examples").join(format!("{name}.rs"))];
-    for entry in std::fs::read_dir(repo().join("src/client")).expect("src/client") {
-        sources.push(entry.expect("src/client entry").path());
+    let mut dirs = vec![repo().join("src/client")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("a directory of src/client") {
+            let path = entry.expect("an entry of src/client").path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                sources.push(path);
+            }
+        }
     }
     let built = modified(&binary);
     for source in sources {
