@@ -133,6 +133,9 @@ impl ServerTls {
     }
 }
 
+/// `--max-waiters`'s default: Acquires waiting on this server at once.
+pub const DEFAULT_MAX_WAITERS: usize = 10_000;
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
@@ -143,7 +146,7 @@ impl Default for ServerConfig {
             keepalive_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
             connections: ConnectionLimits::default(),
-            max_waiters: 10_000,
+            max_waiters: DEFAULT_MAX_WAITERS,
             tls: None,
             auth: None,
             cors_allow_origins: Vec::new(),

@@ -59,7 +59,7 @@ pub struct ServeArgs {
         long,
         env = "LEASEHOLD_MAX_KEY_BYTES",
         help_heading = "Limits",
-        default_value_t = 512
+        default_value_t = crate::lock::DEFAULT_MAX_KEY_BYTES
     )]
     pub max_key_bytes: usize,
     /// Longest owner string, in bytes.
@@ -67,7 +67,7 @@ pub struct ServeArgs {
         long,
         env = "LEASEHOLD_MAX_OWNER_BYTES",
         help_heading = "Limits",
-        default_value_t = 256
+        default_value_t = crate::lock::DEFAULT_MAX_OWNER_BYTES
     )]
     pub max_owner_bytes: usize,
     /// Most metadata entries per lock.
@@ -75,7 +75,7 @@ pub struct ServeArgs {
         long,
         env = "LEASEHOLD_MAX_METADATA_ENTRIES",
         help_heading = "Limits",
-        default_value_t = 16
+        default_value_t = crate::lock::DEFAULT_MAX_METADATA_ENTRIES
     )]
     pub max_metadata_entries: usize,
     /// Most metadata bytes per lock, keys and values together.
@@ -83,7 +83,7 @@ pub struct ServeArgs {
         long,
         env = "LEASEHOLD_MAX_METADATA_BYTES",
         help_heading = "Limits",
-        default_value_t = 4096
+        default_value_t = crate::lock::DEFAULT_MAX_METADATA_BYTES
     )]
     pub max_metadata_bytes: usize,
     /// Bound on every store call; past it the call fails with UNAVAILABLE.
@@ -94,7 +94,7 @@ pub struct ServeArgs {
         long,
         env = "LEASEHOLD_POOL_SIZE",
         help_heading = "Store",
-        default_value_t = 4
+        default_value_t = crate::store::redis::DEFAULT_POOL_SIZE
     )]
     pub pool_size: usize,
     /// Replicas that must acknowledge each grant (Redis WAIT) before it is
@@ -111,7 +111,7 @@ pub struct ServeArgs {
     /// Most Acquire/Release/renewal calls sent to a single Redis node in one
     /// script call when they queue behind each other; 1 sends each alone.
     /// Not used on a Redis Cluster. See documentation/redis.md.
-    #[arg(long, env = "LEASEHOLD_REDIS_BATCH", help_heading = "Store", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    #[arg(long, env = "LEASEHOLD_REDIS_BATCH", help_heading = "Store", default_value_t = crate::store::redis::DEFAULT_BATCH_MAX as u64, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub redis_batch: u64,
     /// How often the health check pings the store.
     #[arg(long, env = "LEASEHOLD_HEALTH_INTERVAL", help_heading = "Store", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -128,7 +128,7 @@ pub struct ServeArgs {
         long,
         env = "LEASEHOLD_MAX_STREAMS_PER_CONNECTION",
         help_heading = "Limits",
-        default_value_t = 100
+        default_value_t = crate::service::DEFAULT_MAX_STREAMS_PER_CONNECTION
     )]
     pub max_streams_per_connection: usize,
     /// HTTP/2 streams one connection may have open at once: calls of every
@@ -166,7 +166,7 @@ pub struct ServeArgs {
         long,
         env = "LEASEHOLD_MAX_LOCKS_PER_STREAM",
         help_heading = "Limits",
-        default_value_t = 10_000
+        default_value_t = crate::service::DEFAULT_MAX_LOCKS_PER_STREAM
     )]
     pub max_locks_per_stream: usize,
     /// Acquire calls that may wait at once on this server.
@@ -174,7 +174,7 @@ pub struct ServeArgs {
         long,
         env = "LEASEHOLD_MAX_WAITERS",
         help_heading = "Limits",
-        default_value_t = 10_000
+        default_value_t = crate::server::DEFAULT_MAX_WAITERS
     )]
     pub max_waiters: usize,
     /// Acquire calls one tenant (without --auth-file: one connection) may

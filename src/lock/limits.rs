@@ -27,6 +27,15 @@ pub struct Limits {
     pub max_request_id_bytes: usize,
 }
 
+/// Defaults of the field limits, shared with `leasehold serve`'s flags.
+pub const DEFAULT_MAX_KEY_BYTES: usize = 512;
+/// See [`DEFAULT_MAX_KEY_BYTES`].
+pub const DEFAULT_MAX_OWNER_BYTES: usize = 256;
+/// See [`DEFAULT_MAX_KEY_BYTES`].
+pub const DEFAULT_MAX_METADATA_ENTRIES: usize = 16;
+/// See [`DEFAULT_MAX_KEY_BYTES`].
+pub const DEFAULT_MAX_METADATA_BYTES: usize = 4096;
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -34,10 +43,10 @@ impl Default for Limits {
             min_ttl_ms: 100,
             max_ttl_ms: 3_600_000,
             max_wait_ms: 300_000,
-            max_key_bytes: 512,
-            max_owner_bytes: 256,
-            max_metadata_entries: 16,
-            max_metadata_bytes: 4096,
+            max_key_bytes: DEFAULT_MAX_KEY_BYTES,
+            max_owner_bytes: DEFAULT_MAX_OWNER_BYTES,
+            max_metadata_entries: DEFAULT_MAX_METADATA_ENTRIES,
+            max_metadata_bytes: DEFAULT_MAX_METADATA_BYTES,
             max_request_id_bytes: 128,
         }
     }

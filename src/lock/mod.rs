@@ -9,7 +9,10 @@ mod metadata;
 use std::fmt;
 
 pub use error::LockError;
-pub use limits::Limits;
+pub use limits::{
+    DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_METADATA_BYTES, DEFAULT_MAX_METADATA_ENTRIES,
+    DEFAULT_MAX_OWNER_BYTES, Limits,
+};
 pub use metadata::Metadata;
 
 /// A validated lock name: 1..=max bytes of UTF-8 without control characters.

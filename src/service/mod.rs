@@ -56,12 +56,17 @@ pub struct ServiceLimits {
 /// since.
 pub const SILENCE_RELEASE_HEADER: &str = "leasehold-silence-release-ms";
 
+/// `--max-streams-per-connection`'s default.
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: usize = 100;
+/// `--max-locks-per-stream`'s default.
+pub const DEFAULT_MAX_LOCKS_PER_STREAM: usize = 10_000;
+
 impl Default for ServiceLimits {
     fn default() -> Self {
         Self {
             fields: Limits::default(),
-            max_streams_per_connection: 100,
-            max_locks_per_stream: 10_000,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            max_locks_per_stream: DEFAULT_MAX_LOCKS_PER_STREAM,
             per_caller: quota::QuotaLimits::default(),
             silence_release: None,
         }

@@ -77,16 +77,21 @@ pub fn redact_url(url: &str) -> String {
     format!("{scheme}://{user}{}", &rest[at..])
 }
 
+/// `--pool-size`'s default: Redis connections in the command pool.
+pub const DEFAULT_POOL_SIZE: usize = 4;
+/// `--redis-batch`'s default: most operations in one script call.
+pub const DEFAULT_BATCH_MAX: usize = 64;
+
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".into(),
             prefix: "leasehold:".into(),
-            pool_size: 4,
+            pool_size: DEFAULT_POOL_SIZE,
             timeout: Duration::from_secs(2),
             tls: None,
             min_replica_acks: 0,
-            batch_max: 64,
+            batch_max: DEFAULT_BATCH_MAX,
         }
     }
 }

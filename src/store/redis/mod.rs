@@ -43,7 +43,7 @@ use args::{acquire_args, attachment_arg, grant_args};
 use batch::{Batcher, Op};
 use call::{LATE_REPLY_LIMIT, Scripts, argv, bounded, evalsha, routed};
 use config::redis_tls_connector;
-pub use config::{RedisConfig, RedisTls, redact_url};
+pub use config::{DEFAULT_BATCH_MAX, DEFAULT_POOL_SIZE, RedisConfig, RedisTls, redact_url};
 use errors::{is_redirect, map_error};
 pub use names::Names;
 use names::slot_of;
