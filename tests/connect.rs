@@ -761,6 +761,47 @@ fn metrics_count_http_requests_by_protocol() {
     );
 }
 
+/// POSTs `body` to `url` over HTTP/2 (prior knowledge) and reads the whole
+/// response: (status, body). The request body is sent after the headers,
+/// so the server may answer before reading it.
+fn h2_post(url: &str, content_type: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let url: http::Uri = url.parse().expect("url");
+    let addr = url.authority().expect("authority").to_string();
+    let body = bytes::Bytes::copy_from_slice(body);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        tokio::spawn(conn);
+        let mut client = client.ready().await.expect("ready");
+        let request = http::Request::post(url)
+            .header("content-type", content_type)
+            .body(())
+            .expect("request");
+        let (response, mut send) = client.send_request(request, false).expect("send");
+        // The server may have reset the upload already: that is its right.
+        let _ = send.send_data(body, true);
+        let response = tokio::time::timeout(Duration::from_secs(10), response)
+            .await
+            .expect("a response within 10 s")
+            .expect("response headers");
+        let status = response.status().as_u16();
+        let mut stream = response.into_body();
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.data().await {
+            let chunk = chunk.expect("response body");
+            let _ = stream.flow_control().release_capacity(chunk.len());
+            out.extend_from_slice(&chunk);
+        }
+        (status, out)
+    })
+}
+
 /// Connect envelopes: flags, 4-byte length, message.
 fn envelopes(body: &[u8]) -> Vec<(u8, Value)> {
     let mut out = Vec::new();
@@ -834,9 +875,17 @@ fn keepalive_over_connect_streaming() {
     assert_eq!(described.json()["held"], false);
 
     // Refused before it begins: the end-of-stream envelope carries the error.
-    let refused = stream(&[]);
-    assert_eq!(refused.status, 200, "{refused:?}");
-    let got = envelopes(&refused.body);
+    // Over a raw HTTP/2 client, not curl: the server answers before it has
+    // read the request, then resets the rest of the upload with NO_ERROR, as
+    // RFC 9113 §8.1 allows; curl 7.88 reports such a reset as error 92 when
+    // it lands mid-upload (about 1 in 300 runs here), newer curl does not.
+    let (status, refused) = h2_post(
+        &url,
+        "application/connect+json",
+        &std::fs::read(&data).unwrap(),
+    );
+    assert_eq!(status, 200);
+    let got = envelopes(&refused);
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].0, 2);
     assert_eq!(got[0].1["error"]["code"], "unauthenticated", "{got:?}");
