@@ -28,7 +28,9 @@
 //!   over one stream.
 //! - [`pb`]: generated protobuf/gRPC code and the reflection descriptors.
 //! - [`codec`]: the prost codec with small buffers the generated code uses.
-//! - [`task`]: owned background tasks.
+//! - [`task`]: owned background tasks (tokio-util's `AbortOnDropHandle`).
+//! - `backoff`: exponential backoff with full jitter, for the SDK's retries
+//!   and the server's fallback wake-ups of waiting Acquires.
 //! - `lock` \[server\]: domain types (keys, tokens, leases, limits) and `LockError`.
 //! - `store` \[server\]: the `LockStore` seam, the Redis store and the memory store.
 //! - `service` \[server\]: the gRPC handlers, KeepAlive sessions, server-side
