@@ -36,9 +36,10 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("no free port: {e}"))
 }
 
-/// Starts `cmd`, waits (bounded) for an output line containing `needle` on
-/// stdout or stderr, keeps draining both, and returns the process and line.
-async fn start(mut cmd: Command, needle: &str, what: &str) -> Result<(Child, String), String> {
+/// Starts `cmd`, waits (bounded) for output lines containing each of
+/// `needles` in turn on stdout or stderr, keeps draining both, and returns
+/// the process and the line of the first needle.
+async fn start(mut cmd: Command, needles: &[&str], what: &str) -> Result<(Child, String), String> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -66,9 +67,15 @@ async fn start(mut cmd: Command, needle: &str, what: &str) -> Result<(Child, Str
     }
     drop(tx);
     let found = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut first = None;
+        let mut next = needles.iter().peekable();
         while let Some(line) = rx.recv().await {
-            if line.contains(needle) {
-                return Some(line);
+            if next.peek().is_some_and(|needle| line.contains(*needle)) {
+                next.next();
+                first.get_or_insert(line);
+                if next.peek().is_none() {
+                    return first;
+                }
             }
         }
         None
@@ -81,7 +88,7 @@ async fn start(mut cmd: Command, needle: &str, what: &str) -> Result<(Child, Str
             Ok((child, line))
         }
         _ => Err(format!(
-            "{what} did not start (no {needle:?} line within 20 s)"
+            "{what} did not start (no {needles:?} lines within 20 s)"
         )),
     }
 }
@@ -128,7 +135,7 @@ async fn redis(extra: &[&str], ready: &str, what: &str) -> Result<Spawned, Strin
         &format!("leasehold-bench-{port}.rdb"),
     ])
     .args(extra);
-    let (child, _) = start(cmd, ready, what).await?;
+    let (child, _) = start(cmd, &[ready], what).await?;
     let pid = child.id().unwrap_or(0);
     Ok(Spawned {
         child,
@@ -144,14 +151,16 @@ fn addr_of(line: &str) -> Option<String> {
 }
 
 /// This binary with `args`, listening on 127.0.0.1:0; waits for its
-/// `listening addr=...` line.
-async fn this_binary(args: &[String], what: &str) -> Result<Spawned, String> {
+/// `listening addr=...` line and then the other `ready` lines.
+async fn this_binary(args: &[String], ready: &[&str], what: &str) -> Result<Spawned, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut cmd = Command::new(exe);
     cmd.args(args)
         .env("LEASEHOLD_LOG", "info")
         .env("LEASEHOLD_LOG_FORMAT", "text");
-    let (child, line) = start(cmd, "listening", what).await?;
+    let mut needles = vec!["listening"];
+    needles.extend_from_slice(ready);
+    let (child, line) = start(cmd, &needles, what).await?;
     let addr = addr_of(&line).ok_or_else(|| format!("no address in {line:?}"))?;
     let pid = child.id().unwrap_or(0);
     Ok(Spawned { child, pid, addr })
@@ -165,7 +174,8 @@ pub async fn leasehold(redis_url: Option<&str>, extra: &[String]) -> Result<Spaw
         args.push(url.into());
     }
     args.extend(extra.iter().cloned());
-    this_binary(&args, "leasehold serve").await
+    // Ready as the tests mean it: listening, and its store answers.
+    this_binary(&args, &["store reachable: SERVING"], "leasehold serve").await
 }
 
 /// The gRPC floor server.
@@ -176,6 +186,7 @@ pub async fn floor() -> Result<Spawned, String> {
             "--listen".into(),
             "127.0.0.1:0".into(),
         ],
+        &[],
         "the floor server",
     )
     .await
@@ -186,7 +197,7 @@ pub async fn crash_holder(endpoint: &str, key: &str) -> Result<Spawned, String> 
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut cmd = Command::new(exe);
     cmd.args(["bench-crash-holder", "--endpoint", endpoint, "--key", key]);
-    let (child, _) = start(cmd, "HOLDING", "the crash holder").await?;
+    let (child, _) = start(cmd, &["HOLDING"], "the crash holder").await?;
     let pid = child.id().unwrap_or(0);
     Ok(Spawned {
         child,
