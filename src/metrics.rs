@@ -60,6 +60,10 @@ fn describe() {
         "Leases seen expired: renewals that found the lock gone, and (memory store) leases swept at their TTL."
     );
     describe_counter!(
+        "leasehold_force_releases_total",
+        "ForceRelease calls answered, by result (released, not_held)."
+    );
+    describe_counter!(
         "leasehold_store_errors_total",
         "Failed store calls, by kind."
     );
@@ -122,4 +126,10 @@ pub fn expiries(n: u64) {
 /// One release at the end of a stream: `released`, `not_held` or `error`.
 pub fn stream_end_release(result: &'static str) {
     counter!("leasehold_stream_end_releases_total", "result" => result).increment(1);
+}
+
+/// One ForceRelease: whether it took a lock from a holder.
+pub fn force_release(released: bool) {
+    let result = if released { "released" } else { "not_held" };
+    counter!("leasehold_force_releases_total", "result" => result).increment(1);
 }

@@ -253,6 +253,38 @@ impl Access {
         }
     }
 
+    /// Checks that this caller has the admin grant (`admin = true` on its
+    /// tenant) in the policy in force now. Without authentication every
+    /// caller passes: the server then serves the AdminService only when
+    /// `--admin` asked for it.
+    pub fn authorize_admin(&self) -> Result<(), LockError> {
+        let Access::Caller(caller) = self else {
+            return Ok(());
+        };
+        let policy = caller.auth.policy.load();
+        let tenant = caller.credential.tenant(&policy)?;
+        if tenant.admin {
+            return Ok(());
+        }
+        Err(LockError::PermissionDenied(format!(
+            "tenant {:?} has no admin grant (`admin = true` in the auth file)",
+            tenant.name
+        )))
+    }
+
+    /// Whether this caller may see `key` (for List, which skips keys out
+    /// of scope rather than failing on them). Nothing is logged.
+    pub fn permits(&self, key: &LockKey) -> bool {
+        let Access::Caller(caller) = self else {
+            return true;
+        };
+        let policy = caller.auth.policy.load();
+        caller
+            .credential
+            .tenant(&policy)
+            .is_ok_and(|t| t.permits(key))
+    }
+
     /// Checks that this caller may use `key`, against the policy in force
     /// now: UNAUTHENTICATED if its credential no longer belongs to any
     /// tenant, PERMISSION_DENIED if the key is outside its prefixes.

@@ -3,6 +3,7 @@
 //! behaviour of their own have their own modules: waiting Acquire
 //! (`waiting`) and KeepAlive streams (`keepalive`).
 
+mod admin;
 pub mod convert;
 mod core;
 mod deadline;
@@ -28,6 +29,8 @@ use crate::lock::{AcquireOutcome, Limits, LockError};
 use crate::pb;
 use crate::store::{LockStore, Releasing};
 use queues::WaitQueues;
+
+pub use admin::AdminServiceImpl;
 
 /// What the service enforces besides per-field limits.
 #[derive(Debug, Clone)]

@@ -11,7 +11,7 @@ use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use super::{LateGrant, LockStore, ReleaseListener, Releasing, monotonic_unix_micros};
+use super::{LateGrant, ListPage, LockStore, ReleaseListener, Releasing, monotonic_unix_micros};
 use crate::lock::{
     AcquireOutcome, AcquireSpec, Attachment, Grant, LockError, LockInfo, LockKey, Metadata, Token,
 };
@@ -212,6 +212,25 @@ fn free_slot(slot: &mut Slot, token: &Token, kind: Releasing<'_>, now: Instant) 
     }
 }
 
+/// The state of a held slot, without its token.
+fn info_of(slot: &Slot, now: Instant) -> Option<LockInfo> {
+    let held = slot.lease.as_ref().filter(|h| h.live(now))?;
+    Some(LockInfo {
+        owner: held.owner.clone(),
+        fencing_token: slot.fence,
+        ttl_ms: held.remaining_ms(now),
+        metadata: held.metadata.clone(),
+    })
+}
+
+/// The last key of the previous page, from its page token.
+fn parse_page(page: &str) -> Result<String, LockError> {
+    hex::decode(page)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .ok_or_else(|| LockError::invalid("page_token", "not a page token of this server"))
+}
+
 impl LockStore for MemoryStore {
     async fn acquire(
         &self,
@@ -337,15 +356,57 @@ impl LockStore for MemoryStore {
     async fn describe(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError> {
         let now = Instant::now();
         let map = self.inner.shard(key.as_str());
-        Ok(map.get(key.as_str()).and_then(|slot| {
-            let held = slot.lease.as_ref().filter(|h| h.live(now))?;
-            Some(LockInfo {
-                owner: held.owner.clone(),
-                fencing_token: slot.fence,
-                ttl_ms: held.remaining_ms(now),
-                metadata: held.metadata.clone(),
-            })
-        }))
+        Ok(map.get(key.as_str()).and_then(|slot| info_of(slot, now)))
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        size: usize,
+        page: Option<&str>,
+    ) -> Result<ListPage, LockError> {
+        // Pages are in key order, each after the last key of the one
+        // before: stable whatever changes in between.
+        let after = page.map(parse_page).transpose()?;
+        let now = Instant::now();
+        let mut locks = Vec::new();
+        for shard in self.inner.shards.iter() {
+            let map = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for (key, slot) in map.iter() {
+                if !key.starts_with(prefix) || after.as_ref().is_some_and(|a| key <= a) {
+                    continue;
+                }
+                if let Some(info) = info_of(slot, now) {
+                    locks.push((key.clone(), info));
+                }
+            }
+        }
+        locks.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let more = locks.len() > size;
+        locks.truncate(size);
+        let next = more
+            .then(|| locks.last().map(|(k, _)| hex::encode(k)))
+            .flatten();
+        let locks = locks
+            .into_iter()
+            .filter_map(|(k, info)| LockKey::parse(k, usize::MAX).ok().map(|k| (k, info)))
+            .collect();
+        Ok(ListPage { locks, next })
+    }
+
+    async fn force_release(&self, key: &LockKey) -> Result<Option<u64>, LockError> {
+        let now = Instant::now();
+        // Not into `gone`: the holder's own Release then answers false.
+        let taken = {
+            let mut map = self.inner.shard(key.as_str());
+            map.get_mut(key.as_str())
+                .and_then(|slot| Some((slot.lease.take()?.live(now), slot.fence)))
+        };
+        // An expired lease not swept yet is taken too: its waiters wake now.
+        if taken.is_some() {
+            self.inner.waiters.released(key.as_str());
+        }
+        Ok(taken.filter(|(live, _)| *live).map(|(_, fence)| fence))
     }
 
     async fn watch(&self, _key: &LockKey) -> Result<(), LockError> {
