@@ -47,6 +47,7 @@ fn describe() {
         "Locks attached to open KeepAlive streams."
     );
     describe_gauge!("leasehold_waiters", "Acquire calls waiting in this server.");
+    describe_gauge!("leasehold_watch_streams", "Open Watch streams.");
     describe_counter!(
         "leasehold_renewals_total",
         "KeepAlive renewals, by result (alive, lost)."
@@ -132,4 +133,9 @@ pub fn stream_end_release(result: &'static str) {
 pub fn force_release(released: bool) {
     let result = if released { "released" } else { "not_held" };
     counter!("leasehold_force_releases_total", "result" => result).increment(1);
+}
+
+/// A Watch stream opened (+1) or ended (-1).
+pub fn watches(delta: f64) {
+    gauge!("leasehold_watch_streams").increment(delta);
 }

@@ -211,3 +211,17 @@ pub fn list_response(page: crate::store::ListPage) -> pb::ListResponse {
         next_page_token: page.next.unwrap_or_default(),
     }
 }
+
+/// A Watch event: `kind`, about the grant fenced `fencing_token` (0 for a
+/// state), with the lock's state after it.
+pub fn watch_event(
+    kind: pb::watch_event::Kind,
+    fencing_token: u64,
+    info: Option<LockInfo>,
+) -> pb::WatchEvent {
+    pb::WatchEvent {
+        kind: kind.into(),
+        state: Some(describe_response(info)),
+        fencing_token,
+    }
+}

@@ -12,6 +12,7 @@ mod keepalive;
 pub mod queues;
 pub mod quota;
 mod waiting;
+mod watch;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -234,15 +235,24 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
 
     type KeepAliveStream = KeepAliveStream;
 
-    type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+    type WatchStream = watch::WatchStream;
 
     async fn watch(
         &self,
-        _: Request<pb::WatchRequest>,
+        request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        Err(Status::unimplemented(
-            "Watch is not served by this server yet; poll Describe",
-        ))
+        let start = std::time::Instant::now();
+        let access = Access::of(request.extensions()).map_err(|e| rejected("Watch", start, e))?;
+        let key = self
+            .core
+            .limits
+            .fields
+            .key(request.into_inner().key)
+            .and_then(|key| access.authorize(&key).map(|()| key))
+            .map_err(|e| rejected("Watch", start, e))?;
+        let result = watch::start(self.core.clone(), key.clone(), access).await;
+        log_result("Watch", key.as_str(), start, &result, |_| "watching");
+        Ok(Response::new(result?))
     }
 
     async fn keep_alive(

@@ -86,6 +86,13 @@ impl<S: LockStore> LockStore for Instrumented<S> {
         timed(self.0.name(), "watch", self.0.watch(key)).await
     }
 
+    async fn changes(
+        &self,
+        key: &LockKey,
+    ) -> Result<tokio::sync::broadcast::Receiver<super::changes::Change>, LockError> {
+        self.0.changes(key).await
+    }
+
     async fn list(
         &self,
         prefix: &str,

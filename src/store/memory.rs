@@ -11,6 +11,9 @@ use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use tokio::sync::broadcast;
+
+use super::changes::{Change, ChangeKind, Changes};
 use super::{LateGrant, ListPage, LockStore, ReleaseListener, Releasing, monotonic_unix_micros};
 use crate::lock::{
     AcquireOutcome, AcquireSpec, Attachment, Grant, LockError, LockInfo, LockKey, Metadata, Token,
@@ -33,6 +36,8 @@ struct Inner {
     shards: Box<[Mutex<HashMap<String, Slot>>]>,
     hasher: RandomState,
     waiters: Arc<dyn ReleaseListener>,
+    /// Grants and releases, for watchers.
+    changes: Changes,
 }
 
 /// One key's state. The fencing counter outlives the lease; the slot is
@@ -107,6 +112,7 @@ impl MemoryStore {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             waiters,
+            changes: Changes::default(),
         });
         let weak = Arc::downgrade(&inner);
         let sweeper = TaskGuard::spawn("memory-sweeper", sweep(weak));
@@ -118,6 +124,17 @@ impl MemoryStore {
 }
 
 impl Inner {
+    /// Tells watchers of `key` (after the shard's lock is let go).
+    fn changed(&self, key: &str, kind: ChangeKind, fencing_token: u64) {
+        self.changes.publish(
+            key,
+            Change {
+                kind,
+                fencing_token,
+            },
+        );
+    }
+
     fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<String, Slot>> {
         let i = (self.hasher.hash_one(key) as usize) % SHARDS;
         // Every critical section leaves the map consistent, so a poisoned
@@ -262,7 +279,14 @@ impl LockStore for MemoryStore {
         }
         // An expired lease counts as released at its expiry.
         slot.free(now);
-        Ok(AcquireOutcome::Acquired(grant(slot, spec, now)))
+        let granted = grant(slot, spec, now);
+        drop(map);
+        self.inner.changed(
+            spec.key.as_str(),
+            ChangeKind::Acquired,
+            granted.fencing_token,
+        );
+        Ok(AcquireOutcome::Acquired(granted))
     }
 
     async fn release_and_grant(
@@ -291,7 +315,11 @@ impl LockStore for MemoryStore {
                 })
         };
         match handed {
-            Some(granted) => Ok((true, Some(granted))),
+            Some(granted) => {
+                self.inner
+                    .changed(key.as_str(), ChangeKind::Acquired, granted.fencing_token);
+                Ok((true, Some(granted)))
+            }
             None => Ok((self.release(key, token, kind).await?, None)),
         }
     }
@@ -303,15 +331,17 @@ impl LockStore for MemoryStore {
         kind: Releasing<'_>,
     ) -> Result<bool, LockError> {
         let now = Instant::now();
-        let freed = {
+        let (freed, fence) = {
             let mut map = self.inner.shard(key.as_str());
             match map.get_mut(key.as_str()) {
-                Some(slot) => free_slot(slot, token, kind, now),
-                None => Freed::No,
+                Some(slot) => (free_slot(slot, token, kind, now), slot.fence),
+                None => (Freed::No, 0),
             }
         };
         match freed {
             Freed::Now => {
+                self.inner
+                    .changed(key.as_str(), ChangeKind::Released, fence);
                 self.inner.waiters.released(key.as_str());
                 Ok(true)
             }
@@ -359,6 +389,10 @@ impl LockStore for MemoryStore {
         Ok(map.get(key.as_str()).and_then(|slot| info_of(slot, now)))
     }
 
+    async fn changes(&self, key: &LockKey) -> Result<broadcast::Receiver<Change>, LockError> {
+        Ok(self.inner.changes.subscribe(key.as_str()))
+    }
+
     async fn list(
         &self,
         prefix: &str,
@@ -403,7 +437,11 @@ impl LockStore for MemoryStore {
                 .and_then(|slot| Some((slot.lease.take()?.live(now), slot.fence)))
         };
         // An expired lease not swept yet is taken too: its waiters wake now.
-        if taken.is_some() {
+        if let Some((live, fence)) = taken {
+            if live {
+                self.inner
+                    .changed(key.as_str(), ChangeKind::ForceReleased, fence);
+            }
             self.inner.waiters.released(key.as_str());
         }
         Ok(taken.filter(|(live, _)| *live).map(|(_, fence)| fence))

@@ -4,6 +4,7 @@
 //! conformance suite (`tests/conformance.rs`). Stores speak domain types
 //! only: no protobuf type crosses this line.
 
+pub mod changes;
 mod instrumented;
 pub mod memory;
 mod open;
@@ -131,6 +132,14 @@ pub trait LockStore: Send + Sync + 'static {
     /// confirmed), so a waiter that re-checks afterwards misses nothing.
     fn watch(&self, key: &LockKey) -> impl Future<Output = Result<(), LockError>> + Send;
 
+    /// Grants and releases of `key` from now on, made through any server
+    /// on this store (for Redis, once the release channel's subscription
+    /// is confirmed). Expiry is not reported: see [`changes`].
+    fn changes(
+        &self,
+        key: &LockKey,
+    ) -> impl Future<Output = Result<tokio::sync::broadcast::Receiver<changes::Change>, LockError>> + Send;
+
     /// Held locks whose keys start with `prefix`, about `size` at a time
     /// (a page may hold fewer, even none, and still have a next one; on
     /// Redis, a SCAN batch is never split, so it may hold a few more).
@@ -203,6 +212,13 @@ impl<S: LockStore> LockStore for Arc<S> {
     }
     fn watch(&self, key: &LockKey) -> impl Future<Output = Result<(), LockError>> + Send {
         (**self).watch(key)
+    }
+    fn changes(
+        &self,
+        key: &LockKey,
+    ) -> impl Future<Output = Result<tokio::sync::broadcast::Receiver<changes::Change>, LockError>> + Send
+    {
+        (**self).changes(key)
     }
     fn list(
         &self,

@@ -93,6 +93,13 @@ impl LockStore for Store {
         either!(self, s => s.watch(key).await)
     }
 
+    async fn changes(
+        &self,
+        key: &LockKey,
+    ) -> Result<tokio::sync::broadcast::Receiver<super::changes::Change>, LockError> {
+        either!(self, s => s.changes(key).await)
+    }
+
     async fn list(
         &self,
         prefix: &str,

@@ -451,6 +451,14 @@ impl LockStore for RedisStore {
         }
     }
 
+    async fn changes(
+        &self,
+        key: &LockKey,
+    ) -> Result<tokio::sync::broadcast::Receiver<super::changes::Change>, LockError> {
+        let channel = self.names(key).channel;
+        self.subscriptions.changes(key.as_str(), channel).await
+    }
+
     async fn list(
         &self,
         prefix: &str,
