@@ -62,6 +62,15 @@ async fn next(stream: &mut tonic::Streaming<pb::WatchEvent>) -> pb::WatchEvent {
         .expect("the stream goes on")
 }
 
+async fn released(
+    c: &mut pb::lock_service_client::LockServiceClient<tonic::transport::Channel>,
+    key: &str,
+    token: &str,
+) {
+    let resp = c.release(release(key, token)).await.expect("release");
+    assert!(resp.into_inner().released, "{key} released");
+}
+
 fn kind(event: &pb::WatchEvent) -> Kind {
     Kind::try_from(event.kind).expect("known kind")
 }
@@ -88,13 +97,7 @@ async fn watch_follows_every_change_from_any_server(backend: Backend) {
     assert!(state.held && state.owner == "deployer", "{state:?}");
     assert!(!format!("{state:?}").contains(&lease.token));
 
-    assert!(
-        c.release(release("w", &lease.token))
-            .await
-            .expect("release")
-            .into_inner()
-            .released
-    );
+    released(&mut c, "w", &lease.token).await;
     let e = next(&mut events).await;
     assert_eq!(kind(&e), Kind::Released, "{e:?}");
     assert_eq!(e.fencing_token, lease.fencing_token);
@@ -164,13 +167,7 @@ async fn watch_follows_every_change_from_any_server(backend: Backend) {
             .into_inner();
         assert!(renewed.renewed);
     }
-    assert!(
-        c.release(release("w", &lease.token))
-            .await
-            .expect("release")
-            .into_inner()
-            .released
-    );
+    released(&mut c, "w", &lease.token).await;
     let e = next(&mut events).await;
     assert_eq!(kind(&e), Kind::Released, "renewals are not expiries: {e:?}");
 }

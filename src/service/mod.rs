@@ -106,6 +106,15 @@ impl<S: LockStore> LockServiceImpl<S> {
     }
 }
 
+impl<S> LockServiceImpl<S> {
+    /// A valid key the caller may use.
+    fn scoped_key(&self, access: &Access, key: String) -> Result<crate::lock::LockKey, LockError> {
+        let key = self.core.limits.fields.key(key)?;
+        access.authorize(&key)?;
+        Ok(key)
+    }
+}
+
 /// Counts and logs a request refused before it reached the store. The key
 /// is not logged: it may be the malformed part.
 fn rejected(rpc: &'static str, start: std::time::Instant, e: LockError) -> Status {
@@ -244,11 +253,7 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
         let start = std::time::Instant::now();
         let access = Access::of(request.extensions()).map_err(|e| rejected("Watch", start, e))?;
         let key = self
-            .core
-            .limits
-            .fields
-            .key(request.into_inner().key)
-            .and_then(|key| access.authorize(&key).map(|()| key))
+            .scoped_key(&access, request.into_inner().key)
             .map_err(|e| rejected("Watch", start, e))?;
         let result = watch::start(self.core.clone(), key.clone(), access).await;
         log_result("Watch", key.as_str(), start, &result, |_| "watching");
@@ -280,11 +285,7 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
         let access =
             Access::of(request.extensions()).map_err(|e| rejected("Describe", start, e))?;
         let key = self
-            .core
-            .limits
-            .fields
-            .key(request.into_inner().key)
-            .and_then(|key| access.authorize(&key).map(|()| key))
+            .scoped_key(&access, request.into_inner().key)
             .map_err(|e| rejected("Describe", start, e))?;
         let result = self.core.store.describe(&key).await;
         log_result("Describe", key.as_str(), start, &result, |i| {
