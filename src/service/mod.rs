@@ -4,6 +4,7 @@
 //! (`waiting`) and KeepAlive streams (`keepalive`).
 
 mod admin;
+mod contention;
 pub mod convert;
 mod core;
 mod deadline;
@@ -169,14 +170,21 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
             .map_err(|e| rejected("Acquire", start, e))?;
         let key = call.spec.key.clone();
         let spec = Arc::new(bind_request_id(&access, call.spec));
-        let result = if call.wait_ms == 0 {
-            self.core.attempt(&spec).await
-        } else {
-            let wait = Duration::from_millis(call.wait_ms.into());
-            self.core
-                .acquire_waiting(&spec, wait, deadline, &access, &caller)
-                .await
-        };
+        let contention = contention::Outcome::start(call.wait_ms > 0);
+        let (result, first) = core::FIRST_ATTEMPT
+            .scope(std::cell::Cell::new(None), async {
+                let result = if call.wait_ms == 0 {
+                    self.core.attempt(&spec).await
+                } else {
+                    let wait = Duration::from_millis(call.wait_ms.into());
+                    self.core
+                        .acquire_waiting(&spec, wait, deadline, &access, &caller)
+                        .await
+                };
+                (result, core::FIRST_ATTEMPT.with(|f| f.get()))
+            })
+            .await;
+        contention.finish(&result, first == Some(true));
         log_result("Acquire", key.as_str(), start, &result, |o| match o {
             AcquireOutcome::Acquired(_) => "acquired",
             AcquireOutcome::Held { .. } => "held",

@@ -310,6 +310,7 @@ impl LockStore for MemoryStore {
                         .is_some_and(|h| h.token == *token && h.live(now) && may_release(h, kind))
                 })
                 .map(|slot| {
+                    crate::metrics::released_after(slot.fence);
                     slot.free(now);
                     grant(slot, next, now)
                 })
@@ -340,6 +341,7 @@ impl LockStore for MemoryStore {
         };
         match freed {
             Freed::Now => {
+                crate::metrics::released_after(fence);
                 self.inner
                     .changed(key.as_str(), ChangeKind::Released, fence);
                 self.inner.waiters.released(key.as_str());

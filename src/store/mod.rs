@@ -242,6 +242,17 @@ impl<S: LockStore> LockStore for Arc<S> {
     }
 }
 
+/// Microseconds since the Unix epoch now, by the wall clock (the hold-time
+/// metric compares it with fencing tokens, which Redis makes from its
+/// clock).
+pub fn unix_micros() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
 /// Microseconds since the Unix epoch that never go backwards within this
 /// process: the wall clock read once at start, advanced by the monotonic
 /// clock. The fencing floor of the memory store (documentation/semantics.md,

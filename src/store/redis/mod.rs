@@ -395,6 +395,7 @@ impl LockStore for RedisStore {
             f if f <= 0 => return Ok(false),
             _ => {}
         }
+        crate::metrics::released_after(fence.unsigned_abs());
         // Wake a waiter here now, instead of after the notification's trip
         // through Redis and back; that notification is then skipped.
         self.subscriptions.released_here(key.as_str(), fence);
