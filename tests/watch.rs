@@ -282,3 +282,40 @@ async fn watching_needs_the_callers_scope() {
     let status = c.watch(req("")).await.expect_err("empty key");
     assert_eq!(status.code(), Code::InvalidArgument);
 }
+
+/// Redis pub/sub delivers at most once: a change whose message never
+/// arrives (here, a record changed behind Leasehold's back) still reaches
+/// the watcher, as a state, within the resync period (10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_change_shows_as_a_state_within_the_resync_period() {
+    let server = TestServer::start(Backend::Redis).await;
+    let mut c = server.client().await;
+    let mut events = watch(&server, "quiet").await;
+    assert_eq!(kind(&next(&mut events).await), Kind::State);
+    let lease = lease_of(
+        c.acquire(acquire("quiet", 60_000))
+            .await
+            .expect("acquire")
+            .into_inner(),
+    );
+    assert_eq!(kind(&next(&mut events).await), Kind::Acquired);
+    // Released without a message: what a lost message looks like.
+    let lock = server.names("quiet").lock;
+    tokio::task::spawn_blocking(move || shared_redis().cli(&["hdel", &lock, "fence", "token"]))
+        .await
+        .expect("redis-cli");
+    let start = Instant::now();
+    let e = tokio::time::timeout(Duration::from_secs(15), events.message())
+        .await
+        .expect("a state within 15 s")
+        .expect("no error")
+        .expect("the stream goes on");
+    assert_eq!(kind(&e), Kind::State, "{e:?}");
+    assert!(!e.state.expect("state").held);
+    assert!(
+        start.elapsed() <= Duration::from_secs(11),
+        "{:?}",
+        start.elapsed()
+    );
+    let _ = lease;
+}

@@ -34,6 +34,10 @@ pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>>
 const OUTBOX: usize = 4;
 /// How long after a holder's deadline its lock is checked for expiry.
 const EXPIRY_SLACK: Duration = Duration::from_millis(20);
+/// How often a watcher re-reads the lock whatever it heard: Redis pub/sub
+/// delivers at most once (a reconnecting subscriber misses messages), so
+/// a missed grant or release shows as a `KIND_STATE` within this long.
+const RESYNC_EVERY: Duration = Duration::from_secs(10);
 /// How long a grant that was already gone when it was described waits for
 /// its release to be reported before it is checked for expiry.
 const RELEASE_GRACE: Duration = Duration::from_millis(100);
@@ -91,6 +95,9 @@ struct Watcher<S> {
 
 impl<S: LockStore> Watcher<S> {
     async fn run(&mut self, mut changes: broadcast::Receiver<Change>) {
+        let mut resync =
+            tokio::time::interval_at((Instant::now() + RESYNC_EVERY).into(), RESYNC_EVERY);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self.holder.map(|h| h.deadline + EXPIRY_SLACK);
             let expiry = async move {
@@ -108,6 +115,7 @@ impl<S: LockStore> Watcher<S> {
                 }
                 change = changes.recv() => self.on_change(change).await,
                 _ = expiry => self.on_deadline().await,
+                _ = resync.tick() => self.on_resync().await,
             };
             let delivered = match events {
                 Ok(events) => self.send(events).await,
@@ -227,6 +235,19 @@ impl<S: LockStore> Watcher<S> {
             }
             None => vec![convert::watch_event(Kind::Expired, old.fence, info)],
         })
+    }
+}
+
+impl<S: LockStore> Watcher<S> {
+    /// The periodic re-read: a `KIND_STATE` only if the lock is not what
+    /// this watcher believes (a change it never heard of).
+    async fn on_resync(&mut self) -> Result<Vec<pb::WatchEvent>, LockError> {
+        let (info, sent) = self.describe().await?;
+        let believed = self.holder.map(|h| h.fence);
+        if info.as_ref().map(|i| i.fencing_token) == believed {
+            return Ok(vec![]);
+        }
+        Ok(vec![self.state(info, sent)])
     }
 }
 
