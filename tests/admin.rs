@@ -7,19 +7,19 @@
 //! higher. Non-admin callers get PERMISSION_DENIED, and without an auth
 //! file the service exists only under `--admin`.
 
+#[path = "common/admin.rs"]
+mod admin_common;
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use admin_common::*;
 use common::*;
-use leasehold::auth::{Authenticator, Policy};
 use leasehold::pb;
 use leasehold::pb::admin_service_client::AdminServiceClient;
-use leasehold::server::ServerConfig;
+use tonic::Code;
 use tonic::transport::Channel;
-use tonic::{Code, Request};
 
 on_every_store!(
     list_pages_through_a_thousand_locks,
@@ -27,36 +27,6 @@ on_every_store!(
     force_release_takes_the_lock_from_its_holder,
     admin_requests_are_validated,
 );
-
-/// A server that serves the AdminService without authentication.
-async fn admin_server(backend: Backend) -> TestServer {
-    let config = ServerConfig {
-        admin: true,
-        ..test_config()
-    };
-    TestServer::start_with(backend, config).await
-}
-
-async fn admin_client(server: &TestServer) -> AdminServiceClient<Channel> {
-    AdminServiceClient::connect(server.endpoint())
-        .await
-        .expect("connect")
-}
-
-fn list_req(prefix: &str, page_size: u32, page_token: &str) -> pb::ListRequest {
-    pb::ListRequest {
-        prefix: prefix.into(),
-        page_size,
-        page_token: page_token.into(),
-    }
-}
-
-fn force(key: &str, reason: &str) -> pb::ForceReleaseRequest {
-    pb::ForceReleaseRequest {
-        key: key.into(),
-        reason: reason.into(),
-    }
-}
 
 /// Every lock under `prefix`, a page of `page_size` at a time, and how
 /// many pages that took.
@@ -312,48 +282,6 @@ async fn admin_requests_are_validated(backend: Backend) {
     }
 }
 
-const OPS: &str = "ops-admin-token-5e4d3c2b1a09";
-const OPS_A: &str = "ops-a-admin-token-77665544";
-const USER: &str = "team-a-user-token-1f9e8d7c6b5a";
-
-async fn auth_server() -> TestServer {
-    let policy = Policy::parse(&format!(
-        r#"
-[[tenant]]
-name = "ops"
-prefixes = [""]
-tokens = ["{OPS}"]
-admin = true
-
-[[tenant]]
-name = "ops-a"
-prefixes = ["team-a/"]
-tokens = ["{OPS_A}"]
-admin = true
-
-[[tenant]]
-name = "team-a"
-prefixes = ["team-a/"]
-tokens = ["{USER}"]
-"#
-    ))
-    .expect("policy");
-    let config = ServerConfig {
-        auth: Some(Arc::new(Authenticator::new(policy, false))),
-        ..test_config()
-    };
-    TestServer::start_with(Backend::Memory, config).await
-}
-
-fn req<T>(message: T, token: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("ascii"),
-    );
-    request
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_admins_list_and_force_release_and_only_in_scope() {
     let server = auth_server().await;
@@ -437,113 +365,4 @@ async fn without_auth_the_admin_service_needs_the_admin_flag() {
         .await
         .expect_err("not served");
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
-}
-
-/// `leasehold ARGS...` against `endpoint`: exit code and stdout.
-async fn cli(endpoint: String, args: &[&str]) -> (i32, String) {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
-            .args(&args)
-            .args(["--endpoint", &endpoint, "--retry-for", "2s"])
-            .output()
-            .expect("run leasehold");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    })
-    .await
-    .expect("join")
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cli_lists_and_force_releases() {
-    let server = admin_server(Backend::Memory).await;
-    let mut c = server.client().await;
-    let mut leases = Vec::new();
-    for (key, owner) in [
-        ("cli/a", "host-1:42"),
-        ("cli/b", "two words"),
-        ("other", "x"),
-    ] {
-        let mut req = acquire(key, 60_000);
-        req.owner = owner.into();
-        leases.push(lease_of(
-            c.acquire(req).await.expect("acquire").into_inner(),
-        ));
-    }
-    let (code, out) = cli(server.endpoint(), &["list", "cli/", "--page-size", "1"]).await;
-    assert_eq!(code, 0, "{out}");
-    let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 3, "{out}");
-    for column in [
-        "KEY",
-        "MODE",
-        "HOLDERS",
-        "OWNER",
-        "FENCING_TOKEN",
-        "TTL_LEFT",
-    ] {
-        assert!(lines[0].contains(column), "{out}");
-    }
-    assert!(
-        lines[1].starts_with("cli/a ") && lines[1].contains("host-1:42"),
-        "{out}"
-    );
-    assert!(
-        lines[1].contains(&leases[0].fencing_token.to_string()),
-        "{out}"
-    );
-    assert!(lines[2].contains("\"two words\""), "{out}");
-    assert!(!out.contains(&leases[0].token), "no token in the listing");
-
-    let (code, out) = cli(server.endpoint(), &["list", "--json"]).await;
-    assert_eq!(code, 0, "{out}");
-    let locks: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect();
-    assert_eq!(locks.len(), 3, "{out}");
-    assert!(
-        locks
-            .iter()
-            .any(|l| l["key"] == "other" && l["owner"] == "x")
-    );
-
-    let (code, out) = cli(
-        server.endpoint(),
-        &["force-release", "cli/a", "--reason", "stuck deploy"],
-    )
-    .await;
-    assert_eq!((code, out.trim()), (0, "key=cli/a released=1"));
-    assert!(
-        !c.describe(describe("cli/a"))
-            .await
-            .expect("describe")
-            .into_inner()
-            .held
-    );
-    let (code, out) = cli(
-        server.endpoint(),
-        &["force-release", "cli/a", "--reason", "again", "--json"],
-    )
-    .await;
-    assert_eq!(code, 0);
-    assert_eq!(out.trim(), r#"{"key":"cli/a","released":0}"#);
-    let (code, _) = cli(
-        server.endpoint(),
-        &["force-release", "cli/a", "--reason", ""],
-    )
-    .await;
-    assert_eq!(code, 64, "an empty reason is the server's INVALID_ARGUMENT");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cli_exits_77_without_the_admin_grant() {
-    let server = auth_server().await;
-    let (code, _) = cli(server.endpoint(), &["list", "--auth-token", USER]).await;
-    assert_eq!(code, 77);
-    let (code, _) = cli(server.endpoint(), &["list", "--auth-token", OPS]).await;
-    assert_eq!(code, 0);
 }
