@@ -116,3 +116,65 @@ async fn the_cli_exits_77_without_the_admin_grant() {
     let (code, _) = cli(server.endpoint(), &["list", "--auth-token", OPS]).await;
     assert_eq!(code, 0);
 }
+
+/// The audit trail: one WARN line per forced release with the key, the
+/// reason, the tenant and the peer; neither the lease's token nor the
+/// caller's bearer token anywhere in the server's output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_release_is_logged_at_warn_without_tokens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("auth.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[tenant]]\nname = \"ops\"\nprefixes = [\"\"]\ntokens = [\"{OPS}\"]\nadmin = true\n"
+        ),
+    )
+    .expect("write auth file");
+    let auth = file.to_string_lossy().into_owned();
+    let server = tokio::task::block_in_place(|| ServerProcess::start(&["--auth-file", &auth]));
+    let mut c = leasehold::pb::lock_service_client::LockServiceClient::connect(server.endpoint())
+        .await
+        .expect("connect");
+    let lease = lease_of(
+        c.acquire(req(acquire("deploy/migration", 60_000), OPS))
+            .await
+            .expect("acquire")
+            .into_inner(),
+    );
+    let (code, out) = cli(
+        server.endpoint(),
+        &[
+            "force-release",
+            "deploy/migration",
+            "--reason",
+            "deploy 4711 wedged",
+            "--auth-token",
+            OPS,
+        ],
+    )
+    .await;
+    assert_eq!((code, out.trim()), (0, "key=deploy/migration released=1"));
+    let line = tokio::task::block_in_place(|| {
+        server
+            .output
+            .wait_for("force-released", std::time::Duration::from_secs(10))
+    });
+    for part in [
+        "WARN",
+        "deploy/migration",
+        "deploy 4711 wedged",
+        "ops",
+        "peer",
+        &lease.fencing_token.to_string(),
+    ] {
+        assert!(line.contains(part), "{part:?} missing from {line:?}");
+    }
+    for logged in server.output.all() {
+        assert!(
+            !logged.contains(&lease.token),
+            "lease token logged: {logged}"
+        );
+        assert!(!logged.contains(OPS), "bearer token logged: {logged}");
+    }
+}
