@@ -326,6 +326,14 @@ async fn only_admins_list_and_force_release_and_only_in_scope() {
         .expect("list")
         .into_inner();
     assert_eq!(keys_of(&scoped.locks), ["team-a/1"]);
+    // Narrowed to its prefix, or nothing to scan at all.
+    for (prefix, expected) in [("team", vec!["team-a/1"]), ("team-b/", vec![])] {
+        let page = a
+            .list(req(list_req(prefix, 0, ""), OPS_A))
+            .await
+            .expect("list");
+        assert_eq!(keys_of(&page.into_inner().locks), expected, "{prefix}");
+    }
     let status = a
         .force_release(req(force("team-b/1", "not mine"), OPS_A))
         .await

@@ -53,9 +53,14 @@ impl<S: LockStore> pb::admin_service_server::AdminService for AdminServiceImpl<S
         let access = admin("List", start, request.extensions())?;
         let call = convert::list_request(request.into_inner(), &self.limits)
             .map_err(|e| rejected("List", start, e))?;
+        let Some(prefix) = access.list_prefix(&call.prefix) else {
+            // No key this caller may see starts with the prefix.
+            crate::metrics::rpc("List", "listed", start.elapsed());
+            return Ok(Response::new(pb::ListResponse::default()));
+        };
         let result = self
             .store
-            .list(&call.prefix, call.page_size, call.page_token.as_deref())
+            .list(&prefix, call.page_size, call.page_token.as_deref())
             .await;
         log_result("List", &call.prefix, start, &result, |_| "listed");
         let mut page = result?;
