@@ -148,14 +148,14 @@ async fn watch_follows_every_change_from_any_server(backend: Backend) {
 
     // A renewed lock does not expire under the watcher's eyes.
     let lease = lease_of(
-        c.acquire(acquire("w", 300))
+        c.acquire(acquire("w", 600))
             .await
             .expect("acquire")
             .into_inner(),
     );
     assert_eq!(kind(&next(&mut events).await), Kind::Acquired);
     for _ in 0..5 {
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let renewed = c
             .renew(pb::RenewRequest {
                 key: "w".into(),
