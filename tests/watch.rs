@@ -319,3 +319,45 @@ async fn a_missed_change_shows_as_a_state_within_the_resync_period() {
     );
     let _ = lease;
 }
+
+/// A Watch stream counts against the caller's streams
+/// (`--max-streams-per-caller`) while it is open, and only then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_count_against_the_callers_streams() {
+    let mut config = test_config();
+    config.limits.per_caller = leasehold::service::quota::QuotaLimits {
+        streams: 1,
+        ..Default::default()
+    };
+    let server = TestServer::start_with(Backend::Memory, config).await;
+    // Without an auth file the caller is the connection: one for both.
+    let mut c = server.client().await;
+    let mut first = c
+        .watch(pb::WatchRequest { key: "q".into() })
+        .await
+        .expect("watch")
+        .into_inner();
+    assert_eq!(kind(&next(&mut first).await), Kind::State);
+    let status = c
+        .watch(pb::WatchRequest { key: "q".into() })
+        .await
+        .expect_err("over the caller's streams");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("--max-streams-per-caller"),
+        "{status:?}"
+    );
+    // The first one ends: its share comes back.
+    drop(first);
+    // The server sees the stream end a moment after the client drops it.
+    let mut again = None;
+    let end = Instant::now() + Duration::from_secs(10);
+    while again.is_none() && Instant::now() < end {
+        again = c.watch(pb::WatchRequest { key: "q".into() }).await.ok();
+        if again.is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let mut again = again.expect("a stream within 10 s").into_inner();
+    assert_eq!(kind(&next(&mut again).await), Kind::State);
+}

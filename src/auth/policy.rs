@@ -67,7 +67,7 @@ struct TenantEntry {
 pub struct TenantQuotas {
     /// Waiting Acquire calls at once.
     pub waiters: Option<usize>,
-    /// KeepAlive streams at once.
+    /// KeepAlive and Watch streams at once.
     pub streams: Option<usize>,
     /// Locks kept alive over KeepAlive streams at once.
     pub locks: Option<usize>,

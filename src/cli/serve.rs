@@ -182,8 +182,8 @@ pub struct ServeArgs {
     /// --max-waiters alone. Past it, a waiting Acquire still tries once.
     #[arg(long, env = "LEASEHOLD_MAX_WAITERS_PER_CALLER", help_heading = "Limits", default_value_t = crate::service::quota::DEFAULT_MAX_WAITERS_PER_CALLER)]
     pub max_waiters_per_caller: usize,
-    /// KeepAlive streams one tenant (without --auth-file: one connection)
-    /// may have open at once on this server.
+    /// KeepAlive and Watch streams one tenant (without --auth-file: one
+    /// connection) may have open at once on this server.
     #[arg(long, env = "LEASEHOLD_MAX_STREAMS_PER_CALLER", help_heading = "Limits", default_value_t = crate::service::quota::DEFAULT_MAX_STREAMS_PER_CALLER)]
     pub max_streams_per_caller: usize,
     /// Locks one tenant (without --auth-file: one connection) may keep

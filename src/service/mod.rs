@@ -259,11 +259,19 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let start = std::time::Instant::now();
+        let peer = request.remote_addr();
         let access = Access::of(request.extensions()).map_err(|e| rejected("Watch", start, e))?;
         let key = self
             .scoped_key(&access, request.into_inner().key)
             .map_err(|e| rejected("Watch", start, e))?;
-        let result = watch::start(self.core.clone(), key.clone(), access).await;
+        // A Watch stream holds a task and a subscription: it counts against
+        // the caller's streams, like a KeepAlive stream.
+        let share = self
+            .core
+            .quotas
+            .take(&quota::Caller::of(&access, peer), quota::Kind::Streams, 1)
+            .map_err(|e| rejected("Watch", start, e))?;
+        let result = watch::start(self.core.clone(), key.clone(), access, share).await;
         log_result("Watch", key.as_str(), start, &result, |_| "watching");
         Ok(Response::new(result?))
     }

@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use super::convert;
 use super::core::Core;
+use super::quota::Share;
 use crate::auth::Access;
 use crate::lock::{LockError, LockInfo, LockKey};
 use crate::pb;
@@ -49,6 +50,7 @@ pub(super) async fn start<S: LockStore>(
     core: Arc<Core<S>>,
     key: LockKey,
     access: Access,
+    share: Share,
 ) -> Result<WatchStream, LockError> {
     // Subscribed first: nothing that happens after the read is missed.
     let changes = core.store.changes(&key).await?;
@@ -72,6 +74,8 @@ pub(super) async fn start<S: LockStore>(
         async move {
             watcher.run(changes).await;
             crate::metrics::watches(-1.0);
+            // The caller's stream is given back when the stream ends.
+            drop(share);
         }
         .instrument(span),
     );
