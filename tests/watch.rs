@@ -144,6 +144,10 @@ async fn watch_follows_every_change_from_any_server(backend: Backend) {
         .expect("force release");
     let e = next(&mut events).await;
     assert_eq!(kind(&e), Kind::ForceReleased, "{e:?}");
+    assert!(
+        !e.state.as_ref().expect("state").held,
+        "free right after: {e:?}"
+    );
     assert_eq!(e.fencing_token, lease.fencing_token);
 
     // A renewed lock does not expire under the watcher's eyes.

@@ -209,14 +209,15 @@ impl<S: LockStore> Watcher<S> {
                 if self.holder.is_none_or(|h| h.fence != fence) {
                     return Ok(vec![]);
                 }
-                let (info, _) = self.describe().await?;
+                // Right after a release the lock is free: no read needed. A
+                // grant that follows comes as its own event.
                 self.holder = None;
                 let kind = if change.kind == ChangeKind::Released {
                     Kind::Released
                 } else {
                     Kind::ForceReleased
                 };
-                Ok(vec![convert::watch_event(kind, fence, info)])
+                Ok(vec![convert::watch_event(kind, fence, None)])
             }
         }
     }
