@@ -24,6 +24,16 @@ pub fn install(addr: SocketAddr) -> Result<(), String> {
         .with_http_listener(addr)
         .set_buckets(BUCKETS)
         .map_err(|e| format!("metrics buckets: {e}"))?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("leasehold_acquire_wait_seconds".into()),
+            WAIT_BUCKETS,
+        )
+        .map_err(|e| format!("metrics buckets: {e}"))?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("leasehold_lock_hold_seconds".into()),
+            WAIT_BUCKETS,
+        )
+        .map_err(|e| format!("metrics buckets: {e}"))?
         .install()
         .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
     describe();
@@ -47,6 +57,21 @@ fn describe() {
         "Locks attached to open KeepAlive streams."
     );
     describe_gauge!("leasehold_waiters", "Acquire calls waiting in this server.");
+    describe_gauge!("leasehold_watch_streams", "Open Watch streams.");
+    describe_counter!(
+        "leasehold_acquires_total",
+        "Acquire calls by outcome: immediate (the first try took the lock), after_wait, held (wait 0, lock busy), timed_out, cancelled (the client went away while waiting)."
+    );
+    describe_histogram!(
+        "leasehold_acquire_wait_seconds",
+        Unit::Seconds,
+        "How long Acquire calls that asked to wait waited, by outcome (immediate, after_wait, timed_out, cancelled)."
+    );
+    describe_histogram!(
+        "leasehold_lock_hold_seconds",
+        Unit::Seconds,
+        "How long a lock was held when its holder released it (from its fencing token, the grant's time in µs)."
+    );
     describe_counter!(
         "leasehold_renewals_total",
         "KeepAlive renewals, by result (alive, lost)."
@@ -58,6 +83,10 @@ fn describe() {
     describe_counter!(
         "leasehold_expiries_total",
         "Leases seen expired: renewals that found the lock gone, and (memory store) leases swept at their TTL."
+    );
+    describe_counter!(
+        "leasehold_force_releases_total",
+        "ForceRelease calls answered, by result (released, not_held)."
     );
     describe_counter!(
         "leasehold_store_errors_total",
@@ -122,4 +151,43 @@ pub fn expiries(n: u64) {
 /// One release at the end of a stream: `released`, `not_held` or `error`.
 pub fn stream_end_release(result: &'static str) {
     counter!("leasehold_stream_end_releases_total", "result" => result).increment(1);
+}
+
+/// One ForceRelease: whether it took a lock from a holder.
+pub fn force_release(released: bool) {
+    let result = if released { "released" } else { "not_held" };
+    counter!("leasehold_force_releases_total", "result" => result).increment(1);
+}
+
+/// A Watch stream opened (+1) or ended (-1).
+pub fn watches(delta: f64) {
+    gauge!("leasehold_watch_streams").increment(delta);
+}
+
+/// Wait buckets in seconds: 1 ms to 5 min (waits are long, RPCs short).
+const WAIT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// How one Acquire ended; for a call that asked to wait, how long it did.
+pub fn acquire_outcome(outcome: &'static str, waiting: bool, waited: Duration) {
+    counter!("leasehold_acquires_total", "outcome" => outcome).increment(1);
+    if waiting {
+        histogram!("leasehold_acquire_wait_seconds", "outcome" => outcome)
+            .record(waited.as_secs_f64());
+    }
+}
+
+/// A holder released the grant fenced `fencing_token`. Fencing tokens are
+/// the grant's clock in microseconds unless the key's counter ran ahead of
+/// it (many grants in one microsecond, a clock step back): a hold that
+/// comes out negative or over a day is such a case and is not recorded.
+pub fn released_after(fencing_token: u64) {
+    let now = crate::store::unix_micros();
+    if let Some(held_us) = now
+        .checked_sub(fencing_token)
+        .filter(|us| *us < 86_400_000_000)
+    {
+        histogram!("leasehold_lock_hold_seconds").record(held_us as f64 / 1e6);
+    }
 }

@@ -25,7 +25,7 @@ pub use connections::ConnectionLimits;
 use crate::auth::{AuthLayer, Authenticator};
 use crate::pb;
 use crate::service::queues::WaitQueues;
-use crate::service::{LockServiceImpl, ServiceLimits};
+use crate::service::{AdminServiceImpl, LockServiceImpl, ServiceLimits};
 use crate::store::{Instrumented, LockStore};
 use crate::task;
 
@@ -62,6 +62,11 @@ pub struct ServerConfig {
     /// Origins whose browser pages may call the server (gRPC-Web, Connect):
     /// `*` for any; empty, the default, answers no cross-origin request.
     pub cors_allow_origins: Vec<String>,
+    /// Serve the AdminService without an auth file (`--admin`). With one,
+    /// it is always served and admits only tenants with `admin = true`;
+    /// without one, anyone who can reach the port could take any lock, so
+    /// it is off unless asked for.
+    pub admin: bool,
 }
 
 /// The server's TLS identity and, for mutual TLS, the CA its clients'
@@ -150,6 +155,7 @@ impl Default for ServerConfig {
             tls: None,
             auth: None,
             cors_allow_origins: Vec::new(),
+            admin: false,
         }
     }
 }
@@ -196,6 +202,13 @@ pub async fn run<S: LockStore>(
     // silence, and the connection ends if its ack is not back in time);
     // KeepAlive streams tell their clients, who must stop believing by then.
     limits.silence_release = Some(config.keepalive_interval + config.keepalive_timeout);
+    let admin_service = (config.auth.is_some() || config.admin).then(|| {
+        pb::admin_service_server::AdminServiceServer::new(AdminServiceImpl::new(
+            store.clone(),
+            limits.fields.clone(),
+        ))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    });
     let service = LockServiceImpl::new(store, waiters, limits, stopping.clone());
     let lock_service = pb::lock_service_server::LockServiceServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
@@ -246,7 +259,8 @@ pub async fn run<S: LockStore>(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(lock_service);
+        .add_service(lock_service)
+        .add_optional_service(admin_service);
     let serve: std::pin::Pin<Box<dyn Future<Output = _> + Send>> = match tls {
         None => {
             let incoming = connections::incoming(listener, &config.connections, registry);

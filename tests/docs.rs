@@ -120,7 +120,15 @@ fn table(readme: &str, heading: &str) -> Vec<Row> {
 /// Flags every subcommand has (global ones), documented with `serve`'s.
 const GLOBAL: [&str; 2] = ["--log-format", "--worker-threads"];
 /// The subcommands the README's command-line table documents.
-const CLIENT_COMMANDS: [&str; 5] = ["lock", "acquire", "release", "renew", "describe"];
+const CLIENT_COMMANDS: [&str; 7] = [
+    "lock",
+    "acquire",
+    "release",
+    "renew",
+    "describe",
+    "list",
+    "force-release",
+];
 
 #[test]
 fn every_help_flag_is_in_a_readme_table_and_back() {

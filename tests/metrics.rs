@@ -233,3 +233,110 @@ async fn store_errors_are_counted_by_kind() {
         "{m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contention_is_counted_without_keys() {
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let server = tokio::task::block_in_place(|| {
+        ServerProcess::start(&["--metrics-listen", &metrics_addr, "--admin"])
+    });
+    let mut c = LockServiceClient::connect(server.endpoint()).await.unwrap();
+    let key = "contended/secret-key-91c2";
+    // immediate, then a waiter granted at the release: after_wait.
+    let lease = lease_of(
+        c.acquire(acquire_wait(key, 30_000, 5_000))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let mut w = c.clone();
+    let waiter = tokio::spawn(async move { w.acquire(acquire_wait(key, 30_000, 20_000)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        c.release(release(key, &lease.token))
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    );
+    let second = lease_of(waiter.await.unwrap().unwrap().into_inner());
+    // timed_out: the lock stays held for the whole wait.
+    assert!(
+        !c.acquire(acquire_wait(key, 30_000, 200))
+            .await
+            .unwrap()
+            .into_inner()
+            .acquired
+    );
+    // cancelled: the client gives up while the server waits.
+    let mut w = c.clone();
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        w.acquire(acquire_wait(key, 30_000, 20_000)),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the lock is held: the call waits");
+    // A forced release, and an open Watch.
+    let mut admin = pb::admin_service_client::AdminServiceClient::connect(server.endpoint())
+        .await
+        .unwrap();
+    let forced = admin
+        .force_release(pb::ForceReleaseRequest {
+            key: key.into(),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(forced.into_inner().released, 1);
+    let _watch = c.watch(pb::WatchRequest { key: key.into() }).await.unwrap();
+    let _ = second;
+
+    let mut metrics = String::new();
+    for _ in 0..200 {
+        metrics = scrape(&metrics_addr).await;
+        if value(
+            &metrics,
+            &["leasehold_acquires_total", "outcome=\"cancelled\""],
+        )
+        .is_some()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    for outcome in ["immediate", "after_wait", "timed_out", "cancelled"] {
+        let label = format!("outcome=\"{outcome}\"");
+        assert_eq!(
+            value(&metrics, &["leasehold_acquires_total", &label]),
+            Some(1.0),
+            "{outcome}: {metrics}"
+        );
+        assert!(
+            value(&metrics, &["leasehold_acquire_wait_seconds_count", &label]) == Some(1.0),
+            "{outcome}: {metrics}"
+        );
+    }
+    // The waiter waited the 300 ms until the release, give or take.
+    let waited = value(
+        &metrics,
+        &[
+            "leasehold_acquire_wait_seconds_sum",
+            "outcome=\"after_wait\"",
+        ],
+    );
+    assert!(
+        waited.is_some_and(|s| (0.25..5.0).contains(&s)),
+        "{waited:?}"
+    );
+    let held = value(&metrics, &["leasehold_lock_hold_seconds_sum"]);
+    assert!(held.is_some_and(|s| (0.25..5.0).contains(&s)), "{held:?}");
+    assert_eq!(
+        value(
+            &metrics,
+            &["leasehold_force_releases_total", "result=\"released\""]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(value(&metrics, &["leasehold_watch_streams"]), Some(1.0));
+    assert!(!metrics.contains("secret-key"), "no key in any label");
+}

@@ -253,6 +253,64 @@ impl Access {
         }
     }
 
+    /// Checks that this caller has the admin grant (`admin = true` on its
+    /// tenant) in the policy in force now. Without authentication every
+    /// caller passes: the server then serves the AdminService only when
+    /// `--admin` asked for it.
+    pub fn authorize_admin(&self) -> Result<(), LockError> {
+        let Access::Caller(caller) = self else {
+            return Ok(());
+        };
+        let policy = caller.auth.policy.load();
+        let tenant = caller.credential.tenant(&policy)?;
+        if tenant.admin {
+            return Ok(());
+        }
+        Err(LockError::PermissionDenied(format!(
+            "tenant {:?} has no admin grant (`admin = true` in the auth file)",
+            tenant.name
+        )))
+    }
+
+    /// Whether this caller may see `key` (for List, which skips keys out
+    /// of scope rather than failing on them). Nothing is logged.
+    pub fn permits(&self, key: &LockKey) -> bool {
+        let Access::Caller(caller) = self else {
+            return true;
+        };
+        let policy = caller.auth.policy.load();
+        caller
+            .credential
+            .tenant(&policy)
+            .is_ok_and(|t| t.permits(key))
+    }
+
+    /// The prefix a listing of `requested` needs to scan for this caller:
+    /// narrowed to the one tenant prefix that extends it (an admin of
+    /// `team-a/` listing everything scans only `team-a/`), `None` when no
+    /// key it may see can start with `requested`. Keys are still checked
+    /// one by one ([`Access::permits`]): this only saves scanning.
+    pub fn list_prefix(&self, requested: &str) -> Option<String> {
+        let Access::Caller(caller) = self else {
+            return Some(requested.to_owned());
+        };
+        let policy = caller.auth.policy.load();
+        let tenant = caller.credential.tenant(&policy).ok()?;
+        if tenant
+            .prefixes
+            .iter()
+            .any(|p| requested.starts_with(p.as_str()))
+        {
+            return Some(requested.to_owned());
+        }
+        let mut longer = tenant.prefixes.iter().filter(|p| p.starts_with(requested));
+        match (longer.next(), longer.next()) {
+            (None, _) => None,
+            (Some(only), None) => Some(only.clone()),
+            (Some(_), Some(_)) => Some(requested.to_owned()),
+        }
+    }
+
     /// Checks that this caller may use `key`, against the policy in force
     /// now: UNAUTHENTICATED if its credential no longer belongs to any
     /// tenant, PERMISSION_DENIED if the key is outside its prefixes.
@@ -332,5 +390,10 @@ mod tests {
         let err = auth.identify(&http::HeaderMap::new(), None).unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
         assert!(format!("{access:?}").contains("\"a\""));
+        assert_eq!(access.list_prefix("").as_deref(), Some("a/"));
+        assert_eq!(access.list_prefix("a").as_deref(), Some("a/"));
+        assert_eq!(access.list_prefix("a/x").as_deref(), Some("a/x"));
+        assert_eq!(access.list_prefix("b"), None);
+        assert_eq!(Access::Open.list_prefix("b").as_deref(), Some("b"));
     }
 }

@@ -12,6 +12,9 @@
 //! # Over mutual TLS: client certificates whose subject CN, or a DNS name
 //! # in their subject alternative names, is one of these.
 //! certificate_names = ["team-a-worker"]
+//! # Operators: may call the AdminService (List, ForceRelease), still
+//! # only on keys under their prefixes. Off unless set.
+//! admin = false
 //! ```
 
 use serde::Deserialize;
@@ -53,6 +56,8 @@ struct TenantEntry {
     certificate_names: Vec<String>,
     #[serde(default)]
     quotas: TenantQuotas,
+    #[serde(default)]
+    admin: bool,
 }
 
 /// A tenant's own shares of one server, where they differ from the
@@ -62,7 +67,7 @@ struct TenantEntry {
 pub struct TenantQuotas {
     /// Waiting Acquire calls at once.
     pub waiters: Option<usize>,
-    /// KeepAlive streams at once.
+    /// KeepAlive and Watch streams at once.
     pub streams: Option<usize>,
     /// Locks kept alive over KeepAlive streams at once.
     pub locks: Option<usize>,
@@ -80,6 +85,9 @@ pub struct Tenant {
     pub prefixes: Vec<String>,
     /// Its own quotas, where they differ from the server's defaults.
     pub quotas: TenantQuotas,
+    /// May call the AdminService (`admin = true`): list locks and take
+    /// them from their holders, within its prefixes.
+    pub admin: bool,
 }
 
 impl Tenant {
@@ -176,6 +184,7 @@ impl Policy {
                 name,
                 prefixes: entry.prefixes,
                 quotas: entry.quotas,
+                admin: entry.admin,
             });
         }
         if policy.tenants.is_empty() {
@@ -229,7 +238,15 @@ impl Policy {
 
 /// Field names of the file: the only quoted words a parser message may
 /// keep (`expected one of `name`, `prefixes`, ...`).
-const FIELDS: [&str; 5] = ["tenant", "name", "prefixes", "tokens", "certificate_names"];
+const FIELDS: [&str; 7] = [
+    "tenant",
+    "name",
+    "prefixes",
+    "tokens",
+    "certificate_names",
+    "quotas",
+    "admin",
+];
 
 /// A parser message fit to show: the first line only (toml quotes the
 /// offending line below it), every quoted piece replaced by `<redacted>`
@@ -399,6 +416,17 @@ tokens = ["SHA256:71BDE61B94E0AF088C3468F6E5489249525B35E7DD61C400C16778F9614E9A
         assert_eq!(p.by_certificate(&names).unwrap().unwrap().name, "team-a");
         assert!(p.by_certificate(&["x".into()]).unwrap().is_none());
         assert!(!format!("{p:?}").contains("team-a-token"));
+        assert!(!a.admin && !b.admin);
+        let admin = Policy::parse(
+            "[[tenant]]\nname = \"ops\"\nprefixes = [\"\"]\nadmin = true\ntokens = [\"ops-token-0123456789\"]",
+        )
+        .unwrap();
+        assert!(
+            admin
+                .by_token(&hash_token("ops-token-0123456789"))
+                .unwrap()
+                .admin
+        );
     }
 
     #[test]

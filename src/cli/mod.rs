@@ -1,6 +1,7 @@
 //! The `leasehold` command line: one binary, several subcommands. Each
 //! subcommand's flags also read a `LEASEHOLD_*` environment variable.
 
+pub mod admin;
 pub mod connect;
 pub mod lock;
 pub mod ops;
@@ -108,6 +109,10 @@ pub enum Command {
     Renew(ops::RenewArgs),
     /// Show who holds a lock.
     Describe(ops::DescribeArgs),
+    /// List held locks by key prefix (needs an admin grant).
+    List(admin::ListArgs),
+    /// Take a lock from its holder now, with a reason (needs an admin grant).
+    ForceRelease(admin::ForceReleaseArgs),
     /// Measure Leasehold against the gRPC floor and direct Redis.
     #[cfg(feature = "bench")]
     Bench(crate::bench::BenchArgs),
@@ -186,6 +191,8 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Release(args) => return ops::release(args).await,
         Command::Renew(args) => return ops::renew(args).await,
         Command::Describe(args) => return ops::describe(args).await,
+        Command::List(args) => return admin::list(args).await,
+        Command::ForceRelease(args) => return admin::force_release(args).await,
     };
     match result {
         Ok(()) => 0,

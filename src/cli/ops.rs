@@ -94,7 +94,7 @@ pub struct DescribeArgs {
 
 /// A value as it appears in text output: bare when it is made of plain
 /// characters, JSON-quoted otherwise (spaces, quotes, `=`, empty).
-fn text(value: &str) -> String {
+pub(super) fn text(value: &str) -> String {
     let plain = !value.is_empty()
         && value
             .chars()
@@ -107,7 +107,7 @@ fn text(value: &str) -> String {
 }
 
 /// Prints `fields` as one text line or one JSON object.
-fn print(json_out: bool, fields: &[(&str, Value)]) {
+pub(super) fn print(json_out: bool, fields: &[(&str, Value)]) {
     if json_out {
         let object: serde_json::Map<String, Value> = fields
             .iter()
@@ -153,7 +153,7 @@ fn token_arg(token: &str) -> Result<String, String> {
     Ok(line)
 }
 
-fn ms(d: Duration) -> u64 {
+pub(super) fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 

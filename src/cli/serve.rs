@@ -182,8 +182,8 @@ pub struct ServeArgs {
     /// --max-waiters alone. Past it, a waiting Acquire still tries once.
     #[arg(long, env = "LEASEHOLD_MAX_WAITERS_PER_CALLER", help_heading = "Limits", default_value_t = crate::service::quota::DEFAULT_MAX_WAITERS_PER_CALLER)]
     pub max_waiters_per_caller: usize,
-    /// KeepAlive streams one tenant (without --auth-file: one connection)
-    /// may have open at once on this server.
+    /// KeepAlive and Watch streams one tenant (without --auth-file: one
+    /// connection) may have open at once on this server.
     #[arg(long, env = "LEASEHOLD_MAX_STREAMS_PER_CALLER", help_heading = "Limits", default_value_t = crate::service::quota::DEFAULT_MAX_STREAMS_PER_CALLER)]
     pub max_streams_per_caller: usize,
     /// Locks one tenant (without --auth-file: one connection) may keep
@@ -250,6 +250,12 @@ pub struct ServeArgs {
         requires = "auth_file"
     )]
     pub auth_protect_health: bool,
+    /// Serve the AdminService (List, ForceRelease) without an auth file.
+    /// Without one, anyone who reaches the port could take any lock from
+    /// its holder, so it is off unless asked for; with an auth file it is
+    /// always served, to tenants with `admin = true` only.
+    #[arg(long, env = "LEASEHOLD_ADMIN", help_heading = "Authentication and TLS")]
+    pub admin: bool,
     /// PEM CA bundle that Redis's certificate must chain to, for rediss://
     /// (default: the system's CAs).
     #[arg(
@@ -369,6 +375,7 @@ impl ServeArgs {
         crate::server::protocols::cors(&self.cors_allow_origin)
             .map_err(|e| format!("--cors-allow-origin: {e}"))?;
         Ok(ServerConfig {
+            admin: self.admin,
             cors_allow_origins: self.cors_allow_origin.clone(),
             limits: ServiceLimits {
                 fields,
@@ -544,6 +551,11 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
                 "--auth-file without --tls-cert: bearer tokens cross the network in plaintext"
             );
         }
+    }
+    if config.admin && config.auth.is_none() {
+        tracing::warn!(
+            "--admin without --auth-file: anyone who reaches this port can list every lock and take it from its holder"
+        );
     }
     let _reload = reload_on_sighup(config.auth.clone());
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -76,6 +76,7 @@
 //! This module owns the client side only: it uses the generated
 //! [`crate::pb`] client and nothing of the server, store or service code.
 
+mod admin;
 mod backoff;
 mod clock;
 mod error;
@@ -92,6 +93,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tonic::Request;
 
+pub use admin::ListPage;
 pub use backoff::RetryPolicy;
 pub use error::{Error, LostReason};
 pub use guard::{Lease, LockGuard, LockInfo, Lost};
@@ -534,15 +536,9 @@ impl Client {
                 let mut request = Request::new(request.clone());
                 request.set_timeout(timeout);
                 async move {
-                    c.describe(request).await.map(|r| {
-                        let r = r.into_inner();
-                        r.held.then(|| LockInfo {
-                            owner: r.owner,
-                            fencing_token: r.fencing_token,
-                            ttl_remaining: Duration::from_millis(r.ttl_ms.into()),
-                            metadata: r.metadata,
-                        })
-                    })
+                    c.describe(request)
+                        .await
+                        .map(|r| admin::info_of(r.into_inner()))
                 }
             })
             .await

@@ -269,16 +269,30 @@ impl Transport {
 
     /// Runs a unary call with the request timeout, retrying UNAVAILABLE
     /// and broken connections across endpoints.
-    pub(crate) async fn unary<T, F, Fut>(&self, mut call: F) -> Result<T, Error>
+    pub(crate) async fn unary<T, F, Fut>(&self, call: F) -> Result<T, Error>
     where
         F: FnMut(LockServiceClient<Conn>, Duration) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        self.unary_on(LockServiceClient::new, call).await
+    }
+
+    /// [`Transport::unary`] on another service's client (`make` builds it
+    /// on a channel), such as the AdminService's.
+    pub(crate) async fn unary_on<C, T, F, Fut>(
+        &self,
+        make: fn(Conn) -> C,
+        mut call: F,
+    ) -> Result<T, Error>
+    where
+        F: FnMut(C, Duration) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         let mut retries = self.retries();
         let timeout = self.settings.request_timeout;
         loop {
             let (i, channel) = self.pick();
-            let client = LockServiceClient::new(channel);
+            let client = make(channel);
             let result = match tokio::time::timeout(timeout, call(client, timeout)).await {
                 Ok(result) => result,
                 Err(_) => Err(Status::unavailable(format!(

@@ -33,12 +33,7 @@ impl LockKey {
                 format!("is {} bytes, the limit is {max_bytes}", key.len()),
             ));
         }
-        if let Some(c) = key.chars().find(|c| c.is_control()) {
-            return Err(LockError::invalid(
-                "key",
-                format!("contains the control character U+{:04X}", c as u32),
-            ));
-        }
+        no_control_characters("key", &key)?;
         Ok(Self(key))
     }
 
@@ -50,6 +45,18 @@ impl LockKey {
     /// Gives back the owned string, for echoing in replies.
     pub fn into_string(self) -> String {
         self.0
+    }
+}
+
+/// INVALID_ARGUMENT naming `field` if `text` holds a Unicode control
+/// character (C0, DEL, C1): such text would break log lines and tables.
+pub fn no_control_characters(field: &'static str, text: &str) -> Result<(), LockError> {
+    match text.chars().find(|c| c.is_control()) {
+        Some(c) => Err(LockError::invalid(
+            field,
+            format!("contains the control character U+{:04X}", c as u32),
+        )),
+        None => Ok(()),
     }
 }
 

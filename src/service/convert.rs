@@ -115,3 +115,113 @@ pub fn describe_response(info: Option<LockInfo>) -> pb::DescribeResponse {
         }
     }
 }
+
+/// Page size of a List that asks for none.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+/// Largest page a List may ask for: a page is described in one go.
+pub const MAX_PAGE_SIZE: usize = 1000;
+/// Longest ForceRelease reason, in bytes: it is logged whole.
+pub const MAX_REASON_BYTES: usize = 512;
+/// Longest page token this server hands out is far shorter.
+const MAX_PAGE_TOKEN_BYTES: usize = 128;
+
+/// A validated List.
+#[derive(Debug)]
+pub struct ListCall {
+    /// Keys start with this ("" for every key).
+    pub prefix: String,
+    /// Locks per page.
+    pub page_size: usize,
+    /// Where the page starts (`None`: the first page).
+    pub page_token: Option<String>,
+}
+
+/// Validates a List request: the prefix is bounded like a key (it may be
+/// empty), the page size like [`MAX_PAGE_SIZE`].
+pub fn list_request(req: pb::ListRequest, limits: &Limits) -> Result<ListCall, LockError> {
+    if req.prefix.len() > limits.max_key_bytes {
+        return Err(LockError::invalid(
+            "prefix",
+            format!(
+                "is {} bytes, longer than any key (the limit is {})",
+                req.prefix.len(),
+                limits.max_key_bytes
+            ),
+        ));
+    }
+    crate::lock::no_control_characters("prefix", &req.prefix)?;
+    let page_size = match req.page_size as usize {
+        0 => DEFAULT_PAGE_SIZE,
+        n if n > MAX_PAGE_SIZE => {
+            return Err(LockError::invalid(
+                "page_size",
+                format!("is {n}, the limit is {MAX_PAGE_SIZE}"),
+            ));
+        }
+        n => n,
+    };
+    if req.page_token.len() > MAX_PAGE_TOKEN_BYTES {
+        return Err(LockError::invalid(
+            "page_token",
+            "not a page token of this server",
+        ));
+    }
+    Ok(ListCall {
+        prefix: req.prefix,
+        page_size,
+        page_token: (!req.page_token.is_empty()).then_some(req.page_token),
+    })
+}
+
+/// Validates a ForceRelease request: a key, and a reason that an operator
+/// reading the log later will need (required, one line, bounded).
+pub fn force_release_request(
+    req: pb::ForceReleaseRequest,
+    limits: &Limits,
+) -> Result<(LockKey, String), LockError> {
+    let key = limits.key(req.key)?;
+    let reason = req.reason.trim();
+    if reason.is_empty() {
+        return Err(LockError::invalid(
+            "reason",
+            "must not be empty: say why the lock is taken (it is logged)",
+        ));
+    }
+    if reason.len() > MAX_REASON_BYTES {
+        return Err(LockError::invalid(
+            "reason",
+            format!("is {} bytes, the limit is {MAX_REASON_BYTES}", reason.len()),
+        ));
+    }
+    crate::lock::no_control_characters("reason", reason)?;
+    Ok((key, reason.to_owned()))
+}
+
+/// The reply to a List: each lock with its state (never its token).
+pub fn list_response(page: crate::store::ListPage) -> pb::ListResponse {
+    pb::ListResponse {
+        locks: page
+            .locks
+            .into_iter()
+            .map(|(key, info)| pb::LockInfo {
+                key: key.into_string(),
+                state: Some(describe_response(Some(info))),
+            })
+            .collect(),
+        next_page_token: page.next.unwrap_or_default(),
+    }
+}
+
+/// A Watch event: `kind`, about the grant fenced `fencing_token` (0 for a
+/// state), with the lock's state after it.
+pub fn watch_event(
+    kind: pb::watch_event::Kind,
+    fencing_token: u64,
+    info: Option<LockInfo>,
+) -> pb::WatchEvent {
+    pb::WatchEvent {
+        kind: kind.into(),
+        state: Some(describe_response(info)),
+        fencing_token,
+    }
+}

@@ -19,6 +19,14 @@ use crate::auth::Access;
 use crate::lock::{AcquireOutcome, AcquireSpec, Grant, LockError, LockKey, Token};
 use crate::store::{LockStore, Releasing};
 
+tokio::task_local! {
+    /// Set around an Acquire call: whether its first store attempt granted
+    /// the lock (`None` until it was made), so that the call's outcome
+    /// (immediate, or after a wait) is counted without the wait loop
+    /// having to report it.
+    pub(super) static FIRST_ATTEMPT: std::cell::Cell<Option<bool>>;
+}
+
 /// State shared by all calls of one server.
 pub(super) struct Core<S> {
     pub(super) store: Arc<S>,
@@ -56,6 +64,11 @@ impl<S: LockStore> Core<S> {
             spec: spec.clone(),
         };
         let result = pending.await;
+        let _ = FIRST_ATTEMPT.try_with(|first| {
+            if first.get().is_none() {
+                first.set(Some(matches!(result, Ok(AcquireOutcome::Acquired(_)))));
+            }
+        });
         if matches!(result, Err(LockError::Unavailable(_))) {
             give_back(self.store.clone(), spec.key.clone(), spec.token.clone());
         }

@@ -3,6 +3,8 @@
 //! behaviour of their own have their own modules: waiting Acquire
 //! (`waiting`) and KeepAlive streams (`keepalive`).
 
+mod admin;
+mod contention;
 pub mod convert;
 mod core;
 mod deadline;
@@ -11,6 +13,7 @@ mod keepalive;
 pub mod queues;
 pub mod quota;
 mod waiting;
+mod watch;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -28,6 +31,8 @@ use crate::lock::{AcquireOutcome, Limits, LockError};
 use crate::pb;
 use crate::store::{LockStore, Releasing};
 use queues::WaitQueues;
+
+pub use admin::AdminServiceImpl;
 
 /// What the service enforces besides per-field limits.
 #[derive(Debug, Clone)]
@@ -107,6 +112,15 @@ impl<S: LockStore> LockServiceImpl<S> {
     }
 }
 
+impl<S> LockServiceImpl<S> {
+    /// A valid key the caller may use.
+    fn scoped_key(&self, access: &Access, key: String) -> Result<crate::lock::LockKey, LockError> {
+        let key = self.core.limits.fields.key(key)?;
+        access.authorize(&key)?;
+        Ok(key)
+    }
+}
+
 /// Counts and logs a request refused before it reached the store. The key
 /// is not logged: it may be the malformed part.
 fn rejected(rpc: &'static str, start: std::time::Instant, e: LockError) -> Status {
@@ -161,14 +175,21 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
             .map_err(|e| rejected("Acquire", start, e))?;
         let key = call.spec.key.clone();
         let spec = Arc::new(bind_request_id(&access, call.spec));
-        let result = if call.wait_ms == 0 {
-            self.core.attempt(&spec).await
-        } else {
-            let wait = Duration::from_millis(call.wait_ms.into());
-            self.core
-                .acquire_waiting(&spec, wait, deadline, &access, &caller)
-                .await
-        };
+        let contention = contention::Outcome::start(call.wait_ms > 0);
+        let (result, first) = core::FIRST_ATTEMPT
+            .scope(std::cell::Cell::new(None), async {
+                let result = if call.wait_ms == 0 {
+                    self.core.attempt(&spec).await
+                } else {
+                    let wait = Duration::from_millis(call.wait_ms.into());
+                    self.core
+                        .acquire_waiting(&spec, wait, deadline, &access, &caller)
+                        .await
+                };
+                (result, core::FIRST_ATTEMPT.with(|f| f.get()))
+            })
+            .await;
+        contention.finish(&result, first == Some(true));
         log_result("Acquire", key.as_str(), start, &result, |o| match o {
             AcquireOutcome::Acquired(_) => "acquired",
             AcquireOutcome::Held { .. } => "held",
@@ -236,15 +257,28 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
 
     type KeepAliveStream = KeepAliveStream;
 
-    type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+    type WatchStream = watch::WatchStream;
 
     async fn watch(
         &self,
-        _: Request<pb::WatchRequest>,
+        request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        Err(Status::unimplemented(
-            "Watch is not served by this server yet; poll Describe",
-        ))
+        let start = std::time::Instant::now();
+        let peer = request.remote_addr();
+        let access = Access::of(request.extensions()).map_err(|e| rejected("Watch", start, e))?;
+        let key = self
+            .scoped_key(&access, request.into_inner().key)
+            .map_err(|e| rejected("Watch", start, e))?;
+        // A Watch stream holds a task and a subscription: it counts against
+        // the caller's streams, like a KeepAlive stream.
+        let share = self
+            .core
+            .quotas
+            .take(&quota::Caller::of(&access, peer), quota::Kind::Streams, 1)
+            .map_err(|e| rejected("Watch", start, e))?;
+        let result = watch::start(self.core.clone(), key.clone(), access, share).await;
+        log_result("Watch", key.as_str(), start, &result, |_| "watching");
+        Ok(Response::new(result?))
     }
 
     async fn keep_alive(
@@ -272,11 +306,7 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
         let access =
             Access::of(request.extensions()).map_err(|e| rejected("Describe", start, e))?;
         let key = self
-            .core
-            .limits
-            .fields
-            .key(request.into_inner().key)
-            .and_then(|key| access.authorize(&key).map(|()| key))
+            .scoped_key(&access, request.into_inner().key)
             .map_err(|e| rejected("Describe", start, e))?;
         let result = self.core.store.describe(&key).await;
         log_result("Describe", key.as_str(), start, &result, |i| {

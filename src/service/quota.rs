@@ -115,7 +115,7 @@ impl Caller {
 pub enum Kind {
     /// Waiting Acquires.
     Waiters,
-    /// KeepAlive streams.
+    /// KeepAlive and Watch streams.
     Streams,
     /// Locks attached to KeepAlive streams.
     Locks,
@@ -129,7 +129,7 @@ impl Kind {
     fn what(self) -> (&'static str, &'static str) {
         match self {
             Kind::Waiters => ("waiting Acquire calls", "--max-waiters-per-caller"),
-            Kind::Streams => ("KeepAlive streams", "--max-streams-per-caller"),
+            Kind::Streams => ("KeepAlive and Watch streams", "--max-streams-per-caller"),
             Kind::Locks => ("locks kept alive", "--max-locks-per-caller"),
         }
     }

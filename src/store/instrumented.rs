@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::time::Instant;
 
-use super::{LateGrant, LockStore, Releasing};
+use super::{LateGrant, ListPage, LockStore, Releasing};
 use crate::lock::{
     AcquireOutcome, AcquireSpec, Attachment, Grant, LockError, LockInfo, LockKey, Token,
 };
@@ -84,6 +84,26 @@ impl<S: LockStore> LockStore for Instrumented<S> {
 
     async fn watch(&self, key: &LockKey) -> Result<(), LockError> {
         timed(self.0.name(), "watch", self.0.watch(key)).await
+    }
+
+    async fn changes(
+        &self,
+        key: &LockKey,
+    ) -> Result<tokio::sync::broadcast::Receiver<super::changes::Change>, LockError> {
+        self.0.changes(key).await
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        size: usize,
+        page: Option<&str>,
+    ) -> Result<ListPage, LockError> {
+        timed(self.0.name(), "list", self.0.list(prefix, size, page)).await
+    }
+
+    async fn force_release(&self, key: &LockKey) -> Result<Option<u64>, LockError> {
+        timed(self.0.name(), "force_release", self.0.force_release(key)).await
     }
 
     async fn ping(&self) -> Result<(), LockError> {

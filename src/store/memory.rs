@@ -11,7 +11,10 @@ use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use super::{LateGrant, LockStore, ReleaseListener, Releasing, monotonic_unix_micros};
+use tokio::sync::broadcast;
+
+use super::changes::{Change, ChangeKind, Changes};
+use super::{LateGrant, ListPage, LockStore, ReleaseListener, Releasing, monotonic_unix_micros};
 use crate::lock::{
     AcquireOutcome, AcquireSpec, Attachment, Grant, LockError, LockInfo, LockKey, Metadata, Token,
 };
@@ -33,6 +36,8 @@ struct Inner {
     shards: Box<[Mutex<HashMap<String, Slot>>]>,
     hasher: RandomState,
     waiters: Arc<dyn ReleaseListener>,
+    /// Grants and releases, for watchers.
+    changes: Changes,
 }
 
 /// One key's state. The fencing counter outlives the lease; the slot is
@@ -107,6 +112,7 @@ impl MemoryStore {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             waiters,
+            changes: Changes::default(),
         });
         let weak = Arc::downgrade(&inner);
         let sweeper = task::spawn("memory-sweeper", sweep(weak));
@@ -118,6 +124,17 @@ impl MemoryStore {
 }
 
 impl Inner {
+    /// Tells watchers of `key` (after the shard's lock is let go).
+    fn changed(&self, key: &str, kind: ChangeKind, fencing_token: u64) {
+        self.changes.publish(
+            key,
+            Change {
+                kind,
+                fencing_token,
+            },
+        );
+    }
+
     fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<String, Slot>> {
         let i = (self.hasher.hash_one(key) as usize) % SHARDS;
         // Every critical section leaves the map consistent, so a poisoned
@@ -212,6 +229,25 @@ fn free_slot(slot: &mut Slot, token: &Token, kind: Releasing<'_>, now: Instant) 
     }
 }
 
+/// The state of a held slot, without its token.
+fn info_of(slot: &Slot, now: Instant) -> Option<LockInfo> {
+    let held = slot.lease.as_ref().filter(|h| h.live(now))?;
+    Some(LockInfo {
+        owner: held.owner.clone(),
+        fencing_token: slot.fence,
+        ttl_ms: held.remaining_ms(now),
+        metadata: held.metadata.clone(),
+    })
+}
+
+/// The last key of the previous page, from its page token.
+fn parse_page(page: &str) -> Result<String, LockError> {
+    hex::decode(page)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .ok_or_else(|| LockError::invalid("page_token", "not a page token of this server"))
+}
+
 impl LockStore for MemoryStore {
     async fn acquire(
         &self,
@@ -243,7 +279,14 @@ impl LockStore for MemoryStore {
         }
         // An expired lease counts as released at its expiry.
         slot.free(now);
-        Ok(AcquireOutcome::Acquired(grant(slot, spec, now)))
+        let granted = grant(slot, spec, now);
+        drop(map);
+        self.inner.changed(
+            spec.key.as_str(),
+            ChangeKind::Acquired,
+            granted.fencing_token,
+        );
+        Ok(AcquireOutcome::Acquired(granted))
     }
 
     async fn release_and_grant(
@@ -267,12 +310,17 @@ impl LockStore for MemoryStore {
                         .is_some_and(|h| h.token == *token && h.live(now) && may_release(h, kind))
                 })
                 .map(|slot| {
+                    crate::metrics::released_after(slot.fence);
                     slot.free(now);
                     grant(slot, next, now)
                 })
         };
         match handed {
-            Some(granted) => Ok((true, Some(granted))),
+            Some(granted) => {
+                self.inner
+                    .changed(key.as_str(), ChangeKind::Acquired, granted.fencing_token);
+                Ok((true, Some(granted)))
+            }
             None => Ok((self.release(key, token, kind).await?, None)),
         }
     }
@@ -284,15 +332,18 @@ impl LockStore for MemoryStore {
         kind: Releasing<'_>,
     ) -> Result<bool, LockError> {
         let now = Instant::now();
-        let freed = {
+        let (freed, fence) = {
             let mut map = self.inner.shard(key.as_str());
             match map.get_mut(key.as_str()) {
-                Some(slot) => free_slot(slot, token, kind, now),
-                None => Freed::No,
+                Some(slot) => (free_slot(slot, token, kind, now), slot.fence),
+                None => (Freed::No, 0),
             }
         };
         match freed {
             Freed::Now => {
+                crate::metrics::released_after(fence);
+                self.inner
+                    .changed(key.as_str(), ChangeKind::Released, fence);
                 self.inner.waiters.released(key.as_str());
                 Ok(true)
             }
@@ -337,15 +388,65 @@ impl LockStore for MemoryStore {
     async fn describe(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError> {
         let now = Instant::now();
         let map = self.inner.shard(key.as_str());
-        Ok(map.get(key.as_str()).and_then(|slot| {
-            let held = slot.lease.as_ref().filter(|h| h.live(now))?;
-            Some(LockInfo {
-                owner: held.owner.clone(),
-                fencing_token: slot.fence,
-                ttl_ms: held.remaining_ms(now),
-                metadata: held.metadata.clone(),
-            })
-        }))
+        Ok(map.get(key.as_str()).and_then(|slot| info_of(slot, now)))
+    }
+
+    async fn changes(&self, key: &LockKey) -> Result<broadcast::Receiver<Change>, LockError> {
+        Ok(self.inner.changes.subscribe(key.as_str()))
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        size: usize,
+        page: Option<&str>,
+    ) -> Result<ListPage, LockError> {
+        // Pages are in key order, each after the last key of the one
+        // before: stable whatever changes in between.
+        let after = page.map(parse_page).transpose()?;
+        let now = Instant::now();
+        let mut locks = Vec::new();
+        for shard in self.inner.shards.iter() {
+            let map = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for (key, slot) in map.iter() {
+                if !key.starts_with(prefix) || after.as_ref().is_some_and(|a| key <= a) {
+                    continue;
+                }
+                if let Some(info) = info_of(slot, now) {
+                    locks.push((key.clone(), info));
+                }
+            }
+        }
+        locks.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let more = locks.len() > size;
+        locks.truncate(size);
+        let next = more
+            .then(|| locks.last().map(|(k, _)| hex::encode(k)))
+            .flatten();
+        let locks = locks
+            .into_iter()
+            .filter_map(|(k, info)| LockKey::parse(k, usize::MAX).ok().map(|k| (k, info)))
+            .collect();
+        Ok(ListPage { locks, next })
+    }
+
+    async fn force_release(&self, key: &LockKey) -> Result<Option<u64>, LockError> {
+        let now = Instant::now();
+        // Not into `gone`: the holder's own Release then answers false.
+        let taken = {
+            let mut map = self.inner.shard(key.as_str());
+            map.get_mut(key.as_str())
+                .and_then(|slot| Some((slot.lease.take()?.live(now), slot.fence)))
+        };
+        // An expired lease not swept yet is taken too: its waiters wake now.
+        if let Some((live, fence)) = taken {
+            if live {
+                self.inner
+                    .changed(key.as_str(), ChangeKind::ForceReleased, fence);
+            }
+            self.inner.waiters.released(key.as_str());
+        }
+        Ok(taken.filter(|(live, _)| *live).map(|(_, fence)| fence))
     }
 
     async fn watch(&self, _key: &LockKey) -> Result<(), LockError> {

@@ -4,6 +4,7 @@
 //! conformance suite (`tests/conformance.rs`). Stores speak domain types
 //! only: no protobuf type crosses this line.
 
+pub mod changes;
 mod instrumented;
 pub mod memory;
 mod open;
@@ -48,6 +49,16 @@ pub trait ReleaseListener: Send + Sync + std::fmt::Debug + 'static {
 /// it is given back. Called at most once, and only for a grant.
 pub trait LateGrant: FnOnce(Grant) + Send + 'static {}
 impl<F: FnOnce(Grant) + Send + 'static> LateGrant for F {}
+
+/// One page of [`LockStore::list`]: held locks and where the next page
+/// starts (`None`: this was the last page).
+#[derive(Debug, Default)]
+pub struct ListPage {
+    /// Held locks, each with its state (never its token).
+    pub locks: Vec<(LockKey, LockInfo)>,
+    /// Opaque to the caller; handed back to get the next page.
+    pub next: Option<String>,
+}
 
 pub use instrumented::Instrumented;
 pub use memory::MemoryStore;
@@ -121,6 +132,36 @@ pub trait LockStore: Send + Sync + 'static {
     /// confirmed), so a waiter that re-checks afterwards misses nothing.
     fn watch(&self, key: &LockKey) -> impl Future<Output = Result<(), LockError>> + Send;
 
+    /// Grants and releases of `key` from now on, made through any server
+    /// on this store (for Redis, once the release channel's subscription
+    /// is confirmed). Expiry is not reported: see [`changes`].
+    fn changes(
+        &self,
+        key: &LockKey,
+    ) -> impl Future<Output = Result<tokio::sync::broadcast::Receiver<changes::Change>, LockError>> + Send;
+
+    /// Held locks whose keys start with `prefix`, about `size` at a time
+    /// (a page may hold fewer, even none, and still have a next one; on
+    /// Redis, a SCAN batch is never split, so it may hold a few more).
+    /// `page` is the `next` of the previous page; a malformed one is
+    /// INVALID_ARGUMENT. Every key held for the whole listing is returned
+    /// at least once; keys taken or released meanwhile may or may not be.
+    fn list(
+        &self,
+        prefix: &str,
+        size: usize,
+        page: Option<&str>,
+    ) -> impl Future<Output = Result<ListPage, LockError>> + Send;
+
+    /// Takes `key` from its holder whatever its token (an operator's
+    /// ForceRelease): its next renewal finds the lock lost, the next grant
+    /// is fenced above it, and waiters wake as after a release. The
+    /// removed grant's fencing token, or `None` if nobody held the key.
+    fn force_release(
+        &self,
+        key: &LockKey,
+    ) -> impl Future<Output = Result<Option<u64>, LockError>> + Send;
+
     /// A cheap round trip, for health checks.
     fn ping(&self) -> impl Future<Output = Result<(), LockError>> + Send;
 
@@ -172,12 +213,44 @@ impl<S: LockStore> LockStore for Arc<S> {
     fn watch(&self, key: &LockKey) -> impl Future<Output = Result<(), LockError>> + Send {
         (**self).watch(key)
     }
+    fn changes(
+        &self,
+        key: &LockKey,
+    ) -> impl Future<Output = Result<tokio::sync::broadcast::Receiver<changes::Change>, LockError>> + Send
+    {
+        (**self).changes(key)
+    }
+    fn list(
+        &self,
+        prefix: &str,
+        size: usize,
+        page: Option<&str>,
+    ) -> impl Future<Output = Result<ListPage, LockError>> + Send {
+        (**self).list(prefix, size, page)
+    }
+    fn force_release(
+        &self,
+        key: &LockKey,
+    ) -> impl Future<Output = Result<Option<u64>, LockError>> + Send {
+        (**self).force_release(key)
+    }
     fn ping(&self) -> impl Future<Output = Result<(), LockError>> + Send {
         (**self).ping()
     }
     fn name(&self) -> &'static str {
         (**self).name()
     }
+}
+
+/// Microseconds since the Unix epoch now, by the wall clock (the hold-time
+/// metric compares it with fencing tokens, which Redis makes from its
+/// clock).
+pub fn unix_micros() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 /// Microseconds since the Unix epoch that never go backwards within this

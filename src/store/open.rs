@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use super::{
-    LateGrant, LockStore, MemoryStore, RedisConfig, RedisStore, ReleaseListener, Releasing,
+    LateGrant, ListPage, LockStore, MemoryStore, RedisConfig, RedisStore, ReleaseListener,
+    Releasing,
 };
 use crate::lock::{
     AcquireOutcome, AcquireSpec, Attachment, Grant, LockError, LockInfo, LockKey, Token,
@@ -100,6 +101,26 @@ impl LockStore for Store {
 
     async fn watch(&self, key: &LockKey) -> Result<(), LockError> {
         either!(self, s => s.watch(key).await)
+    }
+
+    async fn changes(
+        &self,
+        key: &LockKey,
+    ) -> Result<tokio::sync::broadcast::Receiver<super::changes::Change>, LockError> {
+        either!(self, s => s.changes(key).await)
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        size: usize,
+        page: Option<&str>,
+    ) -> Result<ListPage, LockError> {
+        either!(self, s => s.list(prefix, size, page).await)
+    }
+
+    async fn force_release(&self, key: &LockKey) -> Result<Option<u64>, LockError> {
+        either!(self, s => s.force_release(key).await)
     }
 
     async fn ping(&self) -> Result<(), LockError> {

@@ -19,6 +19,7 @@ pub(super) struct Scripts {
     pub(super) describe: Script,
     pub(super) handoff: Script,
     pub(super) batch: Script,
+    pub(super) force: Script,
 }
 
 /// `grant.lua` and `ops.lua`, the functions every writing script starts
@@ -44,6 +45,7 @@ impl Scripts {
             describe: Script::from_lua(include_str!("scripts/describe.lua")),
             handoff: Script::from_lua(with_ops!("scripts/handoff.lua")),
             batch: Script::from_lua(with_ops!("scripts/batch.lua")),
+            force: Script::from_lua(include_str!("scripts/force.lua")),
         }
     }
 }

@@ -15,6 +15,7 @@
 //! The data model is in documentation/redis.md.
 
 mod acks;
+mod admin;
 mod args;
 mod batch;
 mod call;
@@ -33,7 +34,7 @@ use fred::prelude::*;
 use fred::types::scripts::Script;
 use futures_util::future::join_all;
 
-use super::{LateGrant, LockStore, ReleaseListener, Releasing};
+use super::{LateGrant, ListPage, LockStore, ReleaseListener, Releasing};
 use crate::lock::{
     AcquireOutcome, AcquireSpec, Attachment, Grant, LockError, LockInfo, LockKey, Metadata, Token,
     remaining_ms,
@@ -436,6 +437,7 @@ impl LockStore for RedisStore {
             f if f <= 0 => return Ok(false),
             _ => {}
         }
+        crate::metrics::released_after(fence.unsigned_abs());
         // Wake a waiter here now, instead of after the notification's trip
         // through Redis and back; that notification is then skipped.
         self.subscriptions.released_here(key.as_str(), fence);
@@ -490,6 +492,27 @@ impl LockStore for RedisStore {
             }
             _ => Err(LockError::Internal("malformed describe reply".into())),
         }
+    }
+
+    async fn changes(
+        &self,
+        key: &LockKey,
+    ) -> Result<tokio::sync::broadcast::Receiver<super::changes::Change>, LockError> {
+        let channel = self.names(key).channel;
+        self.subscriptions.changes(key.as_str(), channel).await
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        size: usize,
+        page: Option<&str>,
+    ) -> Result<ListPage, LockError> {
+        self.list_page(prefix, size, page).await
+    }
+
+    async fn force_release(&self, key: &LockKey) -> Result<Option<u64>, LockError> {
+        self.force(key).await
     }
 
     async fn watch(&self, key: &LockKey) -> Result<(), LockError> {

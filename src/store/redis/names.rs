@@ -93,9 +93,60 @@ pub(super) fn key_of_channel<'a>(prefix: &str, channel: &'a str) -> Option<&'a s
         .strip_suffix("}:released")
 }
 
+/// The lock key of a lock record's name, if it is one of ours (not a
+/// tombstone, a counter or a channel).
+pub(super) fn key_of_lock(prefix: &str, name: &str) -> Option<String> {
+    let tag = name
+        .strip_prefix(prefix)?
+        .strip_prefix('{')?
+        .strip_suffix("}:lock")?;
+    (!tag.contains(['{', '}'])).then(|| unescape_tag(tag))
+}
+
+/// A `SCAN MATCH` pattern for the records of every lock under `prefix`
+/// whose key starts with `key_prefix`. Escaping keeps key prefixes (a key
+/// starting with `p` has a tag starting with `p`'s tag), and glob
+/// characters are matched literally.
+pub(super) fn lock_pattern(prefix: &str, key_prefix: &str) -> String {
+    let mut tag = String::with_capacity(key_prefix.len());
+    // Char by char, whether or not the key has braces: the tag of a key
+    // without braces or `%` is the key, and then so is this.
+    for c in key_prefix.chars() {
+        match c {
+            '%' => tag.push_str("%25"),
+            '{' => tag.push_str("%7B"),
+            '}' => tag.push_str("%7D"),
+            c => tag.push(c),
+        }
+    }
+    let mut out = String::with_capacity(prefix.len() + tag.len() + 8);
+    for part in [prefix, "{", &tag] {
+        let literal = part == "{";
+        for c in part.chars() {
+            if !literal && matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+    }
+    out.push_str("*}:lock");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lock_names_and_patterns() {
+        let key = LockKey::parse("a{b}*", 100).unwrap();
+        let name = Names::of("p:", &key).lock;
+        assert_eq!(key_of_lock("p:", &name).as_deref(), Some("a{b}*"));
+        assert_eq!(key_of_lock("p:", &format!("{name}:gone:t")), None);
+        assert_eq!(key_of_lock("q:", &name), None);
+        assert_eq!(lock_pattern("p:", "a{"), "p:{a%7B*}:lock");
+        assert_eq!(lock_pattern("p*:", "x?"), "p\\*:{x\\?*}:lock");
+    }
 
     #[test]
     fn tags_have_no_braces_and_round_trip() {

@@ -88,6 +88,10 @@ pub(super) fn parse_handoff(
         // Released before: a retried Release, nothing handed over.
         Some(2) => Ok((true, None)),
         Some(1) if items.len() == 5 => {
+            // The grant handed over was held until now (0: a resent handoff).
+            if let Some(released) = int(&items[1]).filter(|f| *f > 0) {
+                crate::metrics::released_after(released.unsigned_abs());
+            }
             let fence = int(&items[2]).ok_or_else(|| unexpected(&items[2]))?;
             let ttl = int(&items[3]).ok_or_else(|| unexpected(&items[3]))?;
             let pttl = int(&items[4]).ok_or_else(|| unexpected(&items[4]))?;

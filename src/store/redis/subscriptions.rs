@@ -3,6 +3,9 @@
 //! release between check and wait is missed), unsubscribed once idle; a
 //! listener that wakes the key's waiters; and the releases this server made
 //! itself, already announced locally, so their notification is skipped.
+//! The same channel carries grants (`g<fencing token>`, from grant.lua)
+//! and forced releases (`-<fencing token>`) for watchers ([`Changes`]);
+//! a grant wakes no waiter.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,15 +16,18 @@ use fred::prelude::*;
 
 use super::call::bounded;
 use super::names::{key_of_channel, unescape_tag};
-use super::replies::int;
+use super::replies::text;
 use crate::lock::LockError;
 use crate::store::ReleaseListener;
+use crate::store::changes::{Change, ChangeKind, Changes};
 use crate::task::{self, TaskGuard};
 
 /// The subscriber client and what it is subscribed to.
 pub(super) struct Subscriptions {
     subscriber: SubscriberClient,
     waiters: Arc<dyn ReleaseListener>,
+    /// Grants and releases, for watchers (from any server, over Redis).
+    changes: Arc<Changes>,
     local: Arc<LocalReleases>,
     /// Release channels subscribed, with when a waiter last needed each.
     watched: Arc<Mutex<HashMap<String, Instant>>>,
@@ -41,6 +47,7 @@ impl Subscriptions {
         waiters: Arc<dyn ReleaseListener>,
         timeout: Duration,
     ) -> Self {
+        let changes = Arc::new(Changes::default());
         let watched = Arc::new(Mutex::new(HashMap::new()));
         let local = Arc::new(LocalReleases::default());
         let subscribing = Arc::new(tokio::sync::Mutex::new(()));
@@ -57,6 +64,7 @@ impl Subscriptions {
                     subscriber.clone(),
                     prefix.to_owned(),
                     waiters.clone(),
+                    changes.clone(),
                     local.clone(),
                 ),
             ),
@@ -68,12 +76,14 @@ impl Subscriptions {
                     watched.clone(),
                     subscribing.clone(),
                     waiters.clone(),
+                    changes.clone(),
                 ),
             ),
         ];
         Self {
             subscriber,
             waiters,
+            changes,
             local,
             watched,
             subscribing,
@@ -117,6 +127,18 @@ impl Subscriptions {
         Ok(())
     }
 
+    /// Grants and releases of `key` from now on, once its channel is
+    /// subscribed (kept subscribed while anyone here watches it).
+    pub(super) async fn changes(
+        &self,
+        key: &str,
+        channel: String,
+    ) -> Result<tokio::sync::broadcast::Receiver<Change>, LockError> {
+        let rx = self.changes.subscribe(key);
+        self.watch(channel).await?;
+        Ok(rx)
+    }
+
     /// This server released `key` (the grant fenced `fence`): wake a waiter
     /// here now, instead of after the notification's trip through Redis and
     /// back; that notification is then skipped.
@@ -137,6 +159,7 @@ pub(super) async fn listen(
     subscriber: SubscriberClient,
     prefix: String,
     waiters: Arc<dyn ReleaseListener>,
+    changes: Arc<Changes>,
     local: Arc<LocalReleases>,
 ) {
     let mut rx = subscriber.message_rx();
@@ -145,9 +168,18 @@ pub(super) async fn listen(
             Ok(message) => {
                 if let Some(tag) = key_of_channel(&prefix, &message.channel) {
                     let key = unescape_tag(tag);
-                    let fence = int(&message.value).unwrap_or(0);
-                    if !local.take(&key, fence) {
-                        waiters.released(&key);
+                    let payload = text(&message.value).unwrap_or_default();
+                    let notice = Notice::parse(&payload);
+                    if let Some(change) = notice.change() {
+                        changes.publish(&key, change);
+                    }
+                    // A grant frees nothing; any release (or a message this
+                    // server cannot read) wakes a waiter, unless it is one
+                    // this server already announced.
+                    match notice {
+                        Notice::Granted(_) => {}
+                        Notice::Released(fence) if local.take(&key, fence) => {}
+                        _ => waiters.released(&key),
                     }
                 }
             }
@@ -160,6 +192,41 @@ pub(super) async fn listen(
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
+    }
+}
+
+/// A message on a lock's channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Notice {
+    /// `g<fence>`: granted.
+    Granted(u64),
+    /// `<fence>`: released; `-<fence>`: force-released. As the release
+    /// scripts publish it, so that [`LocalReleases`] matches either.
+    Released(i64),
+    /// Anything else (a newer server's message): treated as a release.
+    Unknown,
+}
+
+impl Notice {
+    fn parse(payload: &str) -> Self {
+        if let Some(fence) = payload.strip_prefix('g') {
+            return fence.parse().map_or(Self::Unknown, Self::Granted);
+        }
+        payload.parse().map_or(Self::Unknown, Self::Released)
+    }
+
+    /// What a watcher hears of it.
+    fn change(self) -> Option<Change> {
+        let (kind, fencing_token) = match self {
+            Self::Granted(f) => (ChangeKind::Acquired, f),
+            Self::Released(f) if f > 0 => (ChangeKind::Released, f.unsigned_abs()),
+            Self::Released(f) if f < 0 => (ChangeKind::ForceReleased, f.unsigned_abs()),
+            _ => return None,
+        };
+        Some(Change {
+            kind,
+            fencing_token,
+        })
     }
 }
 
@@ -200,6 +267,7 @@ pub(super) async fn reap(
     watched: Arc<Mutex<HashMap<String, Instant>>>,
     subscribing: Arc<tokio::sync::Mutex<()>>,
     waiters: Arc<dyn ReleaseListener>,
+    changes: Arc<Changes>,
 ) {
     let mut tick = tokio::time::interval(SUBSCRIPTION_IDLE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -213,8 +281,10 @@ pub(super) async fn reap(
                 .iter()
                 .filter(|(channel, last)| {
                     now.duration_since(**last) > SUBSCRIPTION_IDLE
-                        && key_of_channel(&prefix, channel)
-                            .is_none_or(|tag| !waiters.has_waiters(&unescape_tag(tag)))
+                        && key_of_channel(&prefix, channel).is_none_or(|tag| {
+                            let key = unescape_tag(tag);
+                            !waiters.has_waiters(&key) && !changes.is_watched(&key)
+                        })
                 })
                 .map(|(c, _)| c.clone())
                 .collect();
@@ -228,5 +298,31 @@ pub(super) async fn reap(
                 tracing::debug!(error = %e, "SUNSUBSCRIBE failed; the channel stays subscribed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices_tell_grants_from_releases() {
+        assert_eq!(Notice::parse("g42"), Notice::Granted(42));
+        assert_eq!(Notice::parse("42"), Notice::Released(42));
+        assert_eq!(Notice::parse("-42"), Notice::Released(-42));
+        assert_eq!(Notice::parse("gx"), Notice::Unknown);
+        assert_eq!(Notice::parse(""), Notice::Unknown);
+        let forced = Notice::parse("-42").change().unwrap();
+        assert_eq!(forced.kind, ChangeKind::ForceReleased);
+        assert_eq!(forced.fencing_token, 42);
+        assert_eq!(
+            Notice::parse("g7").change().unwrap().kind,
+            ChangeKind::Acquired
+        );
+        assert_eq!(
+            Notice::parse("7").change().unwrap().kind,
+            ChangeKind::Released
+        );
+        assert_eq!(Notice::Unknown.change(), None);
     }
 }

@@ -34,8 +34,12 @@ local function grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl, r
   else
     redis.call('PEXPIRE', counter, counter_ttl)
   end
-  redis.call('HSET', lock, 'token', token, 'fence', string.format('%d', fence),
+  local f = string.format('%d', fence)
+  redis.call('HSET', lock, 'token', token, 'fence', f,
     'ttl', ttl, 'owner', owner, 'meta', meta, 'rid', rid)
   redis.call('PEXPIRE', lock, ttl)
+  -- Watchers on any server hear of the grant, on the lock's release
+  -- channel (`...:lock` -> `...:released`); waiters skip a 'g' message.
+  redis.call('SPUBLISH', string.sub(lock, 1, -5) .. 'released', 'g' .. f)
   return fence
 end
