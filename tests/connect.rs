@@ -999,3 +999,76 @@ fn connect_timeout_ms_is_the_call_deadline() {
     );
     assert_eq!(bad.connect_error(400)["code"], "invalid_argument");
 }
+
+/// The AdminService over Connect JSON, and Watch over Connect streaming on
+/// HTTP/1.1: what a browser page (the dashboard) needs, with curl.
+#[test]
+fn admin_and_watch_over_connect_on_http1() {
+    let server = ServerProcess::start(&["--admin"]);
+    let acquired = call(
+        &server,
+        "Acquire",
+        r#"{"key": "jobs/nightly", "ttlMs": 30000, "owner": "host-7"}"#,
+        &[],
+    )
+    .json();
+    let fence = acquired["lease"]["fencingToken"]
+        .as_str()
+        .expect("fence")
+        .to_string();
+
+    // List, then Watch: its first event is the lock as it is now.
+    let admin = |method: &str, json: &str| {
+        let url = format!("http://{}/leasehold.v1.AdminService/{method}", server.addr);
+        curl(&["-H", "content-type: application/json", "-d", json, &url])
+    };
+    let listed = admin("List", r#"{"prefix": "jobs/"}"#).json();
+    let locks = listed["locks"].as_array().expect("locks");
+    assert_eq!(locks.len(), 1, "{listed}");
+    assert_eq!(locks[0]["key"], "jobs/nightly");
+    assert_eq!(locks[0]["state"]["owner"], "host-7");
+    assert_eq!(locks[0]["state"]["fencingToken"], fence.as_str());
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let request = br#"{"key": "jobs/nightly"}"#;
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(request.len() as u32).to_be_bytes());
+    body.extend_from_slice(request);
+    let data = dir.path().join("watch.bin");
+    std::fs::write(&data, body).expect("write");
+    let url = format!("http://{}/leasehold.v1.LockService/Watch", server.addr);
+    // The stream ends at its Connect deadline; curl speaks HTTP/1.1.
+    let watched = curl(&[
+        "--http1.1",
+        "-H",
+        "content-type: application/connect+json",
+        "-H",
+        "connect-timeout-ms: 1500",
+        "--data-binary",
+        &format!("@{}", data.display()),
+        &url,
+    ]);
+    assert_eq!(watched.status, 200, "{watched:?}");
+    let got = envelopes(&watched.body);
+    assert!(got.len() >= 2, "{got:?}");
+    assert_eq!(got[0].0, 0);
+    assert_eq!(got[0].1["kind"], "KIND_STATE", "{got:?}");
+    assert_eq!(got[0].1["state"]["held"], true);
+    assert_eq!(got[0].1["state"]["owner"], "host-7");
+    let (flags, end) = got.last().expect("the end");
+    assert_eq!(*flags, 2, "{got:?}");
+    assert_eq!(end["error"]["code"], "deadline_exceeded", "{got:?}");
+
+    // ForceRelease over Connect: one holder removed, the lock free.
+    let forced = admin(
+        "ForceRelease",
+        r#"{"key": "jobs/nightly", "reason": "stuck deploy"}"#,
+    )
+    .json();
+    assert_eq!(forced["released"], 1, "{forced}");
+    let described = call(&server, "Describe", r#"{"key": "jobs/nightly"}"#, &[]).json();
+    assert_eq!(described["held"], false);
+    // An AdminService method that does not exist is a Connect 404.
+    let missing = admin("Drop", "{}");
+    assert_eq!(missing.status, 404, "{missing:?}");
+}

@@ -10,8 +10,10 @@
 //! integers as strings, an unknown field refused. `application/proto`
 //! bytes pass through untouched.
 //!
-//! KeepAlive, the bidirectional RPC, is served over Connect streaming to
-//! clients that speak HTTP/2 ([`streaming`]).
+//! `leasehold.v1.AdminService` (List, ForceRelease) is served the same
+//! way. KeepAlive, the bidirectional RPC, is served over Connect streaming
+//! to clients that speak HTTP/2, and Watch, server-streaming, over either
+//! HTTP version ([`streaming`]).
 //!
 //! A granted lease whose Connect reply is lost is given back, as over gRPC:
 //! the reply's [`DeliveryGuard`] moves to the Connect reply body, which
@@ -38,10 +40,24 @@ use crate::pb;
 use crate::service::delivery::DeliveryGuard;
 use bodies::{Once, Undelivered};
 use errors::{error_response, not_found};
-use streaming::StreamCodec;
+use streaming::{StreamCodec, Streaming};
 
-/// The path prefix of the service Connect serves.
+/// The path prefixes of the services Connect serves.
 const SERVICE_PREFIX: &str = "/leasehold.v1.LockService/";
+const ADMIN_PREFIX: &str = "/leasehold.v1.AdminService/";
+
+/// The unary methods Connect serves, by their gRPC path.
+fn unary_method(path: &str) -> Option<&'static str> {
+    Some(match path {
+        "/leasehold.v1.LockService/Acquire" => "Acquire",
+        "/leasehold.v1.LockService/Release" => "Release",
+        "/leasehold.v1.LockService/Renew" => "Renew",
+        "/leasehold.v1.LockService/Describe" => "Describe",
+        "/leasehold.v1.AdminService/List" => "List",
+        "/leasehold.v1.AdminService/ForceRelease" => "ForceRelease",
+        _ => return None,
+    })
+}
 
 /// How a Connect unary message is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,15 +93,22 @@ where
     S::Future: Send + 'static,
 {
     let path = req.uri().path();
-    let Some(method) = path.strip_prefix(SERVICE_PREFIX) else {
+    let (service, method) = if let Some(method) = path.strip_prefix(SERVICE_PREFIX) {
+        ("leasehold.v1.LockService", method)
+    } else if let Some(method) = path.strip_prefix(ADMIN_PREFIX) {
+        ("leasehold.v1.AdminService", method)
+    } else {
         return Ok(not_found(&Status::unimplemented(format!(
             "no such endpoint {path:?}: over HTTP this server answers the Connect protocol for \
-             leasehold.v1.LockService (POST /leasehold.v1.LockService/Acquire, ...), \
-             GET /healthz and GET /readyz; other services speak gRPC only"
+             leasehold.v1.LockService (POST /leasehold.v1.LockService/Acquire, ...) and \
+             leasehold.v1.AdminService, GET /healthz and GET /readyz; other services speak \
+             gRPC only"
         ))));
     };
-    let unary = matches!(method, "Acquire" | "Release" | "Renew" | "Describe");
-    if method == "KeepAlive" && req.method() == Method::POST {
+    let stream = Streaming::of(method).filter(|_| service == "leasehold.v1.LockService");
+    if let Some(stream) = stream
+        && req.method() == Method::POST
+    {
         let codec = media_type(req.headers()).and_then(StreamCodec::of);
         let encoding = req.headers().get("connect-content-encoding");
         let compressed = encoding.is_some_and(|e| e.as_bytes() != b"identity");
@@ -96,23 +119,29 @@ where
             if let Err(status) = to_grpc_headers(&mut parts.headers) {
                 return Ok(error_response(&status));
             }
-            return streaming::keep_alive(inner, parts, body, codec).await;
+            return streaming::serve(inner, parts, body, codec, stream).await;
         }
     }
-    if !unary {
-        let message = if method == "KeepAlive" {
-            "KeepAlive is a bidirectional stream: call it over gRPC, or Connect streaming \
-             (POST, application/connect+json or application/connect+proto, uncompressed) \
-             over HTTP/2; a client limited to HTTP/1.1 takes the lock with Acquire and a TTL \
-             and keeps it with Renew"
-                .to_string()
-        } else {
-            return Ok(not_found(&Status::unimplemented(format!(
-                "leasehold.v1.LockService has no method {method:?}"
-            ))));
+    let Some(method) = unary_method(path) else {
+        let message = match stream {
+            Some(Streaming::KeepAlive) => {
+                "KeepAlive is a bidirectional stream: call it over gRPC, or Connect streaming \
+                 (POST, application/connect+json or application/connect+proto, uncompressed) \
+                 over HTTP/2; a client limited to HTTP/1.1 takes the lock with Acquire and a \
+                 TTL and keeps it with Renew"
+            }
+            Some(Streaming::Watch) => {
+                "Watch is a server stream: call it over gRPC, or Connect streaming (POST, \
+                 application/connect+json or application/connect+proto, uncompressed)"
+            }
+            None => {
+                return Ok(not_found(&Status::unimplemented(format!(
+                    "{service} has no method {method:?}"
+                ))));
+            }
         };
         return Ok(error_response(&Status::unimplemented(message)));
-    }
+    };
     if req.method() != Method::POST {
         let mut response = error_response(&Status::unimplemented(format!(
             "{} is not allowed: Connect unary calls are POST",
@@ -150,12 +179,6 @@ where
             "compressed requests are not supported: send the body uncompressed",
         )));
     }
-    let method: &'static str = match method {
-        "Acquire" => "Acquire",
-        "Release" => "Release",
-        "Renew" => "Renew",
-        _ => "Describe",
-    };
     let (mut parts, body) = req.into_parts();
     if let Err(status) = to_grpc_headers(&mut parts.headers) {
         return Ok(error_response(&status));
@@ -370,6 +393,8 @@ fn json_to_proto(method: &str, bytes: &[u8]) -> Result<Bytes, Status> {
         "Acquire" => from_json::<pb::AcquireRequest>("AcquireRequest", bytes),
         "Release" => from_json::<pb::ReleaseRequest>("ReleaseRequest", bytes),
         "Renew" => from_json::<pb::RenewRequest>("RenewRequest", bytes),
+        "List" => from_json::<pb::ListRequest>("ListRequest", bytes),
+        "ForceRelease" => from_json::<pb::ForceReleaseRequest>("ForceReleaseRequest", bytes),
         _ => from_json::<pb::DescribeRequest>("DescribeRequest", bytes),
     }
 }
@@ -380,6 +405,8 @@ fn proto_to_json(method: &str, bytes: &[u8]) -> Result<Bytes, Status> {
         "Acquire" => to_json::<pb::AcquireResponse>(bytes),
         "Release" => to_json::<pb::ReleaseResponse>(bytes),
         "Renew" => to_json::<pb::RenewResponse>(bytes),
+        "List" => to_json::<pb::ListResponse>(bytes),
+        "ForceRelease" => to_json::<pb::ForceReleaseResponse>(bytes),
         _ => to_json::<pb::DescribeResponse>(bytes),
     }
 }

@@ -5,7 +5,7 @@
 //!   this layer adds to a gRPC call);
 //! - `application/grpc-web…`: gRPC-Web, translated to gRPC by `tonic-web`;
 //! - anything else is plain HTTP: `GET /healthz`, `GET /readyz`, and the
-//!   Connect protocol for `leasehold.v1.LockService` (`server/connect.rs`).
+//!   Connect protocol for `leasehold.v1.LockService` and `AdminService` (`server/connect.rs`).
 //!
 //! Every protocol reaches the same inner stack (authentication, wire-error
 //! codes, the services), which sits inside this layer, and the same

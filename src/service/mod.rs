@@ -265,6 +265,7 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let start = std::time::Instant::now();
         let peer = request.remote_addr();
+        let deadline = deadline::of(request.metadata());
         let access = Access::of(request.extensions()).map_err(|e| rejected("Watch", start, e))?;
         let key = self
             .scoped_key(&access, request.into_inner().key)
@@ -278,7 +279,7 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
             .map_err(|e| rejected("Watch", start, e))?;
         let result = watch::start(self.core.clone(), key.clone(), access, share).await;
         log_result("Watch", key.as_str(), start, &result, |_| "watching");
-        Ok(Response::new(result?))
+        Ok(Response::new(watch::until(result?, deadline)))
     }
 
     async fn keep_alive(

@@ -8,6 +8,7 @@
 //! a few changes per key; a client that falls further behind gets the
 //! lock's state now (`KIND_STATE`) in place of what it missed.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -80,6 +81,52 @@ pub(super) async fn start<S: LockStore>(
         .instrument(span),
     );
     Ok(Box::pin(ReceiverStream::new(rx)))
+}
+
+/// Ends `stream` with DEADLINE_EXCEEDED at the caller's deadline: tonic
+/// enforces `grpc-timeout` only until a stream's headers are sent, and a
+/// client that does not cancel by itself (curl, a Connect client that
+/// relies on the server) would otherwise watch forever.
+pub(super) fn until(stream: WatchStream, deadline: Option<Instant>) -> WatchStream {
+    match deadline {
+        None => stream,
+        Some(at) => Box::pin(UntilDeadline {
+            inner: stream,
+            at: Box::pin(tokio::time::sleep_until(at.into())),
+            done: false,
+        }),
+    }
+}
+
+struct UntilDeadline {
+    inner: WatchStream,
+    at: Pin<Box<tokio::time::Sleep>>,
+    done: bool,
+}
+
+impl Stream for UntilDeadline {
+    type Item = Result<pb::WatchEvent, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if self.at.as_mut().poll(cx).is_ready() {
+            self.done = true;
+            return Poll::Ready(Some(Err(Status::deadline_exceeded(
+                "the call's deadline passed: the watch ends",
+            ))));
+        }
+        let next = self.inner.as_mut().poll_next(cx);
+        if let Poll::Ready(None) = next {
+            self.done = true;
+        }
+        next
+    }
 }
 
 /// The grant a watcher believes holds the lock, and when it runs out.

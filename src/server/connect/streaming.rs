@@ -1,6 +1,8 @@
 //! Connect streaming (`application/connect+json`, `application/connect+proto`)
-//! for KeepAlive, the one bidirectional RPC: needs a client that speaks
-//! HTTP/2 (an HTTP/1.1 client cannot send and receive at once).
+//! for the streaming RPCs: KeepAlive, bidirectional, needs a client that
+//! speaks HTTP/2 (an HTTP/1.1 client cannot send and receive at once);
+//! Watch, server-streaming, works over HTTP/1.1 too (one request message,
+//! then the replies as they come).
 //!
 //! A Connect envelope is a gRPC frame (one flags byte, a 4-byte length, the
 //! message), so `+proto` request bodies pass through untouched and replies
@@ -14,7 +16,6 @@ use std::task::{Context, Poll};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderValue, Request, Response, header};
 use http_body::Frame;
-use prost::Message;
 use tonic::Status;
 use tonic::body::Body;
 use tower::Service;
@@ -51,13 +52,46 @@ impl StreamCodec {
 /// Flags of the envelope that ends a Connect stream.
 const END_STREAM: u8 = 0x02;
 
-/// Serves one KeepAlive stream over Connect: `parts` already carry the gRPC
-/// headers (`grpc-timeout` included) and the KeepAlive path.
-pub(super) async fn keep_alive<S>(
+/// The streaming RPCs Connect serves, and how their messages read as JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Streaming {
+    KeepAlive,
+    Watch,
+}
+
+impl Streaming {
+    /// The streaming method of `name`, if it is one.
+    pub(super) fn of(name: &str) -> Option<Self> {
+        match name {
+            "KeepAlive" => Some(Self::KeepAlive),
+            "Watch" => Some(Self::Watch),
+            _ => None,
+        }
+    }
+
+    fn json_request(self) -> Convert {
+        match self {
+            Self::KeepAlive => keepalive_request,
+            Self::Watch => watch_request,
+        }
+    }
+
+    fn json_reply(self) -> Convert {
+        match self {
+            Self::KeepAlive => keepalive_reply,
+            Self::Watch => watch_reply,
+        }
+    }
+}
+
+/// Serves one stream of `method` over Connect: `parts` already carry the
+/// gRPC headers (`grpc-timeout` included) and the method's path.
+pub(super) async fn serve<S>(
     mut inner: S,
     mut parts: http::request::Parts,
     body: Body,
     codec: StreamCodec,
+    method: Streaming,
 ) -> Result<Response<Body>, S::Error>
 where
     S: Service<Request<Body>, Response = Response<Body>> + Send + 'static,
@@ -76,7 +110,7 @@ where
         StreamCodec::Json => Body::new(Reframe {
             inner: body,
             buf: BytesMut::new(),
-            convert: json_request,
+            convert: method.json_request(),
             end: None,
             done: false,
         }),
@@ -94,7 +128,7 @@ where
     }
     let convert = match codec {
         StreamCodec::Proto => None,
-        StreamCodec::Json => Some(json_reply as Convert),
+        StreamCodec::Json => Some(method.json_reply()),
     };
     *reply.body_mut() = Body::new(Reply {
         inner: body,
@@ -107,23 +141,20 @@ where
 
 type Convert = fn(Bytes) -> Result<Bytes, Status>;
 
-/// A KeepAliveRequest in JSON, as protobuf.
-fn json_request(message: Bytes) -> Result<Bytes, Status> {
-    let request: pb::KeepAliveRequest = serde_json::from_slice(&message).map_err(|e| {
-        Status::invalid_argument(format!(
-            "invalid JSON for leasehold.v1.KeepAliveRequest: {e}"
-        ))
-    })?;
-    Ok(request.encode_to_vec().into())
+fn keepalive_request(message: Bytes) -> Result<Bytes, Status> {
+    super::from_json::<pb::KeepAliveRequest>("KeepAliveRequest", &message)
 }
 
-/// A KeepAliveResponse in protobuf, as JSON.
-fn json_reply(message: Bytes) -> Result<Bytes, Status> {
-    let reply = pb::KeepAliveResponse::decode(message)
-        .map_err(|e| Status::internal(format!("the reply did not decode: {e}")))?;
-    serde_json::to_vec(&reply)
-        .map(Bytes::from)
-        .map_err(|e| Status::internal(format!("the reply did not encode as JSON: {e}")))
+fn keepalive_reply(message: Bytes) -> Result<Bytes, Status> {
+    super::to_json::<pb::KeepAliveResponse>(&message)
+}
+
+fn watch_request(message: Bytes) -> Result<Bytes, Status> {
+    super::from_json::<pb::WatchRequest>("WatchRequest", &message)
+}
+
+fn watch_reply(message: Bytes) -> Result<Bytes, Status> {
+    super::to_json::<pb::WatchEvent>(&message)
 }
 
 /// One envelope (flags, length, message).
