@@ -486,7 +486,10 @@ impl LockStore for MemoryStore {
             .filter(|h| h.live(now))
             .map(info)
             .collect();
-        Ok((!holders.is_empty()).then(|| LockInfo {
+        if holders.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(LockInfo {
             mode: Mode::Shared { limit: slot.limit },
             holders,
         }))
