@@ -18,6 +18,7 @@ use leasehold::pb::lock_service_client::LockServiceClient;
 on_every_store!(
     semaphore_of_n,
     readers_coexist_and_a_waiting_writer_goes_first,
+    a_writer_that_gives_up_lets_readers_in_at_once,
     limit_mismatch_is_failed_precondition,
     fencing_increases_across_shared_grants,
     release_and_renew_work_per_holder,
@@ -163,26 +164,30 @@ async fn readers_coexist_and_a_waiting_writer_goes_first(backend: Backend) {
     let r3 = take(&mut b, shared("rw", 30_000, 0, 0)).await;
     assert!(freed(&mut b, "rw", &r3.token).await);
 
-    // A writer that waits (here 1 ms: its one attempt) keeps readers that
-    // come later out, on any server.
-    let probe = attempt(&mut a, acquire_wait("rw", 30_000, 1)).await;
-    assert!(!probe.acquired);
-    let late = attempt(&mut b, shared("rw", 30_000, 0, 0)).await;
-    assert!(
-        !late.acquired,
-        "a reader overtook a waiting writer: {late:?}"
-    );
-
-    // Now a writer that waits on server A, and a reader after it on B.
+    // A writer that waits, on server A, keeps readers that come later out,
+    // on any server: readers get in only until its first attempt.
     let mut wc = server.client().await;
     let writer = tokio::spawn(async move {
         wc.acquire(acquire_wait("rw", 30_000, 20_000))
             .await
             .map(|r| r.into_inner())
     });
-    wait_until("the writer waits", Duration::from_secs(10), || {
-        server.waiters.len() == 1
-    });
+    wait_until_async(
+        "a reader refused behind the waiting writer",
+        Duration::from_secs(10),
+        || {
+            let mut b = b.clone();
+            async move {
+                let r = attempt(&mut b, shared("rw", 30_000, 0, 0)).await;
+                match r.lease {
+                    Some(early) => !freed(&mut b, "rw", &early.token).await,
+                    None => true,
+                }
+            }
+        },
+    )
+    .await;
+    // A reader that waits, on server B, queues behind the writer.
     let mut rc = client_of(&server, &other).await;
     let reader = tokio::spawn(async move {
         rc.acquire(shared("rw", 30_000, 0, 20_000))
@@ -190,7 +195,11 @@ async fn readers_coexist_and_a_waiting_writer_goes_first(backend: Backend) {
             .map(|r| r.into_inner())
     });
     let queued = || server.waiters.len() + other.as_ref().map_or(0, |o| o.waiters.len()) == 2;
-    wait_until("the reader waits too", Duration::from_secs(10), queued);
+    wait_until(
+        "the writer and the reader wait",
+        Duration::from_secs(10),
+        queued,
+    );
     assert!(freed(&mut a, "rw", &r1.token).await);
     assert!(freed(&mut b, "rw", &r2.token).await);
     let w = lease_of(writer.await.unwrap().unwrap());
@@ -205,6 +214,26 @@ async fn readers_coexist_and_a_waiting_writer_goes_first(backend: Backend) {
     assert!(freed(&mut a, "rw", &w.token).await);
     let r = lease_of(reader.await.unwrap().unwrap());
     assert!(r.fencing_token > w.fencing_token);
+}
+
+async fn a_writer_that_gives_up_lets_readers_in_at_once(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let other = other_server(&server).await;
+    let mut a = server.client().await;
+    let b = client_of(&server, &other).await;
+    let r1 = take(&mut a, shared("gu", 30_000, 0, 0)).await;
+    // The writer waits 300 ms for the reader, in vain: it marked the key.
+    let writer = attempt(&mut a, acquire_wait("gu", 30_000, 300)).await;
+    assert!(!writer.acquired, "{writer:?}");
+    // Its mark would lapse 3 s after its last attempt; leaving withdrew it.
+    let left = Instant::now();
+    wait_until_async("a reader gets in", Duration::from_secs(2), || {
+        let mut b = b.clone();
+        async move { attempt(&mut b, shared("gu", 30_000, 0, 0)).await.acquired }
+    })
+    .await;
+    assert!(left.elapsed() < Duration::from_secs(2));
+    assert!(freed(&mut a, "gu", &r1.token).await);
 }
 
 async fn limit_mismatch_is_failed_precondition(backend: Backend) {

@@ -416,7 +416,14 @@ impl LockStore for MemoryStore {
         let freed = {
             let mut map = self.inner.shard(key.as_str());
             match map.get_mut(key.as_str()) {
-                Some(slot) => free_slot(slot, token, kind, now),
+                Some(slot) => {
+                    if kind == Releasing::GiveBack {
+                        // A waiting exclusive Acquire that left withdraws
+                        // its mark.
+                        slot.exclusive_waiting.retain(|(t, _)| t != token);
+                    }
+                    free_slot(slot, token, kind, now)
+                }
                 None => Freed::No,
             }
         };
