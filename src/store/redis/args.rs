@@ -44,7 +44,8 @@ pub(super) fn attachment_arg(kind: Releasing<'_>) -> String {
 /// shared holders out (shared.lua, `mark_exclusive`). Each of its attempts
 /// renews the mark, and a waiter attempts at least every 2 s (the wait
 /// loop's backoff cap), so the mark lasts while it waits; a waiter that
-/// gives up holds readers back at most this long.
+/// leaves without the lock withdraws it (giveback.lua), so this bounds only
+/// how long a writer whose server died holds readers back.
 pub(super) const EXCLUSIVE_WAIT_MARK: Duration = Duration::from_millis(3000);
 
 /// The acquire script's arguments: the grant's, then `min_replicas` (0: no
