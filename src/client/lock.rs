@@ -126,6 +126,9 @@ impl LockBuilder {
     /// and a waiting writer keeps later readers out. Every holder of a key
     /// must ask for the same limit while any holds it, or the Acquire fails
     /// with `FAILED_PRECONDITION` ([`Error::Rpc`]).
+    ///
+    /// One [`Client`] keeps one lease per key alive: to hold two permits
+    /// of one semaphore in one process, use two clients.
     pub fn shared(mut self, limit: u32) -> Self {
         self.shared = Some(limit);
         self
