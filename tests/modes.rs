@@ -19,6 +19,7 @@ on_every_store!(
     semaphore_of_n,
     readers_coexist_and_a_waiting_writer_goes_first,
     a_writer_that_gives_up_lets_readers_in_at_once,
+    a_writer_is_not_starved_by_overlapping_readers,
     limit_mismatch_is_failed_precondition,
     fencing_increases_across_shared_grants,
     release_and_renew_work_per_holder,
@@ -234,6 +235,67 @@ async fn a_writer_that_gives_up_lets_readers_in_at_once(backend: Backend) {
     .await;
     assert!(left.elapsed() < Duration::from_secs(2));
     assert!(freed(&mut a, "gu", &r1.token).await);
+}
+
+/// Readers on two servers (one on the memory store) take turns so that the
+/// lock is never free of readers; a writer that waits is granted within
+/// one reader TTL all the same, and no reader is granted beside it.
+async fn a_writer_is_not_starved_by_overlapping_readers(backend: Backend) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    const READER_TTL: Duration = Duration::from_millis(2_000);
+    let server = TestServer::start(backend).await;
+    let other = other_server(&server).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let granted = Arc::new(AtomicU32::new(0));
+    let mut readers = Vec::new();
+    for (i, mut c) in [server.client().await, client_of(&server, &other).await]
+        .into_iter()
+        .enumerate()
+    {
+        let (stop, granted) = (stop.clone(), granted.clone());
+        readers.push(tokio::spawn(async move {
+            // Staggered, so that one reader always holds.
+            tokio::time::sleep(Duration::from_millis(150 * i as u64)).await;
+            let end = Instant::now() + Duration::from_secs(20);
+            while !stop.load(Ordering::SeqCst) && Instant::now() < end {
+                let r = attempt(
+                    &mut c,
+                    shared("starve", READER_TTL.as_millis() as u32, 0, 0),
+                )
+                .await;
+                match r.lease {
+                    Some(lease) => {
+                        granted.fetch_add(1, Ordering::SeqCst);
+                        // The reader's work.
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        freed(&mut c, "starve", &lease.token).await;
+                    }
+                    None => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        }));
+    }
+    let probe = granted.clone();
+    wait_until("readers take turns", Duration::from_secs(10), || {
+        probe.load(Ordering::SeqCst) >= 3
+    });
+    let mut w = server.client().await;
+    let asked = Instant::now();
+    let writer = take(&mut w, acquire_wait("starve", 5_000, 15_000)).await;
+    let waited = asked.elapsed();
+    let d = state(&mut w, "starve").await;
+    stop.store(true, Ordering::SeqCst);
+    assert!(
+        waited < READER_TTL,
+        "the writer waited {waited:?}, more than one reader TTL"
+    );
+    assert_eq!(d.mode, pb::LockMode::Exclusive as i32, "{d:?}");
+    assert_eq!(d.holders.len(), 1, "a reader beside the writer: {d:?}");
+    assert!(freed(&mut w, "starve", &writer.token).await);
+    for r in readers {
+        r.await.unwrap();
+    }
 }
 
 async fn limit_mismatch_is_failed_precondition(backend: Backend) {
