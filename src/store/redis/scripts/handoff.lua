@@ -19,7 +19,7 @@ if cur[1] == ARGV[3] and cur[2] then
   return {1, 0, tonumber(cur[2]), tonumber(ARGV[4]), redis.call('PTTL', KEYS[1])}
 end
 if cur[1] == '' then
-  return {3, shared_release(KEYS[1], ARGV[1], ARGV[9], ARGV[2], false, KEYS[3])}
+  return {3, shared_ops().release(KEYS[1], ARGV[1], ARGV[9], ARGV[2], false, KEYS[3])}
 end
 if cur[1] ~= ARGV[1] or not cur[2] or (ARGV[2] ~= '' and cur[3] ~= ARGV[2]) then
   if (cur[1] == ARGV[1] and not cur[2]) or redis.call('EXISTS', KEYS[3]) == 1 then

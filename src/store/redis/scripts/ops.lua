@@ -22,7 +22,7 @@ local function acquire(lock, counter, token, ttl, owner, meta, rid, counter_ttl,
   local replay = held and not same and rid ~= '' and cur[2] == rid
   if held and not same and not replay then
     if mark ~= '0' then
-      mark_exclusive(lock, token, mark)
+      shared_ops().mark(lock, token, mark)
     end
     return {0, redis.call('PTTL', lock)}
   end
@@ -82,7 +82,7 @@ local function release(lock, token, channel, att, giveback, gone)
     return tonumber(cur[2])
   end
   if cur[1] == '' then
-    return shared_release(lock, token, channel, att, giveback, gone)
+    return shared_ops().release(lock, token, channel, att, giveback, gone)
   end
   if cur[1] == token or redis.call('EXISTS', gone) == 1 then
     return -1
@@ -98,7 +98,7 @@ local function renew(lock, token, ttl, att)
   local cur = redis.call('HMGET', lock, 'token', 'ttl', 'fence', 'att')
   if cur[1] ~= token or not cur[3] then
     if cur[1] == '' then
-      return shared_renew(lock, token, ttl, att)
+      return shared_ops().renew(lock, token, ttl, att)
     end
     return -1
   end
