@@ -25,6 +25,7 @@ on_every_store!(
     list_pages_through_a_thousand_locks,
     list_filters_by_prefix_and_skips_free_locks,
     force_release_takes_the_lock_from_its_holder,
+    force_release_takes_every_shared_holder,
     admin_requests_are_validated,
 );
 
@@ -373,4 +374,100 @@ async fn without_auth_the_admin_service_needs_the_admin_flag() {
         .await
         .expect_err("not served");
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+}
+
+/// A lock held SHARED (a semaphore's permits) is taken from every holder:
+/// none of them can renew or release it afterwards, and an exclusive
+/// Acquire gets it at once with a higher fencing token. (A forced release
+/// that removed only the record's exclusive fields would leave the shared
+/// holders renewing beside a new exclusive holder.)
+async fn force_release_takes_every_shared_holder(backend: Backend) {
+    let server = admin_server(backend).await;
+    let mut c = server.client().await;
+    let mut a = admin_client(&server).await;
+    let shared = |owner: &str| pb::AcquireRequest {
+        key: "permits".into(),
+        ttl_ms: 30_000,
+        owner: owner.into(),
+        mode: pb::LockMode::Shared.into(),
+        shared_limit: 2,
+        ..Default::default()
+    };
+    let mut leases = Vec::new();
+    for owner in ["one", "two"] {
+        let reply = c
+            .acquire(shared(owner))
+            .await
+            .expect("acquire")
+            .into_inner();
+        assert!(reply.acquired, "{owner}");
+        leases.push(lease_of(reply));
+    }
+    let released = a
+        .force_release(force("permits", "semaphore stuck"))
+        .await
+        .expect("force release")
+        .into_inner()
+        .released;
+    assert!(released >= 1, "{released}");
+    assert!(
+        !c.describe(describe("permits"))
+            .await
+            .expect("describe")
+            .into_inner()
+            .held
+    );
+    let mut exclusive = c
+        .acquire(acquire("permits", 30_000))
+        .await
+        .expect("acquire")
+        .into_inner();
+    assert!(
+        exclusive.acquired,
+        "the lock is free for an exclusive holder"
+    );
+    let writer = exclusive.lease.take().expect("lease");
+    for lease in &leases {
+        let renew = pb::RenewRequest {
+            key: "permits".into(),
+            token: lease.token.clone(),
+            ttl_ms: 0,
+        };
+        let renewed = c.renew(renew).await.expect("renew").into_inner().renewed;
+        assert!(!renewed, "a forced shared holder cannot renew");
+        let released = c
+            .release(release("permits", &lease.token))
+            .await
+            .expect("release")
+            .into_inner()
+            .released;
+        assert!(!released, "a forced shared holder cannot release");
+        assert!(writer.fencing_token > lease.fencing_token);
+    }
+    let state = c
+        .describe(describe("permits"))
+        .await
+        .expect("describe")
+        .into_inner();
+    assert!(
+        state.held && state.fencing_token == writer.fencing_token,
+        "{state:?}"
+    );
+    // The forced holders left nothing behind: after the writer, the
+    // semaphore's two permits are free again.
+    assert!(
+        c.release(release("permits", &writer.token))
+            .await
+            .expect("release")
+            .into_inner()
+            .released
+    );
+    for owner in ["three", "four"] {
+        let reply = c
+            .acquire(shared(owner))
+            .await
+            .expect("acquire")
+            .into_inner();
+        assert!(reply.acquired, "{owner}: {reply:?}");
+    }
 }

@@ -153,6 +153,37 @@ async fn an_undelivered_replay_leaves_the_delivered_lease(backend: Backend) {
     .await;
 }
 
+/// Case 2 for a shared holder (issue 15): an undelivered replay of one
+/// holder's lease leaves that holder; an undelivered fresh shared grant is
+/// given back, and only it.
+async fn an_undelivered_shared_replay_leaves_the_delivered_lease(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut c = server.client().await;
+    let shared = |request_id: &str| pb::AcquireRequest {
+        mode: pb::LockMode::Shared.into(),
+        shared_limit: 3,
+        ..with_request_id("sdup", request_id, "me")
+    };
+    let lease = lease_of(c.acquire(shared("req-s")).await.unwrap().into_inner());
+    undelivered_acquire(server.addr, shared("req-s")).await;
+    keeps(&mut c, "sdup", &lease.token, Duration::from_millis(1_000)).await;
+
+    undelivered_acquire(server.addr, shared("req-t")).await;
+    wait_until_async(
+        "the undelivered shared grant given back",
+        Duration::from_secs(3),
+        || {
+            let mut c = c.clone();
+            async move {
+                let d = c.describe(describe("sdup")).await.unwrap().into_inner();
+                d.holders.len() == 1
+            }
+        },
+    )
+    .await;
+    assert!(renewed(&mut c, "sdup", &lease.token).await);
+}
+
 /// Sends an Acquire over a raw HTTP/2 connection that grants no window for
 /// the reply's body, waits for the reply's headers (the handler is done),
 /// then resets the stream: the reply is never delivered.
@@ -426,6 +457,7 @@ async fn a_request_id_replays_only_to_its_owner(backend: Backend) {
 
 on_every_store!(
     an_undelivered_replay_leaves_the_delivered_lease,
+    an_undelivered_shared_replay_leaves_the_delivered_lease,
     a_request_id_replays_only_to_its_owner,
     a_retried_release_after_a_handoff_says_released,
 );

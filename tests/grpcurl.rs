@@ -199,6 +199,62 @@ fn grpcurl_version_is_usable() {
     eprintln!("using {}", version.trim());
 }
 
+/// The commands of the README's block on semaphores and read/write locks.
+fn readme_mode_commands() -> Vec<String> {
+    let readme = read("README.md");
+    let section = readme
+        .split_once("### Semaphores and read/write locks")
+        .expect("README has a `### Semaphores and read/write locks` section")
+        .1;
+    let block = section
+        .split_once("```sh\n")
+        .expect("a ```sh block in that section")
+        .1
+        .split_once("\n```")
+        .expect("the block ends")
+        .0;
+    shell_commands(block)
+}
+
+#[test]
+fn readme_mode_examples_work_as_written() {
+    let grpcurl = grpcurl();
+    let c = readme_mode_commands();
+    assert_eq!(c.len(), 8, "{c:#?}");
+    let server = ServerProcess::start(&[]);
+    let addr = server.addr.as_str();
+    let first = one(&run(&grpcurl, addr, "", &c[0]), &c[0]);
+    let second = one(&run(&grpcurl, addr, "", &c[1]), &c[1]);
+    for got in [&first, &second] {
+        assert_eq!(got["acquired"], true, "{got}");
+    }
+    assert!(
+        u64_field(&second["lease"]["fencingToken"]) > u64_field(&first["lease"]["fencingToken"])
+    );
+    let third = one(&run(&grpcurl, addr, "", &c[2]), &c[2]);
+    assert!(third.get("acquired").is_none(), "{third}");
+    let held = one(&run(&grpcurl, addr, "", &c[3]), &c[3]);
+    assert_eq!(held["mode"], "LOCK_MODE_SHARED", "{held}");
+    assert_eq!(held["sharedLimit"], 2, "{held}");
+    assert_eq!(held["holders"].as_array().map(Vec::len), Some(2), "{held}");
+    let mismatch = run(&grpcurl, addr, "", &c[4]);
+    let stderr = String::from_utf8_lossy(&mismatch.stderr);
+    assert!(
+        !mismatch.status.success() && stderr.contains("FailedPrecondition"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("shared_limit 3") && stderr.contains("shared_limit 2"),
+        "{stderr}"
+    );
+    for reader in &c[5..7] {
+        let got = one(&run(&grpcurl, addr, "", reader), reader);
+        assert_eq!(got["acquired"], true, "{got}");
+    }
+    let writer = one(&run(&grpcurl, addr, "", &c[7]), &c[7]);
+    assert!(writer.get("acquired").is_none(), "{writer}");
+}
+
 #[test]
 fn documentation_grpcurl_examples_are_the_tested_ones() {
     let tested = readme_commands();

@@ -52,6 +52,8 @@ pub struct LockBuilder {
     owner: String,
     metadata: HashMap<String, String>,
     request_id: Option<String>,
+    /// `Some(limit)` for a shared hold.
+    shared: Option<u32>,
 }
 
 fn ms(d: Duration) -> u32 {
@@ -68,6 +70,7 @@ impl LockBuilder {
             owner: String::new(),
             metadata: HashMap::new(),
             request_id: None,
+            shared: None,
         }
     }
 
@@ -113,6 +116,21 @@ impl LockBuilder {
     /// releases it.
     pub fn request_id(mut self, id: impl Into<String>) -> Self {
         self.request_id = Some(id.into());
+        self
+    }
+
+    /// Takes the lock SHARED instead of exclusive: up to `limit` holders at
+    /// once (0 = no limit), never beside an exclusive holder. A semaphore of
+    /// N permits is `.shared(N)` on every holder; a read/write lock is
+    /// `.shared(0)` for readers and the default (exclusive) for writers,
+    /// and a waiting writer keeps later readers out. Every holder of a key
+    /// must ask for the same limit while any holds it, or the Acquire fails
+    /// with `FAILED_PRECONDITION` ([`Error::Rpc`]).
+    ///
+    /// One [`Client`] keeps one lease per key alive: to hold two permits
+    /// of one semaphore in one process, use two clients.
+    pub fn shared(mut self, limit: u32) -> Self {
+        self.shared = Some(limit);
         self
     }
 
@@ -232,7 +250,11 @@ impl LockBuilder {
                 owner: self.owner.clone(),
                 metadata: self.metadata.clone(),
                 request_id: request_id.clone(),
-                ..Default::default()
+                mode: match self.shared {
+                    Some(_) => pb::LockMode::Shared.into(),
+                    None => pb::LockMode::Unspecified.into(),
+                },
+                shared_limit: self.shared.unwrap_or(0),
             };
             let timeout =
                 Duration::from_millis(wait_ms.into()) + transport.settings.request_timeout;

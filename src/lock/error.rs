@@ -47,6 +47,10 @@ pub enum LockError {
     /// Credentials valid, but not for this key.
     #[error("{0}")]
     PermissionDenied(String),
+    /// The request contradicts the lock's current state: a SHARED Acquire
+    /// whose `shared_limit` differs from the one its holders set.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// The store answered something this code does not understand: a bug.
     #[error("internal error: {0}")]
     Internal(String),
@@ -59,6 +63,14 @@ impl LockError {
             field,
             reason: reason.into(),
         }
+    }
+
+    /// A SHARED Acquire whose `shared_limit` (`asked`) is not the one the
+    /// current holders set (`holders`).
+    pub fn limit_mismatch(holders: u32, asked: u32) -> Self {
+        Self::FailedPrecondition(format!(
+            "shared_limit {asked} differs from the current holders' shared_limit {holders}"
+        ))
     }
 
     /// The gRPC code this error maps to.
@@ -75,6 +87,9 @@ impl LockError {
             // Not retryable without new credentials.
             Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::PermissionDenied(_) => Code::PermissionDenied,
+            // Not retryable as is: retry once the holders are gone, or
+            // with their limit.
+            Self::FailedPrecondition(_) => Code::FailedPrecondition,
             // A bug; retrying may or may not help.
             Self::Internal(_) => Code::Internal,
         }
@@ -90,6 +105,7 @@ impl LockError {
             Self::ShuttingDown => "shutting_down",
             Self::Unauthenticated(_) => "unauthenticated",
             Self::PermissionDenied(_) => "permission_denied",
+            Self::FailedPrecondition(_) => "failed_precondition",
             Self::Internal(_) => "internal",
         }
     }
@@ -105,6 +121,7 @@ impl LockError {
             Self::ShuttingDown => "SERVER_SHUTTING_DOWN",
             Self::Unauthenticated(_) => "UNAUTHENTICATED",
             Self::PermissionDenied(_) => "KEY_OUT_OF_SCOPE",
+            Self::FailedPrecondition(_) => "SHARED_LIMIT_MISMATCH",
             Self::Internal(_) => "INTERNAL",
         }
     }

@@ -138,6 +138,28 @@ pub struct AcquireSpec {
     pub metadata: Metadata,
     /// Makes a retried Acquire return the lease it already got.
     pub request_id: Option<String>,
+    /// Exclusive (the default) or shared with a limit.
+    pub mode: Mode,
+    /// The call waits (`wait_ms > 0`). An EXCLUSIVE one that finds the lock
+    /// held marks the key for a short while, so that SHARED Acquires that
+    /// begin later queue behind it instead of starving it.
+    pub waiting: bool,
+}
+
+/// How a lock is held (documentation/semantics.md, "Modes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// One holder at a time: the mutex every client gets unless it asks.
+    #[default]
+    Exclusive,
+    /// Holders coexist up to `limit` (0 = no limit), never beside an
+    /// exclusive holder: a semaphore of `limit` permits, or the readers
+    /// of a read/write lock.
+    Shared {
+        /// Most holders at once, 0 for no limit. Set by the first holder
+        /// of a free key; every later shared Acquire must ask for the same.
+        limit: u32,
+    },
 }
 
 /// A granted lease as the store reports it.
@@ -210,12 +232,33 @@ pub enum AcquireOutcome {
     },
 }
 
-/// What Describe shows about a held lock. Deliberately has no token.
+/// What Describe shows about a held lock: its mode and every holder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockInfo {
+    /// The mode of the current holders (and the shared limit they set).
+    pub mode: Mode,
+    /// Every current holder, oldest grant first; exactly one when the
+    /// mode is exclusive, at least one otherwise.
+    pub holders: Vec<HolderInfo>,
+}
+
+impl LockInfo {
+    /// The fencing token of the latest grant among the holders.
+    pub fn latest_fence(&self) -> u64 {
+        self.holders
+            .iter()
+            .map(|h| h.fencing_token)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// One holder as Describe shows it. Deliberately has no token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HolderInfo {
     /// The holder's free-text owner.
     pub owner: String,
-    /// The current grant's fencing token.
+    /// This holder's grant's fencing token.
     pub fencing_token: u64,
     /// Remaining TTL.
     pub ttl_ms: u32,

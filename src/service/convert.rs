@@ -2,7 +2,9 @@
 //! The one place where `pb` meets `lock`: everything a handler receives
 //! passes through here before it reaches a store.
 
-use crate::lock::{AcquireOutcome, AcquireSpec, Limits, LockError, LockInfo, LockKey, Token};
+use crate::lock::{
+    AcquireOutcome, AcquireSpec, HolderInfo, Limits, LockError, LockInfo, LockKey, Mode, Token,
+};
 use crate::pb;
 
 /// A validated Acquire: what to grant and how long to wait for it.
@@ -15,23 +17,27 @@ pub struct AcquireCall {
 
 /// Validates every field of an Acquire request, and picks a fresh token.
 pub fn acquire_request(req: pb::AcquireRequest, limits: &Limits) -> Result<AcquireCall, LockError> {
-    match pb::LockMode::try_from(req.mode) {
-        Ok(pb::LockMode::Unspecified | pb::LockMode::Exclusive) => {}
-        // Shared holders are not served yet: refused rather than taken for
-        // an exclusive lock, which a semaphore user would not expect.
-        Ok(pb::LockMode::Shared) => {
-            return Err(LockError::invalid(
-                "mode",
-                "LOCK_MODE_SHARED is not served by this server yet",
-            ));
+    let mode = match pb::LockMode::try_from(req.mode) {
+        Ok(pb::LockMode::Unspecified | pb::LockMode::Exclusive) => {
+            if req.shared_limit != 0 {
+                return Err(LockError::invalid(
+                    "shared_limit",
+                    "is only for LOCK_MODE_SHARED; leave it 0 for an exclusive lock",
+                ));
+            }
+            Mode::Exclusive
         }
+        Ok(pb::LockMode::Shared) => Mode::Shared {
+            limit: req.shared_limit,
+        },
         Err(_) => {
             return Err(LockError::invalid(
                 "mode",
                 format!("unknown lock mode {}", req.mode),
             ));
         }
-    }
+    };
+    let wait_ms = limits.wait(req.wait_ms)?;
     Ok(AcquireCall {
         spec: AcquireSpec {
             key: limits.key(req.key)?,
@@ -40,8 +46,10 @@ pub fn acquire_request(req: pb::AcquireRequest, limits: &Limits) -> Result<Acqui
             owner: limits.owner(req.owner)?,
             metadata: limits.metadata(req.metadata)?,
             request_id: limits.request_id(req.request_id)?,
+            mode,
+            waiting: wait_ms > 0,
         },
-        wait_ms: limits.wait(req.wait_ms)?,
+        wait_ms,
     })
 }
 
@@ -89,30 +97,11 @@ pub fn key_and_token(
     Ok((limits.key(key)?, Token::parse(token)?))
 }
 
-/// Builds the reply to a Describe; never carries a token.
-pub fn describe_response(info: Option<LockInfo>) -> pb::DescribeResponse {
-    match info {
-        None => pb::DescribeResponse::default(),
-        Some(info) => {
-            let metadata: std::collections::HashMap<String, String> =
-                info.metadata.entries().iter().cloned().collect();
-            pb::DescribeResponse {
-                held: true,
-                holders: vec![pb::Holder {
-                    owner: info.owner.clone(),
-                    fencing_token: info.fencing_token,
-                    ttl_ms: info.ttl_ms,
-                    metadata: metadata.clone(),
-                    mode: pb::LockMode::Exclusive.into(),
-                }],
-                owner: info.owner,
-                fencing_token: info.fencing_token,
-                ttl_ms: info.ttl_ms,
-                metadata,
-                mode: pb::LockMode::Exclusive.into(),
-                shared_limit: 0,
-            }
-        }
+/// The wire form of a mode.
+fn lock_mode(mode: Mode) -> pb::LockMode {
+    match mode {
+        Mode::Exclusive => pb::LockMode::Exclusive,
+        Mode::Shared { .. } => pb::LockMode::Shared,
     }
 }
 
@@ -224,4 +213,43 @@ pub fn watch_event(
         state: Some(describe_response(info)),
         fencing_token,
     }
+}
+
+/// Builds the reply to a Describe; never carries a token. Fields 2..5
+/// (owner, fencing token, TTL, metadata) describe an exclusive holder, as
+/// they always did, and stay empty for shared holders, whom `holders`
+/// lists.
+pub fn describe_response(info: Option<LockInfo>) -> pb::DescribeResponse {
+    let Some(info) = info else {
+        return pb::DescribeResponse::default();
+    };
+    let mode = lock_mode(info.mode);
+    let holders: Vec<pb::Holder> = info
+        .holders
+        .into_iter()
+        .map(|h: HolderInfo| pb::Holder {
+            owner: h.owner,
+            fencing_token: h.fencing_token,
+            ttl_ms: h.ttl_ms,
+            metadata: h.metadata.entries().iter().cloned().collect(),
+            mode: mode.into(),
+        })
+        .collect();
+    let mut reply = pb::DescribeResponse {
+        held: !holders.is_empty(),
+        mode: mode.into(),
+        ..Default::default()
+    };
+    match (info.mode, holders.first()) {
+        (Mode::Exclusive, Some(h)) => {
+            reply.owner = h.owner.clone();
+            reply.fencing_token = h.fencing_token;
+            reply.ttl_ms = h.ttl_ms;
+            reply.metadata = h.metadata.clone();
+        }
+        (Mode::Shared { limit }, _) => reply.shared_limit = limit,
+        (Mode::Exclusive, None) => {}
+    }
+    reply.holders = holders;
+    reply
 }

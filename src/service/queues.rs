@@ -41,6 +41,9 @@ struct Entry {
     woken: bool,
     /// Set when the waiter accepts the lock straight from a release.
     seat: Option<Arc<Seat>>,
+    /// A SHARED Acquire: when it gets the lock, the next waiter may fit
+    /// beside it, so it passes a wake-up on (see [`Waiter::acquired`]).
+    shared: bool,
 }
 
 /// What gives back the seat's grant (its token) when nobody will collect
@@ -255,6 +258,9 @@ impl WaitQueues {
         inner.next_id += 1;
         let id = inner.next_id;
         let notify = Arc::new(Notify::new());
+        let shared = seat
+            .as_ref()
+            .is_some_and(|s| s.spec.mode != crate::lock::Mode::Exclusive);
         inner
             .keys
             .entry(key.to_owned())
@@ -264,6 +270,7 @@ impl WaitQueues {
                 notify: notify.clone(),
                 woken: false,
                 seat: seat.clone(),
+                shared,
             });
         Ok(Waiter {
             queues: self.clone(),
@@ -276,6 +283,10 @@ impl WaitQueues {
 
     /// The oldest waiter of `key` that can take the lock from a release
     /// right now (open seat, not already trying, not past its cutoff).
+    /// None when that waiter is SHARED: a release hands over only to an
+    /// exclusive waiter; shared ones are woken and take the lock themselves
+    /// (the release may free room for several, or for none while other
+    /// shared holders remain).
     pub fn offer(self: &Arc<Self>, key: &str) -> Option<Offer> {
         let mut inner = self.lock();
         let now = Instant::now();
@@ -285,6 +296,9 @@ impl WaitQueues {
                     s.grant_until > now && s.state().phase == Phase::Waiting && (s.allowed)()
                 })
         })?;
+        if entry.shared {
+            return None;
+        }
         entry.woken = true;
         Some(Offer {
             queues: self.clone(),
@@ -383,12 +397,28 @@ impl Waiter {
         self.seat.as_ref()?.state().grant.take()
     }
 
-    /// The wait ended with the lock taken: leave without passing a wake-up on.
+    /// The wait ended with the lock taken: leave without passing a
+    /// wake-up on, unless this was a SHARED Acquire and the next waiter is
+    /// one too: it may fit beside this one (readers after a writer, a
+    /// semaphore with permits left), and tries at once. It passes the
+    /// wake-up on in turn when it gets the lock, so a release wakes as
+    /// many shared waiters as can now be granted, one store call each,
+    /// and no more.
     pub fn acquired(self) {
         if let Some(seat) = &self.seat {
             seat.state().phase = Phase::Acquired;
         }
         self.rearm();
+        let mut inner = self.queues.lock();
+        let Some(queue) = inner.keys.get_mut(&self.key) else {
+            return;
+        };
+        let mut after = queue.iter_mut().skip_while(|e| e.id != self.id);
+        let me = after.next().is_some_and(|e| e.shared);
+        if let Some(next) = after.find(|e| !e.woken).filter(|e| me && e.shared) {
+            next.woken = true;
+            next.notify.notify_one();
+        }
     }
 }
 
@@ -470,6 +500,8 @@ mod tests {
             owner: String::new(),
             metadata: Default::default(),
             request_id: None,
+            mode: crate::lock::Mode::Exclusive,
+            waiting: true,
         };
         let counter = counter.clone();
         Seat::new(

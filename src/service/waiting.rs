@@ -15,7 +15,7 @@ use super::Core;
 use super::queues::Seat;
 use super::quota::{Caller, Kind};
 use crate::auth::Access;
-use crate::lock::{AcquireOutcome, AcquireSpec, LockError};
+use crate::lock::{AcquireOutcome, AcquireSpec, LockError, Mode};
 use crate::store::LockStore;
 
 /// First fallback retry, before jitter.
@@ -34,8 +34,52 @@ const DEADLINE_MARGIN_MAX: Duration = Duration::from_millis(100);
 /// before the caller's deadline.
 const HARD_DEADLINE_MARGIN: Duration = Duration::from_millis(2);
 
+/// Withdraws a waiting EXCLUSIVE Acquire's mark when it leaves without the
+/// lock, whichever way it leaves (a drop guard: the call may be cancelled
+/// at any `.await`).
+struct Withdraw<S: LockStore> {
+    store: Arc<S>,
+    spec: Arc<AcquireSpec>,
+    armed: bool,
+}
+
+impl<S: LockStore> Drop for Withdraw<S> {
+    fn drop(&mut self) {
+        if self.armed {
+            let (key, token) = (self.spec.key.clone(), self.spec.token.clone());
+            super::give_back(self.store.clone(), key, token);
+        }
+    }
+}
+
 impl<S: LockStore> Core<S> {
     pub(super) async fn acquire_waiting(
+        &self,
+        spec: &Arc<AcquireSpec>,
+        wait: Duration,
+        deadline: Option<Instant>,
+        access: &Access,
+        caller: &Caller,
+    ) -> Result<AcquireOutcome, LockError> {
+        // An EXCLUSIVE waiter that leaves without the lock (answered not
+        // acquired, failed, or cancelled) withdraws the mark its attempts
+        // left on the key, so that readers it held back need not wait for
+        // the mark to lapse. The give-back that withdraws it also gives back
+        // a grant to its token that may land after it left, as every such
+        // path does.
+        let mut withdraw = Withdraw {
+            store: self.store.clone(),
+            spec: spec.clone(),
+            armed: spec.mode == Mode::Exclusive,
+        };
+        let result = self.wait_within(spec, wait, deadline, access, caller).await;
+        if matches!(result, Ok(AcquireOutcome::Acquired(_))) {
+            withdraw.armed = false;
+        }
+        result
+    }
+
+    async fn wait_within(
         &self,
         spec: &Arc<AcquireSpec>,
         wait: Duration,

@@ -132,8 +132,12 @@ impl Stream for UntilDeadline {
 /// The grant a watcher believes holds the lock, and when it runs out.
 #[derive(Debug, Clone, Copy)]
 struct Holder {
+    /// The latest grant's fencing token (of any holder, when shared).
     fence: u64,
+    /// When the last holder's lease runs out.
     deadline: Instant,
+    /// Held SHARED: a release may leave other holders, so it is read.
+    shared: bool,
 }
 
 struct Watcher<S> {
@@ -242,28 +246,40 @@ impl<S: LockStore> Watcher<S> {
                     events.push(convert::watch_event(kind, old.fence, info.clone()));
                 }
                 self.holder = Some(match &info {
-                    Some(i) if i.fencing_token == fence => holder_of(i, sent),
+                    Some(i) if i.latest_fence() == fence => holder_of(i, sent),
                     // Gone again already: its release is on its way.
                     _ => Holder {
                         fence,
                         deadline: sent + RELEASE_GRACE,
+                        shared: false,
                     },
                 });
                 events.push(convert::watch_event(Kind::Acquired, fence, info));
                 Ok(events)
             }
             ChangeKind::Released | ChangeKind::ForceReleased => {
-                if self.holder.is_none_or(|h| h.fence != fence) {
-                    return Ok(vec![]);
-                }
-                // Right after a release the lock is free: no read needed. A
-                // grant that follows comes as its own event.
-                self.holder = None;
                 let kind = if change.kind == ChangeKind::Released {
                     Kind::Released
                 } else {
                     Kind::ForceReleased
                 };
+                let Some(holder) = self.holder else {
+                    return Ok(vec![]);
+                };
+                if holder.shared {
+                    // One of several holders may have left: the lock as
+                    // it is after it.
+                    let (info, sent) = self.describe().await?;
+                    self.holder = info.as_ref().map(|i| holder_of(i, sent));
+                    return Ok(vec![convert::watch_event(kind, fence, info)]);
+                }
+                if holder.fence != fence {
+                    return Ok(vec![]);
+                }
+                // Right after an exclusive holder's release the lock is
+                // free: no read needed. A grant that follows comes as its
+                // own event.
+                self.holder = None;
                 Ok(vec![convert::watch_event(kind, fence, None)])
             }
         }
@@ -277,9 +293,9 @@ impl<S: LockStore> Watcher<S> {
         let (info, sent) = self.describe().await?;
         self.holder = info.as_ref().map(|i| holder_of(i, sent));
         Ok(match &info {
-            Some(i) if i.fencing_token == old.fence => vec![],
+            Some(i) if i.latest_fence() == old.fence => vec![],
             Some(i) => {
-                let fence = i.fencing_token;
+                let fence = i.latest_fence();
                 vec![
                     convert::watch_event(Kind::Expired, old.fence, info.clone()),
                     convert::watch_event(Kind::Acquired, fence, info),
@@ -296,7 +312,7 @@ impl<S: LockStore> Watcher<S> {
     async fn on_resync(&mut self) -> Result<Vec<pb::WatchEvent>, LockError> {
         let (info, sent) = self.describe().await?;
         let believed = self.holder.map(|h| h.fence);
-        if info.as_ref().map(|i| i.fencing_token) == believed {
+        if info.as_ref().map(LockInfo::latest_fence) == believed {
             return Ok(vec![]);
         }
         Ok(vec![self.state(info, sent)])
@@ -306,8 +322,10 @@ impl<S: LockStore> Watcher<S> {
 /// The holder `info` describes, read at `sent`: its lease ends no sooner
 /// than `sent` plus the TTL it had left.
 fn holder_of(info: &LockInfo, sent: Instant) -> Holder {
+    let ttl_ms = info.holders.iter().map(|h| h.ttl_ms).max().unwrap_or(0);
     Holder {
-        fence: info.fencing_token,
-        deadline: sent + Duration::from_millis(info.ttl_ms.into()),
+        fence: info.latest_fence(),
+        deadline: sent + Duration::from_millis(ttl_ms.into()),
+        shared: matches!(info.mode, crate::lock::Mode::Shared { .. }),
     }
 }

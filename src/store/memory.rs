@@ -16,13 +16,17 @@ use tokio::sync::broadcast;
 use super::changes::{Change, ChangeKind, Changes};
 use super::{LateGrant, ListPage, LockStore, ReleaseListener, Releasing, monotonic_unix_micros};
 use crate::lock::{
-    AcquireOutcome, AcquireSpec, Attachment, Grant, LockError, LockInfo, LockKey, Metadata, Token,
+    AcquireOutcome, AcquireSpec, Attachment, Grant, HolderInfo, LockError, LockInfo, LockKey,
+    Metadata, Mode, Token,
 };
 use crate::task::{self, TaskGuard};
 
 const SHARDS: usize = 64;
 /// How often expired leases are dropped and their waiters woken.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
+/// How long a waiting EXCLUSIVE Acquire keeps later SHARED ones out after
+/// its last attempt (the Redis store's `EXCLUSIVE_WAIT_MARK`).
+const EXCLUSIVE_WAIT_MARK: Duration = Duration::from_millis(3000);
 
 /// The in-memory [`LockStore`].
 #[derive(Debug)]
@@ -47,7 +51,15 @@ struct Inner {
 #[derive(Debug)]
 struct Slot {
     fence: u64,
+    /// The exclusive holder.
     lease: Option<Held>,
+    /// The shared holders, oldest first (empty while `lease` is held).
+    shared: Vec<Held>,
+    /// The limit the first of the current shared holders set.
+    limit: u32,
+    /// Waiting EXCLUSIVE Acquires (their tokens) and until when each keeps
+    /// new shared holders out: no writer starvation.
+    exclusive_waiting: Vec<(Token, Instant)>,
     /// Tokens released, each remembered for the TTL its lease had left, so
     /// that a retried Release answers true (as Redis's tombstone keys do).
     gone: Vec<(Token, Instant)>,
@@ -58,6 +70,9 @@ impl Slot {
         Self {
             fence: 0,
             lease: None,
+            shared: Vec::new(),
+            limit: 0,
+            exclusive_waiting: Vec::new(),
             gone: Vec::new(),
         }
     }
@@ -72,6 +87,31 @@ impl Slot {
         }
     }
 
+    /// Drops expired shared holders and stale exclusive-waiting marks;
+    /// true if a holder expired (its waiters must hear of it).
+    fn prune(&mut self, now: Instant) -> bool {
+        let before = self.shared.len();
+        self.shared.retain(|h| h.live(now));
+        self.exclusive_waiting.retain(|(_, until)| *until > now);
+        self.shared.len() < before
+    }
+
+    /// Releases the shared holder at `i`, remembering its token.
+    fn free_shared(&mut self, i: usize, now: Instant) {
+        let held = self.shared.remove(i);
+        if held.expires_at > now {
+            self.gone.push((held.token, held.expires_at));
+        }
+    }
+
+    /// The holder `token` names, exclusive or shared, if live.
+    fn holder_mut(&mut self, token: &Token, now: Instant) -> Option<&mut Held> {
+        self.lease
+            .iter_mut()
+            .chain(self.shared.iter_mut())
+            .find(|h| h.token == *token && h.live(now))
+    }
+
     /// Whether `token`'s release is still remembered.
     fn released(&self, token: &Token, now: Instant) -> bool {
         self.gone
@@ -83,6 +123,7 @@ impl Slot {
 #[derive(Debug)]
 struct Held {
     token: Token,
+    fence: u64,
     owner: String,
     metadata: Metadata,
     ttl_ms: u32,
@@ -97,6 +138,17 @@ struct Held {
 impl Held {
     fn live(&self, now: Instant) -> bool {
         self.expires_at > now
+    }
+    /// This lease handed out again (a resent Acquire or a `request_id`
+    /// replay): unchanged, with what is left of its TTL.
+    fn again(&self, now: Instant) -> Grant {
+        Grant {
+            token: self.token.clone(),
+            fencing_token: self.fence,
+            ttl_ms: self.ttl_ms,
+            at: now,
+            valid_ms: self.remaining_ms(now),
+        }
     }
     fn remaining_ms(&self, now: Instant) -> u32 {
         let ms = self.expires_at.saturating_duration_since(now).as_millis();
@@ -155,12 +207,19 @@ async fn sweep(inner: Weak<Inner>) {
         for shard in inner.shards.iter() {
             let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
             map.retain(|key, slot| {
-                if slot.lease.as_ref().is_some_and(|h| !h.live(now)) {
+                let lease_expired = slot.lease.as_ref().is_some_and(|h| !h.live(now));
+                if lease_expired {
                     slot.lease = None;
+                }
+                if slot.prune(now) || lease_expired {
                     expired.push(key.clone());
                 }
                 slot.gone.retain(|(_, until)| *until > now);
-                slot.lease.is_some() || !slot.gone.is_empty() || slot.fence >= now_us
+                slot.lease.is_some()
+                    || !slot.shared.is_empty()
+                    || !slot.exclusive_waiting.is_empty()
+                    || !slot.gone.is_empty()
+                    || slot.fence >= now_us
             });
         }
         crate::metrics::expiries(expired.len() as u64);
@@ -170,13 +229,16 @@ async fn sweep(inner: Weak<Inner>) {
     }
 }
 
-/// Gives `slot` to `spec`, with a fencing token above every earlier one.
+/// Gives `slot` to `spec` (as its exclusive holder or one more shared
+/// holder), with a fencing token above every earlier one.
 fn grant(slot: &mut Slot, spec: &AcquireSpec, now: Instant) -> Grant {
     let fence = (slot.fence + 1).max(monotonic_unix_micros());
     slot.fence = fence;
     let expires_at = now + Duration::from_millis(spec.ttl_ms.into());
-    slot.lease = Some(Held {
+    slot.exclusive_waiting.retain(|(t, _)| *t != spec.token);
+    let held = Held {
         token: spec.token.clone(),
+        fence,
         owner: spec.owner.clone(),
         metadata: spec.metadata.clone(),
         ttl_ms: spec.ttl_ms,
@@ -184,7 +246,16 @@ fn grant(slot: &mut Slot, spec: &AcquireSpec, now: Instant) -> Grant {
         expires_at,
         replayed: false,
         attachment: None,
-    });
+    };
+    match spec.mode {
+        Mode::Exclusive => slot.lease = Some(held),
+        Mode::Shared { limit } => {
+            if slot.shared.is_empty() {
+                slot.limit = limit;
+            }
+            slot.shared.push(held);
+        }
+    }
     Grant::fresh(spec.token.clone(), fence, spec.ttl_ms, now)
 }
 
@@ -224,19 +295,49 @@ fn free_slot(slot: &mut Slot, token: &Token, kind: Releasing<'_>, now: Instant) 
             slot.free(now);
             Freed::Now
         }
-        _ if slot.released(token, now) => Freed::Before,
-        _ => Freed::No,
+        _ => match slot.shared.iter().position(|h| h.token == *token) {
+            Some(i) if !slot.shared[i].live(now) => {
+                slot.prune(now);
+                Freed::Expired
+            }
+            Some(i) if !may_release(&slot.shared[i], kind) => Freed::No,
+            Some(i) => {
+                slot.free_shared(i, now);
+                Freed::Now
+            }
+            None if slot.released(token, now) => Freed::Before,
+            None => Freed::No,
+        },
     }
 }
 
-/// The state of a held slot, without its token.
+/// The state of a slot's live holders (exclusive or shared), without
+/// their tokens.
 fn info_of(slot: &Slot, now: Instant) -> Option<LockInfo> {
-    let held = slot.lease.as_ref().filter(|h| h.live(now))?;
+    let info = |h: &Held| HolderInfo {
+        owner: h.owner.clone(),
+        fencing_token: h.fence,
+        ttl_ms: h.remaining_ms(now),
+        metadata: h.metadata.clone(),
+    };
+    if let Some(held) = slot.lease.as_ref().filter(|h| h.live(now)) {
+        return Some(LockInfo {
+            mode: Mode::Exclusive,
+            holders: vec![info(held)],
+        });
+    }
+    let holders: Vec<HolderInfo> = slot
+        .shared
+        .iter()
+        .filter(|h| h.live(now))
+        .map(info)
+        .collect();
+    if holders.is_empty() {
+        return None;
+    }
     Some(LockInfo {
-        owner: held.owner.clone(),
-        fencing_token: slot.fence,
-        ttl_ms: held.remaining_ms(now),
-        metadata: held.metadata.clone(),
+        mode: Mode::Shared { limit: slot.limit },
+        holders,
     })
 }
 
@@ -246,6 +347,47 @@ fn parse_page(page: &str) -> Result<String, LockError> {
         .ok()
         .and_then(|bytes| String::from_utf8(bytes).ok())
         .ok_or_else(|| LockError::invalid("page_token", "not a page token of this server"))
+}
+
+/// A shared Acquire on `slot`: waits for a live exclusive holder, a full
+/// set of shared holders, or a waiting exclusive Acquire.
+fn acquire_shared(
+    slot: &mut Slot,
+    spec: &AcquireSpec,
+    limit: u32,
+    now: Instant,
+) -> Result<AcquireOutcome, LockError> {
+    if let Some(held) = slot.lease.as_ref().filter(|h| h.live(now)) {
+        return Ok(AcquireOutcome::Held {
+            retry_after_ms: held.remaining_ms(now),
+        });
+    }
+    slot.prune(now);
+    if let Some(held) = slot.shared.iter_mut().find(|h| {
+        h.token == spec.token || (spec.request_id.is_some() && h.request_id == spec.request_id)
+    }) {
+        held.replayed |= held.token != spec.token;
+        return Ok(AcquireOutcome::Acquired(held.again(now)));
+    }
+    if !slot.shared.is_empty() {
+        if slot.limit != limit {
+            return Err(LockError::limit_mismatch(slot.limit, limit));
+        }
+        if limit > 0 && slot.shared.len() >= limit as usize {
+            let soonest = slot.shared.iter().map(|h| h.remaining_ms(now)).min();
+            return Ok(AcquireOutcome::Held {
+                retry_after_ms: soonest.unwrap_or(1),
+            });
+        }
+    }
+    if let Some(until) = slot.exclusive_waiting.iter().map(|(_, u)| *u).max() {
+        let ms = until.saturating_duration_since(now).as_millis();
+        return Ok(AcquireOutcome::Held {
+            retry_after_ms: crate::lock::remaining_ms(ms.min(i64::MAX as u128) as i64),
+        });
+    }
+    slot.free(now);
+    Ok(AcquireOutcome::Acquired(grant(slot, spec, now)))
 }
 
 impl LockStore for MemoryStore {
@@ -259,23 +401,29 @@ impl LockStore for MemoryStore {
         let slot = map
             .entry(spec.key.as_str().to_owned())
             .or_insert_with(Slot::empty);
-        let fence = slot.fence;
-        if let Some(held) = slot.lease.as_mut().filter(|h| h.live(now)) {
+        if let Mode::Shared { limit } = spec.mode {
+            return acquire_shared(slot, spec, limit, now);
+        }
+        slot.prune(now);
+        let holding = if let Some(held) = slot.lease.as_mut().filter(|h| h.live(now)) {
             let same = held.token == spec.token;
             let replay = !same && spec.request_id.is_some() && held.request_id == spec.request_id;
             if same || replay {
                 held.replayed |= replay;
-                return Ok(AcquireOutcome::Acquired(Grant {
-                    token: held.token.clone(),
-                    fencing_token: fence,
-                    ttl_ms: held.ttl_ms,
-                    at: now,
-                    valid_ms: held.remaining_ms(now),
-                }));
+                return Ok(AcquireOutcome::Acquired(held.again(now)));
             }
-            return Ok(AcquireOutcome::Held {
-                retry_after_ms: held.remaining_ms(now),
-            });
+            Some(held.remaining_ms(now))
+        } else {
+            slot.shared.iter().map(|h| h.remaining_ms(now)).max()
+        };
+        if let Some(retry_after_ms) = holding {
+            if spec.waiting {
+                // Later shared Acquires queue behind this one.
+                let mark = (spec.token.clone(), now + EXCLUSIVE_WAIT_MARK);
+                slot.exclusive_waiting.retain(|(t, _)| *t != spec.token);
+                slot.exclusive_waiting.push(mark);
+            }
+            return Ok(AcquireOutcome::Held { retry_after_ms });
         }
         // An expired lease counts as released at its expiry.
         slot.free(now);
@@ -298,7 +446,7 @@ impl LockStore for MemoryStore {
         _late: impl LateGrant,
     ) -> Result<(bool, Option<Grant>), LockError> {
         let now = Instant::now();
-        if next.key != *key {
+        if next.key != *key || next.mode != Mode::Exclusive {
             return Ok((self.release(key, token, kind).await?, None));
         }
         let handed = {
@@ -335,7 +483,14 @@ impl LockStore for MemoryStore {
         let (freed, fence) = {
             let mut map = self.inner.shard(key.as_str());
             match map.get_mut(key.as_str()) {
-                Some(slot) => (free_slot(slot, token, kind, now), slot.fence),
+                Some(slot) => {
+                    if kind == Releasing::GiveBack {
+                        // A waiting exclusive Acquire that left withdraws
+                        // its mark.
+                        slot.exclusive_waiting.retain(|(t, _)| t != token);
+                    }
+                    (free_slot(slot, token, kind, now), slot.fence)
+                }
                 None => (Freed::No, 0),
             }
         };
@@ -368,8 +523,7 @@ impl LockStore for MemoryStore {
         let mut map = self.inner.shard(key.as_str());
         let Some(held) = map
             .get_mut(key.as_str())
-            .and_then(|slot| slot.lease.as_mut())
-            .filter(|h| h.live(now) && h.token == *token)
+            .and_then(|slot| slot.holder_mut(token, now))
         else {
             return Ok(None);
         };
@@ -435,8 +589,15 @@ impl LockStore for MemoryStore {
         // Not into `gone`: the holder's own Release then answers false.
         let taken = {
             let mut map = self.inner.shard(key.as_str());
-            map.get_mut(key.as_str())
-                .and_then(|slot| Some((slot.lease.take()?.live(now), slot.fence)))
+            map.get_mut(key.as_str()).and_then(|slot| {
+                if let Some(held) = slot.lease.take() {
+                    return Some((held.live(now), slot.fence));
+                }
+                // Shared holders: every one of them is taken.
+                let live = slot.shared.iter().any(|h| h.live(now));
+                let shared = std::mem::take(&mut slot.shared);
+                (!shared.is_empty()).then_some((live, slot.fence))
+            })
         };
         // An expired lease not swept yet is taken too: its waiters wake now.
         if let Some((live, fence)) = taken {

@@ -10,10 +10,10 @@ use super::args::acquire_args;
 use super::call::{LATE_REPLY_LIMIT, argv, evalsha, routed};
 use super::errors::{is_redirect, map_error};
 use super::names::slot_of;
-use super::replies::{int, parse_acquire};
+use super::replies::{int, parse_acquire, parse_acquire_shared};
 use super::route::Route;
 use super::{RedisConfig, RedisStore};
-use crate::lock::{AcquireOutcome, AcquireSpec, LockError};
+use crate::lock::{AcquireOutcome, AcquireSpec, LockError, Mode};
 use crate::store::LateGrant;
 
 /// `--min-replica-acks N`: every grant is followed by `WAIT N` on the
@@ -71,21 +71,28 @@ impl RedisStore {
         let n = self.names(&spec.key);
         let slot = slot_of(&n.lock);
         let (client, left) = routed(&acks.route, slot, self.timeout).await?;
+        // A shared Acquire has its own script, which checks no replicas:
+        // the WAIT below still confirms its grant.
+        let acquire = match spec.mode {
+            Mode::Exclusive => self.scripts.acquire.clone(),
+            Mode::Shared { .. } => self.scripts.acquire_shared.clone(),
+        };
         let grant = argv(
-            &self.scripts.acquire,
+            &acquire,
             vec![n.lock.clone(), n.fence],
             acquire_args(spec, acks.min),
         );
-        let (acquire, release) = (self.scripts.acquire.clone(), self.scripts.giveback.clone());
+        let release = self.scripts.giveback.clone();
         let sent = Instant::now();
-        let (min, wait, token) = (acks.min, acks.wait, spec.token.clone());
+        let (min, wait, token, mode) = (acks.min, acks.wait, spec.token.clone(), spec.mode);
         let mut call = Box::pin(async move {
-            let outcome = parse_acquire(
-                evalsha(&client, &acquire, grant)
-                    .await
-                    .map_err(|e| map_error(&e))?,
-                sent,
-            )?;
+            let reply = evalsha(&client, &acquire, grant)
+                .await
+                .map_err(|e| map_error(&e))?;
+            let outcome = match mode {
+                Mode::Exclusive => parse_acquire(reply, sent)?,
+                Mode::Shared { limit } => parse_acquire_shared(reply, sent, limit)?,
+            };
             let AcquireOutcome::Acquired(lease) = &outcome else {
                 return Ok(outcome);
             };

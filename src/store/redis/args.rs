@@ -2,8 +2,7 @@
 
 use std::time::Duration;
 
-use crate::lock::AcquireSpec;
-use crate::lock::Token;
+use crate::lock::{AcquireSpec, Mode, Token};
 use crate::store::Releasing;
 
 /// How long a fencing counter outlives the TTL of the grant that set it.
@@ -41,10 +40,35 @@ pub(super) fn attachment_arg(kind: Releasing<'_>) -> String {
     }
 }
 
+/// How long a waiting EXCLUSIVE Acquire that found the lock held keeps new
+/// shared holders out (shared.lua, `mark_exclusive`). Each of its attempts
+/// renews the mark, and a waiter attempts at least every 2 s (the wait
+/// loop's backoff cap), so the mark lasts while it waits; a waiter that
+/// leaves without the lock withdraws it (giveback.lua), so this bounds only
+/// how long a writer whose server died holds readers back.
+pub(super) const EXCLUSIVE_WAIT_MARK: Duration = Duration::from_millis(3000);
+
 /// The acquire script's arguments: the grant's, then `min_replicas` (0: no
-/// replica check).
+/// replica check), then the exclusive-waiting mark (`mark_arg`); for a
+/// shared Acquire (its own script), the grant's and the shared limit.
 pub(super) fn acquire_args(spec: &AcquireSpec, min_replicas: u32) -> Vec<String> {
     let mut args = grant_args(None, spec);
-    args.push(min_replicas.to_string());
+    match spec.mode {
+        Mode::Exclusive => {
+            args.push(min_replicas.to_string());
+            args.push(mark_arg(spec));
+        }
+        Mode::Shared { limit } => args.push(limit.to_string()),
+    }
     args
+}
+
+/// How long (ms) `spec`, if it is a waiting EXCLUSIVE Acquire, marks a key
+/// it finds held; '0' for any other.
+pub(super) fn mark_arg(spec: &AcquireSpec) -> String {
+    if spec.waiting && spec.mode == Mode::Exclusive {
+        EXCLUSIVE_WAIT_MARK.as_millis().to_string()
+    } else {
+        "0".to_owned()
+    }
 }

@@ -13,6 +13,7 @@ use crate::lock::LockError;
 
 pub(super) struct Scripts {
     pub(super) acquire: Script,
+    pub(super) acquire_shared: Script,
     pub(super) release: Script,
     pub(super) giveback: Script,
     pub(super) renew: Script,
@@ -22,13 +23,14 @@ pub(super) struct Scripts {
     pub(super) force: Script,
 }
 
-/// `grant.lua` and `ops.lua`, the functions every writing script starts
-/// with, so a grant, a release or a renewal is the same code alone, in a
-/// handoff or in a batch.
+/// `grant.lua`, `shared.lua` and `ops.lua`, the functions every writing
+/// script starts with, so a grant, a release or a renewal is the same code
+/// alone, in a handoff or in a batch, for an exclusive or a shared holder.
 macro_rules! with_ops {
     ($file:literal) => {
         concat!(
             include_str!("scripts/grant.lua"),
+            include_str!("scripts/shared.lua"),
             include_str!("scripts/ops.lua"),
             include_str!($file)
         )
@@ -39,6 +41,7 @@ impl Scripts {
     pub(super) fn new() -> Self {
         Self {
             acquire: Script::from_lua(with_ops!("scripts/acquire.lua")),
+            acquire_shared: Script::from_lua(with_ops!("scripts/acquire_shared.lua")),
             release: Script::from_lua(with_ops!("scripts/release.lua")),
             giveback: Script::from_lua(with_ops!("scripts/giveback.lua")),
             renew: Script::from_lua(with_ops!("scripts/renew.lua")),

@@ -36,11 +36,11 @@ use futures_util::future::join_all;
 
 use super::{LateGrant, ListPage, LockStore, ReleaseListener, Releasing};
 use crate::lock::{
-    AcquireOutcome, AcquireSpec, Attachment, Grant, LockError, LockInfo, LockKey, Metadata, Token,
-    remaining_ms,
+    AcquireOutcome, AcquireSpec, Attachment, Grant, HolderInfo, LockError, LockInfo, LockKey,
+    Metadata, Mode, Token, remaining_ms,
 };
 use acks::ReplicaAcks;
-use args::{acquire_args, attachment_arg, grant_args};
+use args::{acquire_args, attachment_arg, grant_args, mark_arg};
 use batch::{Batcher, Op};
 use call::{LATE_REPLY_LIMIT, Scripts, argv, bounded, evalsha, routed};
 use config::redis_tls_connector;
@@ -48,7 +48,10 @@ pub use config::{DEFAULT_BATCH_MAX, DEFAULT_POOL_SIZE, RedisConfig, RedisTls, re
 use errors::{is_redirect, map_error};
 pub use names::Names;
 use names::slot_of;
-use replies::{array, int, parse_acquire, parse_handoff, text, ttl_u32, unexpected};
+use replies::{
+    array, handoff_shared_release, int, parse_acquire, parse_acquire_shared, parse_describe_shared,
+    parse_handoff, text, ttl_u32, unexpected,
+};
 use route::Route;
 use subscriptions::Subscriptions;
 
@@ -344,11 +347,24 @@ impl LockStore for RedisStore {
         }
         let n = self.names(&spec.key);
         let sent = Instant::now();
+        if let Mode::Shared { limit } = spec.mode {
+            // Never batched: a batch runs the exclusive operations only.
+            let reply = self
+                .eval_or_late(
+                    &self.scripts.acquire_shared,
+                    vec![n.lock, n.fence],
+                    acquire_args(spec, 0),
+                    || late_acquire(late, sent),
+                )
+                .await?;
+            return parse_acquire_shared(reply, sent, limit);
+        }
         // A busy server batches; otherwise the call goes alone, holding a
         // connection slot so that calls meanwhile gather into a batch.
         let _slot = match self.batch.as_ref().map(|b| (b, b.idle())) {
             Some((batch, None)) => {
-                let args = grant_args(None, spec);
+                let mut args = grant_args(None, spec);
+                args.push(mark_arg(spec));
                 let undo = Box::new(late_acquire(late, sent));
                 let reply = batch
                     .call(
@@ -391,6 +407,7 @@ impl LockStore for RedisStore {
         let n = self.names(key);
         let mut args = grant_args(Some(token), next);
         args.insert(1, attachment_arg(kind));
+        args.push(n.channel.clone());
         let sent = Instant::now();
         let next_token = next.token.clone();
         let reply = self
@@ -409,6 +426,11 @@ impl LockStore for RedisStore {
                 },
             )
             .await?;
+        if let Some(fence) = handoff_shared_release(&reply) {
+            // A shared holder's release: waiters here wake now, as after a
+            // plain release.
+            self.subscriptions.released_here(key.as_str(), fence);
+        }
         parse_handoff(reply, &next.token, sent)
     }
 
@@ -483,13 +505,18 @@ impl LockStore for RedisStore {
                 let pttl = int(&items[3]).ok_or_else(|| unexpected(&items[3]))?;
                 let meta = text(&items[4]).ok_or_else(|| unexpected(&items[4]))?;
                 Ok(Some(LockInfo {
-                    owner,
-                    fencing_token: u64::try_from(fence).map_err(|_| unexpected(&items[2]))?,
-                    ttl_ms: remaining_ms(pttl),
-                    metadata: Metadata::decode(&meta)
-                        .ok_or_else(|| LockError::Internal("corrupt metadata in Redis".into()))?,
+                    mode: Mode::Exclusive,
+                    holders: vec![HolderInfo {
+                        owner,
+                        fencing_token: u64::try_from(fence).map_err(|_| unexpected(&items[2]))?,
+                        ttl_ms: remaining_ms(pttl),
+                        metadata: Metadata::decode(&meta).ok_or_else(|| {
+                            LockError::Internal("corrupt metadata in Redis".into())
+                        })?,
+                    }],
                 }))
             }
+            Some(2) => parse_describe_shared(&items),
             _ => Err(LockError::Internal("malformed describe reply".into())),
         }
     }

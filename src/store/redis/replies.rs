@@ -6,7 +6,9 @@ use std::time::Instant;
 use fred::prelude::*;
 
 use super::errors::script_error;
-use crate::lock::{AcquireOutcome, Grant, LockError, Token, remaining_ms};
+use crate::lock::{
+    AcquireOutcome, Grant, HolderInfo, LockError, LockInfo, Metadata, Mode, Token, remaining_ms,
+};
 
 /// Parses the acquire script's reply; `sent` is when the call was sent.
 pub(super) fn parse_acquire(reply: Value, sent: Instant) -> Result<AcquireOutcome, LockError> {
@@ -39,6 +41,75 @@ pub(super) fn parse_acquire(reply: Value, sent: Instant) -> Result<AcquireOutcom
         ))),
         _ => Err(LockError::Internal("malformed acquire reply".into())),
     }
+}
+
+/// Parses the shared acquire script's reply: the acquire script's, or
+/// `{3, limit}` when the holders' limit is not `asked`.
+pub(super) fn parse_acquire_shared(
+    reply: Value,
+    sent: Instant,
+    asked: u32,
+) -> Result<AcquireOutcome, LockError> {
+    if let Value::Array(items) = &reply {
+        if items.len() == 2 && items.first().and_then(int) == Some(3) {
+            let holders = int(&items[1]).ok_or_else(|| unexpected(&items[1]))?;
+            let holders = u32::try_from(holders).map_err(|_| unexpected(&items[1]))?;
+            return Err(LockError::limit_mismatch(holders, asked));
+        }
+    }
+    parse_acquire(reply, sent)
+}
+
+/// The describe script's reply for a lock held shared: `{2, limit, then
+/// owner, fence, pttl, metadata per holder}`, holders oldest grant first.
+pub(super) fn parse_describe_shared(items: &[Value]) -> Result<Option<LockInfo>, LockError> {
+    let limit = items
+        .get(1)
+        .and_then(int)
+        .ok_or_else(|| LockError::Internal("malformed describe reply: no shared limit".into()))?;
+    let rest = items.get(2..).unwrap_or_default();
+    if rest.len() % 4 != 0 {
+        return Err(LockError::Internal("malformed describe reply".into()));
+    }
+    let mut holders = rest
+        .chunks_exact(4)
+        .map(|h| {
+            let owner = text(&h[0]).ok_or_else(|| unexpected(&h[0]))?;
+            let fence = int(&h[1]).ok_or_else(|| unexpected(&h[1]))?;
+            let pttl = int(&h[2]).ok_or_else(|| unexpected(&h[2]))?;
+            let meta = text(&h[3]).ok_or_else(|| unexpected(&h[3]))?;
+            Ok(HolderInfo {
+                owner,
+                fencing_token: u64::try_from(fence).map_err(|_| unexpected(&h[1]))?,
+                ttl_ms: remaining_ms(pttl),
+                metadata: Metadata::decode(&meta)
+                    .ok_or_else(|| LockError::Internal("corrupt metadata in Redis".into()))?,
+            })
+        })
+        .collect::<Result<Vec<_>, LockError>>()?;
+    holders.sort_by_key(|h| h.fencing_token);
+    if holders.is_empty() {
+        // Every holder's lease ran out just now.
+        return Ok(None);
+    }
+    Ok(Some(LockInfo {
+        mode: Mode::Shared {
+            limit: u32::try_from(limit).map_err(|_| unexpected(&items[1]))?,
+        },
+        holders,
+    }))
+}
+
+/// The fencing token of a shared holder's release that a handoff call
+/// made instead of a handoff (`{3, fence}`), if it released.
+pub(super) fn handoff_shared_release(reply: &Value) -> Option<i64> {
+    let Value::Array(items) = reply else {
+        return None;
+    };
+    if items.len() != 2 || items.first().and_then(int) != Some(3) {
+        return None;
+    }
+    int(&items[1]).filter(|f| *f > 0)
 }
 
 pub(super) fn int(v: &Value) -> Option<i64> {
@@ -87,6 +158,9 @@ pub(super) fn parse_handoff(
         Some(0) => Ok((false, None)),
         // Released before: a retried Release, nothing handed over.
         Some(2) => Ok((true, None)),
+        // A shared holder's release (its fence, -1 released before, 0 not
+        // held): nothing handed over.
+        Some(3) if items.len() == 2 => Ok((int(&items[1]).is_some_and(|r| r != 0), None)),
         Some(1) if items.len() == 5 => {
             // The grant handed over was held until now (0: a resent handoff).
             if let Some(released) = int(&items[1]).filter(|f| *f > 0) {
@@ -184,6 +258,47 @@ mod tests {
         assert_eq!((grant.fencing_token, grant.token), (6, next.clone()));
         let err = parse_handoff(Value::Array(ints(&[1, 5, 6])), &next, sent).unwrap_err();
         assert_eq!(err.code(), tonic::Code::Internal);
+        // A shared holder's release instead of a handoff.
+        let shared = Value::Array(ints(&[3, 77]));
+        assert_eq!(handoff_shared_release(&shared), Some(77));
+        assert_eq!(parse_handoff(shared, &next, sent).unwrap(), (true, None));
+        let before = Value::Array(ints(&[3, -1]));
+        assert_eq!(handoff_shared_release(&before), None);
+        assert_eq!(parse_handoff(before, &next, sent).unwrap(), (true, None));
+        assert_eq!(
+            parse_handoff(Value::Array(ints(&[3, 0])), &next, sent).unwrap(),
+            (false, None)
+        );
+    }
+
+    #[test]
+    fn shared_replies() {
+        let sent = Instant::now();
+        let err = parse_acquire_shared(Value::Array(ints(&[3, 2])), sent, 5).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(err.to_string().contains("shared_limit 5") && err.to_string().contains('2'));
+        assert_eq!(
+            parse_acquire_shared(Value::Array(ints(&[0, 40])), sent, 5).unwrap(),
+            AcquireOutcome::Held { retry_after_ms: 40 }
+        );
+        let described = parse_describe_shared(&[
+            Value::Integer(2),
+            Value::Integer(4),
+            Value::from("b"),
+            Value::Integer(9),
+            Value::Integer(100),
+            Value::from(""),
+            Value::from("a"),
+            Value::Integer(8),
+            Value::Integer(200),
+            Value::from(""),
+        ])
+        .unwrap()
+        .expect("held");
+        assert_eq!(described.mode, Mode::Shared { limit: 4 });
+        let owners: Vec<&str> = described.holders.iter().map(|h| h.owner.as_str()).collect();
+        assert_eq!(owners, ["a", "b"], "oldest grant first");
+        assert_eq!(parse_describe_shared(&ints(&[2, 0])).unwrap(), None);
     }
 
     #[test]

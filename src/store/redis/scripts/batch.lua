@@ -8,7 +8,7 @@
 -- caller is told "error" about an operation that took effect.
 -- Never used on a Redis Cluster: the keys of one script must share a slot.
 -- ARGV: per operation its letter, then its arguments; KEYS in the same order:
---   'A' token ttl owner meta rid counter_ttl    KEYS: lock, counter
+--   'A' token ttl owner meta rid counter_ttl mark  KEYS: lock, counter
 --   'R' token channel att                        KEYS: lock, tombstone
 --   'N' token ttl att                            KEYS: lock
 -- Reply: one reply per operation, as its own script would give it.
@@ -24,8 +24,8 @@ while a <= #ARGV do
   local ok, r
   if op == 'A' then
     ok, r = pcall(acquire, KEYS[k], KEYS[k + 1], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
-      ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], '0')
-    k, a = k + 2, a + 7
+      ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], '0', ARGV[a + 7])
+    k, a = k + 2, a + 8
   elseif op == 'R' then
     ok, r = pcall(release, KEYS[k], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], false, KEYS[k + 1])
     k, a = k + 2, a + 4

@@ -7,10 +7,17 @@
 -- The message is the removed grant's fencing token, negated: waiters wake
 -- as for a release, and a watcher can tell a forced release from one.
 -- Reply: the removed grant's fencing token, or 0 if nobody held the lock.
-local fence = redis.call('HGET', KEYS[1], 'fence')
+local cur = redis.call('HMGET', KEYS[1], 'token', 'fence')
+local fence = cur[2]
 if not fence then
   return 0
 end
-redis.call('HDEL', KEYS[1], 'token', 'fence', 'rep', 'att')
+if cur[1] == '' then
+  -- Held SHARED (shared.lua): every holder goes, with the record and its
+  -- expiry set (same hash slot), so no holder's renewal finds its field.
+  redis.call('DEL', KEYS[1], KEYS[1] .. ':exp')
+else
+  redis.call('HDEL', KEYS[1], 'token', 'fence', 'rep', 'att')
+end
 redis.call('SPUBLISH', ARGV[1], '-' .. fence)
 return tonumber(fence)

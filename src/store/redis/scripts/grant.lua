@@ -16,15 +16,8 @@
 -- lock and expires `counter_ttl` ms after its last grant. `released`: the
 -- token of the released lease this record still keeps (nil if none), as the
 -- caller already read it.
-local function grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl, released)
-  if released then
-    local left = redis.call('PTTL', lock)
-    if left > 0 then
-      -- Same hash slot as `lock` (the tag is the lock's); the name is built
-      -- here because only this script knows the released token.
-      redis.pcall('SET', lock .. ':gone:' .. released, '1', 'PX', left)
-    end
-  end
+-- The next fencing token of the lock whose counter is `counter`.
+local function next_fence(counter, counter_ttl)
   local t = redis.call('TIME')
   local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
   local fence = redis.call('INCR', counter)
@@ -34,6 +27,25 @@ local function grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl, r
   else
     redis.call('PEXPIRE', counter, counter_ttl)
   end
+  return fence
+end
+
+-- Gives the released token of the record `lock` (if any) its tombstone key,
+-- for what was left of its TTL, before a new grant overwrites the record.
+local function bury(lock, released)
+  if released then
+    local left = redis.call('PTTL', lock)
+    if left > 0 then
+      -- Same hash slot as `lock` (the tag is the lock's); the name is built
+      -- here because only this script knows the released token.
+      redis.pcall('SET', lock .. ':gone:' .. released, '1', 'PX', left)
+    end
+  end
+end
+
+local function grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl, released)
+  bury(lock, released)
+  local fence = next_fence(counter, counter_ttl)
   local f = string.format('%d', fence)
   redis.call('HSET', lock, 'token', token, 'fence', f,
     'ttl', ttl, 'owner', owner, 'meta', meta, 'rid', rid)

@@ -10,15 +10,20 @@
 -- retried Acquire whose reply was lost): it gets the same lease, which is
 -- marked 'rep' so that no cleanup of the first attempt gives it back.
 -- min_replicas: '0', or --min-replica-acks (the caller WAITs after this).
+-- mark: '0', or for an Acquire that waits, how long (ms) it keeps new
+-- shared holders out once it found the lock held (shared.lua).
 -- Reply: {1, token, fence, ttl_ms, pttl_ms} granted (or already ours),
 --        {0, pttl} held, {2, online} not granted: fewer than min_replicas
 --        replicas online.
-local function acquire(lock, counter, token, ttl, owner, meta, rid, counter_ttl, min_replicas)
+local function acquire(lock, counter, token, ttl, owner, meta, rid, counter_ttl, min_replicas, mark)
   local cur = redis.call('HMGET', lock, 'token', 'rid', 'fence', 'ttl', 'rep')
   local held = cur[1] and cur[3]
   local same = held and cur[1] == token
   local replay = held and not same and rid ~= '' and cur[2] == rid
   if held and not same and not replay then
+    if mark ~= '0' then
+      shared_ops().mark(lock, token, mark)
+    end
     return {0, redis.call('PTTL', lock)}
   end
   min_replicas = tonumber(min_replicas) or 0
@@ -43,6 +48,9 @@ local function acquire(lock, counter, token, ttl, owner, meta, rid, counter_ttl,
   -- Not held, but the record keeps a released token: its tombstone.
   local released = (cur[1] and not cur[3]) and cur[1] or nil
   local fence = grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl, released)
+  if mark ~= '0' then
+    redis.call('ZREM', lock .. ':xw', token)
+  end
   return {1, token, fence, tonumber(ttl), tonumber(ttl)}
 end
 
@@ -73,6 +81,9 @@ local function release(lock, token, channel, att, giveback, gone)
     redis.call('SPUBLISH', channel, cur[2])
     return tonumber(cur[2])
   end
+  if cur[1] == '' then
+    return shared_ops().release(lock, token, channel, att, giveback, gone)
+  end
   if cur[1] == token or redis.call('EXISTS', gone) == 1 then
     return -1
   end
@@ -86,6 +97,9 @@ end
 local function renew(lock, token, ttl, att)
   local cur = redis.call('HMGET', lock, 'token', 'ttl', 'fence', 'att')
   if cur[1] ~= token or not cur[3] then
+    if cur[1] == '' then
+      return shared_ops().renew(lock, token, ttl, att)
+    end
     return -1
   end
   if ttl == '0' then
