@@ -84,7 +84,8 @@ impl<S: LockStore> pb::admin_service_server::AdminService for AdminServiceImpl<S
         log_result("ForceRelease", key.as_str(), start, &result, |f| {
             if f.is_some() { "released" } else { "not_held" }
         });
-        let fence = result?;
+        let forced = result?;
+        let fence = forced.map(|f| f.fence);
         // The audit trail: who took which lock, and why. The token of the
         // grant taken is never known here; its fencing token is.
         tracing::warn!(
@@ -97,8 +98,6 @@ impl<S: LockStore> pb::admin_service_server::AdminService for AdminServiceImpl<S
             "lock force-released by an operator"
         );
         crate::metrics::force_release(fence.is_some());
-        Ok(Response::new(pb::ForceReleaseResponse {
-            released: u32::from(fence.is_some()),
-        }))
+        Ok(Response::new(convert::force_release_response(forced)))
     }
 }

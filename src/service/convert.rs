@@ -201,6 +201,37 @@ pub fn list_response(page: crate::store::ListPage) -> pb::ListResponse {
     }
 }
 
+/// The reply to a Release: whether this token's lease was released (now,
+/// or by an earlier attempt of the same release).
+pub fn release_response(released: bool) -> pb::ReleaseResponse {
+    pb::ReleaseResponse { released }
+}
+
+/// The reply to a Renew: the TTL now in force, or `None` if the lease is
+/// lost.
+pub fn renew_response(ttl_ms: Option<u32>) -> pb::RenewResponse {
+    pb::RenewResponse {
+        renewed: ttl_ms.is_some(),
+        ttl_ms: ttl_ms.unwrap_or(0),
+    }
+}
+
+/// A KeepAlive answer for `key`: alive with the TTL now in force, or not.
+pub fn keepalive_response(key: String, ttl_ms: Option<u32>) -> pb::KeepAliveResponse {
+    pb::KeepAliveResponse {
+        key,
+        alive: ttl_ms.is_some(),
+        ttl_ms: ttl_ms.unwrap_or(0),
+    }
+}
+
+/// The reply to a ForceRelease: how many holders it removed.
+pub fn force_release_response(forced: Option<crate::store::Forced>) -> pb::ForceReleaseResponse {
+    pb::ForceReleaseResponse {
+        released: forced.map_or(0, |f| f.holders),
+    }
+}
+
 /// A Watch event: `kind`, about the grant fenced `fencing_token` (0 for a
 /// state), with the lock's state after it.
 pub fn watch_event(

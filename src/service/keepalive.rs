@@ -369,11 +369,7 @@ impl<S: LockStore> Session<S> {
     }
 
     async fn respond(&self, key: String, ttl: Option<u32>) -> Result<(), Status> {
-        let response = pb::KeepAliveResponse {
-            key,
-            alive: ttl.is_some(),
-            ttl_ms: ttl.unwrap_or(0),
-        };
+        let response = super::convert::keepalive_response(key, ttl);
         // A client that went away can no longer read; its locks are still
         // released when its inbound side ends.
         let _ = self.tx.send(Ok(response)).await;

@@ -229,7 +229,7 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
         log_result("Release", key.as_str(), start, &result, |r| {
             if *r { "released" } else { "not_held" }
         });
-        Ok(Response::new(pb::ReleaseResponse { released: result? }))
+        Ok(Response::new(convert::release_response(result?)))
     }
 
     async fn renew(
@@ -248,11 +248,7 @@ impl<S: LockStore> pb::lock_service_server::LockService for LockServiceImpl<S> {
         log_result("Renew", key.as_str(), start, &result, |r| {
             if r.is_some() { "renewed" } else { "lost" }
         });
-        let ttl = result?;
-        Ok(Response::new(pb::RenewResponse {
-            renewed: ttl.is_some(),
-            ttl_ms: ttl.unwrap_or(0),
-        }))
+        Ok(Response::new(convert::renew_response(result?)))
     }
 
     type KeepAliveStream = KeepAliveStream;

@@ -1,6 +1,7 @@
 //! A [`LockStore`] wrapper that times every store call and counts its
 //! failures for the metrics (`crate::metrics`), whatever the store.
 
+use crate::store::Forced;
 use std::future::Future;
 use std::time::Instant;
 
@@ -102,7 +103,7 @@ impl<S: LockStore> LockStore for Instrumented<S> {
         timed(self.0.name(), "list", self.0.list(prefix, size, page)).await
     }
 
-    async fn force_release(&self, key: &LockKey) -> Result<Option<u64>, LockError> {
+    async fn force_release(&self, key: &LockKey) -> Result<Option<Forced>, LockError> {
         timed(self.0.name(), "force_release", self.0.force_release(key)).await
     }
 

@@ -5,6 +5,7 @@
 //! State is sharded over a fixed number of `std` mutexes held only for a
 //! map lookup, never across an `.await`.
 
+use crate::store::Forced;
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
@@ -584,30 +585,33 @@ impl LockStore for MemoryStore {
         Ok(ListPage { locks, next })
     }
 
-    async fn force_release(&self, key: &LockKey) -> Result<Option<u64>, LockError> {
+    async fn force_release(&self, key: &LockKey) -> Result<Option<Forced>, LockError> {
         let now = Instant::now();
         // Not into `gone`: the holder's own Release then answers false.
         let taken = {
             let mut map = self.inner.shard(key.as_str());
             map.get_mut(key.as_str()).and_then(|slot| {
                 if let Some(held) = slot.lease.take() {
-                    return Some((held.live(now), slot.fence));
+                    return Some((u32::from(held.live(now)), slot.fence));
                 }
                 // Shared holders: every one of them is taken.
-                let live = slot.shared.iter().any(|h| h.live(now));
                 let shared = std::mem::take(&mut slot.shared);
-                (!shared.is_empty()).then_some((live, slot.fence))
+                let live = shared.iter().filter(|h| h.live(now)).count();
+                (!shared.is_empty())
+                    .then_some((u32::try_from(live).unwrap_or(u32::MAX), slot.fence))
             })
         };
         // An expired lease not swept yet is taken too: its waiters wake now.
         if let Some((live, fence)) = taken {
-            if live {
+            if live > 0 {
                 self.inner
                     .changed(key.as_str(), ChangeKind::ForceReleased, fence);
             }
             self.inner.waiters.released(key.as_str());
         }
-        Ok(taken.filter(|(live, _)| *live).map(|(_, fence)| fence))
+        Ok(taken
+            .filter(|(live, _)| *live > 0)
+            .map(|(holders, fence)| Forced { fence, holders }))
     }
 
     async fn watch(&self, _key: &LockKey) -> Result<(), LockError> {

@@ -50,6 +50,15 @@ pub trait ReleaseListener: Send + Sync + std::fmt::Debug + 'static {
 pub trait LateGrant: FnOnce(Grant) + Send + 'static {}
 impl<F: FnOnce(Grant) + Send + 'static> LateGrant for F {}
 
+/// What a [`LockStore::force_release`] took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forced {
+    /// The fencing token of the latest grant taken.
+    pub fence: u64,
+    /// How many holders were removed (more than one for a SHARED lock).
+    pub holders: u32,
+}
+
 /// One page of [`LockStore::list`]: held locks and where the next page
 /// starts (`None`: this was the last page).
 #[derive(Debug, Default)]
@@ -153,14 +162,14 @@ pub trait LockStore: Send + Sync + 'static {
         page: Option<&str>,
     ) -> impl Future<Output = Result<ListPage, LockError>> + Send;
 
-    /// Takes `key` from its holder whatever its token (an operator's
-    /// ForceRelease): its next renewal finds the lock lost, the next grant
-    /// is fenced above it, and waiters wake as after a release. The
-    /// removed grant's fencing token, or `None` if nobody held the key.
+    /// Takes `key` from its holders whatever their tokens (an operator's
+    /// ForceRelease): their next renewal finds the lock lost, the next
+    /// grant is fenced above them, and waiters wake as after a release.
+    /// `None` if nobody held the key.
     fn force_release(
         &self,
         key: &LockKey,
-    ) -> impl Future<Output = Result<Option<u64>, LockError>> + Send;
+    ) -> impl Future<Output = Result<Option<Forced>, LockError>> + Send;
 
     /// A cheap round trip, for health checks.
     fn ping(&self) -> impl Future<Output = Result<(), LockError>> + Send;
@@ -231,7 +240,7 @@ impl<S: LockStore> LockStore for Arc<S> {
     fn force_release(
         &self,
         key: &LockKey,
-    ) -> impl Future<Output = Result<Option<u64>, LockError>> + Send {
+    ) -> impl Future<Output = Result<Option<Forced>, LockError>> + Send {
         (**self).force_release(key)
     }
     fn ping(&self) -> impl Future<Output = Result<(), LockError>> + Send {

@@ -2,6 +2,7 @@
 //! store, which listener its releases reach) exists once: `leasehold serve`
 //! and the tests both go through [`open`].
 
+use crate::store::Forced;
 use std::sync::Arc;
 
 use super::{
@@ -119,7 +120,7 @@ impl LockStore for Store {
         either!(self, s => s.list(prefix, size, page).await)
     }
 
-    async fn force_release(&self, key: &LockKey) -> Result<Option<u64>, LockError> {
+    async fn force_release(&self, key: &LockKey) -> Result<Option<Forced>, LockError> {
         either!(self, s => s.force_release(key).await)
     }
 

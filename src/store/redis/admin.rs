@@ -2,6 +2,7 @@
 //! per primary, and take a lock from its holder (`scripts/force.lua`).
 //! Nothing here is on the lock path.
 
+use crate::store::Forced;
 use fred::prelude::*;
 use fred::types::{ClusterHash, CustomCommand};
 use futures_util::future::join_all;
@@ -152,17 +153,26 @@ impl RedisStore {
     }
 
     /// [`LockStore::force_release`]; waiters on this server wake at once.
-    pub(super) async fn force(&self, key: &LockKey) -> Result<Option<u64>, LockError> {
+    pub(super) async fn force(&self, key: &LockKey) -> Result<Option<Forced>, LockError> {
         let n = self.names(key);
         let reply = self
             .eval(&self.scripts.force, vec![n.lock], vec![n.channel])
             .await?;
-        let fence = int(&reply).ok_or_else(|| unexpected(&reply))?;
+        // {fence, holders}, or {0, 0} when nobody held the lock.
+        let parts = array(reply.clone())?;
+        let (Some(fence), Some(holders)) =
+            (parts.first().and_then(int), parts.get(1).and_then(int))
+        else {
+            return Err(unexpected(&reply));
+        };
         if fence <= 0 {
             return Ok(None);
         }
         self.subscriptions.released_here(key.as_str(), -fence);
-        Ok(u64::try_from(fence).ok())
+        Ok(u64::try_from(fence).ok().map(|fence| Forced {
+            fence,
+            holders: u32::try_from(holders).unwrap_or(1).max(1),
+        }))
     }
 }
 

@@ -26,6 +26,7 @@ mod replies;
 mod route;
 mod subscriptions;
 
+use crate::store::Forced;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -538,7 +539,7 @@ impl LockStore for RedisStore {
         self.list_page(prefix, size, page).await
     }
 
-    async fn force_release(&self, key: &LockKey) -> Result<Option<u64>, LockError> {
+    async fn force_release(&self, key: &LockKey) -> Result<Option<Forced>, LockError> {
         self.force(key).await
     }
 
