@@ -638,3 +638,63 @@ async fn scripts_acquire_renew_describe_release() {
     assert_eq!(code, 0);
     assert_eq!(first, second);
 }
+
+/// `leasehold lock --shared 2`: a semaphore of two permits. Five commands
+/// started at once never run more than two at a time, and two do run side
+/// by side; every one of them runs and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_shared_runs_at_most_limit_commands_at_once() {
+    let server = tokio::task::block_in_place(|| ServerProcess::start(&[]));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("permits.log");
+    let out_str = out.to_str().unwrap().to_string();
+    let section =
+        r#"echo "start $(date +%s%N)" >> "$OUT"; sleep 0.3; echo "end $(date +%s%N)" >> "$OUT""#;
+    let mut procs: Vec<Cli> = (0..5)
+        .map(|_| {
+            Cli::spawn(
+                &[
+                    "lock",
+                    "cli/permits",
+                    "--shared",
+                    "2",
+                    "--ttl",
+                    "5s",
+                    "--endpoint",
+                    &server.endpoint(),
+                    "--",
+                    "sh",
+                    "-c",
+                    section,
+                ],
+                &[("OUT", &out_str)],
+            )
+        })
+        .collect();
+    for p in &mut procs {
+        let code = tokio::task::block_in_place(|| p.wait(Duration::from_secs(60)));
+        assert_eq!(code, 0, "stderr: {:?}", p.stderr());
+    }
+    let text = std::fs::read_to_string(&out).expect("the log");
+    let mut events: Vec<(u128, i32)> = text
+        .lines()
+        .map(|l| {
+            let (what, at) = l.split_once(' ').expect("two fields");
+            let at: u128 = at.parse().expect("nanoseconds");
+            (at, if what == "start" { 1 } else { -1 })
+        })
+        .collect();
+    assert_eq!(events.len(), 10, "{text}");
+    // Ends before starts at the same instant: a permit passed on is not an
+    // overlap.
+    events.sort_by_key(|&(at, delta)| (at, delta));
+    let (mut running, mut most) = (0, 0);
+    for (_, delta) in events {
+        running += delta;
+        most = most.max(running);
+    }
+    assert_eq!(
+        most, 2,
+        "at most two at once, and two did run together:\n{text}"
+    );
+}

@@ -53,6 +53,12 @@ pub struct LockArgs {
     /// half the TTL.
     #[arg(long, env = "LEASEHOLD_MARGIN", default_value = "500ms", value_parser = humantime::parse_duration)]
     pub margin: Duration,
+    /// Take the lock SHARED, as one of at most LIMIT holders (0: no limit):
+    /// `--shared 3` lets three commands run at once (a semaphore), `--shared
+    /// 0` runs readers beside each other while a writer (no `--shared`)
+    /// waits for all of them. Every holder of a key gives the same LIMIT.
+    #[arg(long, env = "LEASEHOLD_SHARED", value_name = "LIMIT")]
+    pub shared: Option<u32>,
     /// Who holds the lock, as `describe` shows it (default: HOST:PID).
     #[arg(long, env = "LEASEHOLD_OWNER")]
     pub owner: Option<String>,
@@ -168,6 +174,9 @@ pub async fn run(args: LockArgs) -> i32 {
     }
     if let Some(wait) = args.wait {
         builder = builder.wait(wait);
+    }
+    if let Some(limit) = args.shared {
+        builder = builder.shared(limit);
     }
     for (k, v) in &args.metadata {
         builder = builder.metadata(k.clone(), v.clone());
