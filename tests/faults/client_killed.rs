@@ -6,12 +6,12 @@ use super::*;
 async fn scenario_3_client_process_killed() {
     let _serial = SERIAL.lock().await;
     let rounds = if full() { 20 } else { 2 };
-    let url = cluster_url();
-    let prefix = unique_prefix();
-    let server = serve(&url, &prefix, &[]);
-    let history = Arc::new(History::new());
-    let resource = Arc::new(Resource::new());
-    let mut hub = remote::Hub::start(history.clone(), resource.clone()).await;
+    let RemoteRig {
+        server,
+        history,
+        resource,
+        mut hub,
+    } = remote_rig().await;
     let mut latencies = Vec::new();
     for round in 0..rounds {
         let keys: Vec<String> = (0..3).map(|i| format!("crash/{round}/{i}")).collect();

@@ -6,12 +6,12 @@ use super::*;
 async fn scenario_4_client_paused_past_its_ttl() {
     let _serial = SERIAL.lock().await;
     let rounds = if full() { 10 } else { 1 };
-    let url = cluster_url();
-    let prefix = unique_prefix();
-    let server = serve(&url, &prefix, &[]);
-    let history = Arc::new(History::new());
-    let resource = Arc::new(Resource::new());
-    let mut hub = remote::Hub::start(history.clone(), resource.clone()).await;
+    let RemoteRig {
+        server,
+        history,
+        resource,
+        mut hub,
+    } = remote_rig().await;
     let ttl = Duration::from_secs(1);
     let mut learned = Vec::new();
     for round in 0..rounds {

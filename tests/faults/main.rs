@@ -330,6 +330,31 @@ fn serve(url: &str, prefix: &str, extra: &[&str]) -> ServerProcess {
     tokio::task::block_in_place(|| ServerProcess::start(&args))
 }
 
+/// What the client-process scenarios (3 and 4) start from: a server on
+/// the shared cluster, a history, a fenced resource, and the hub the client
+/// processes report to.
+struct RemoteRig {
+    server: ServerProcess,
+    history: Arc<History>,
+    resource: Arc<Resource>,
+    hub: remote::Hub,
+}
+
+async fn remote_rig() -> RemoteRig {
+    let url = cluster_url();
+    let prefix = unique_prefix();
+    let server = serve(&url, &prefix, &[]);
+    let history = Arc::new(History::new());
+    let resource = Arc::new(Resource::new());
+    let hub = remote::Hub::start(history.clone(), resource.clone()).await;
+    RemoteRig {
+        server,
+        history,
+        resource,
+        hub,
+    }
+}
+
 /// A lock a holder keeps through a scenario: (holder, key, guard, lost).
 type Held = (String, String, LockGuard, Lost);
 
