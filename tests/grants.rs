@@ -52,6 +52,14 @@ async fn held(c: &mut LockServiceClient<Channel>, key: &str) -> bool {
     c.describe(describe(key)).await.unwrap().into_inner().held
 }
 
+async fn released(c: &mut LockServiceClient<Channel>, key: &str, token: &str) -> bool {
+    c.release(release(key, token))
+        .await
+        .unwrap()
+        .into_inner()
+        .released
+}
+
 async fn renewed(c: &mut LockServiceClient<Channel>, key: &str, token: &str) -> bool {
     let req = pb::RenewRequest {
         key: key.into(),
@@ -250,13 +258,7 @@ async fn a_handoff_at_the_waiters_deadline_is_never_left_behind() {
         match waiter.await.unwrap() {
             Ok(reply) => {
                 let lease = lease_of(reply);
-                assert!(
-                    c.release(release(&key, &lease.token))
-                        .await
-                        .unwrap()
-                        .into_inner()
-                        .released
-                );
+                assert!(released(&mut c, &key, &lease.token).await);
             }
             Err((code, _)) => {
                 assert_eq!(code, Code::DeadlineExceeded as i32);
@@ -637,19 +639,16 @@ async fn a_handoff_that_lands_with_the_waiters_last_attempt_is_kept() {
         tokio::time::sleep_until((sent + deadline - Duration::from_millis(45)).into()).await;
         redis.thaw();
 
-        let released = releasing.await.unwrap().unwrap().into_inner().released;
-        assert!(released, "round {round}: the holder's release happened");
+        let holder_released = releasing.await.unwrap().unwrap().into_inner().released;
+        assert!(
+            holder_released,
+            "round {round}: the holder's release happened"
+        );
         match waiter.await.unwrap() {
             Ok(reply) => {
                 delivered += 1;
                 let lease = lease_of(reply);
-                assert!(
-                    c.release(release(&key, &lease.token))
-                        .await
-                        .unwrap()
-                        .into_inner()
-                        .released
-                );
+                assert!(released(&mut c, &key, &lease.token).await);
             }
             Err((code, message)) => {
                 assert!(
