@@ -8,63 +8,12 @@
 mod belief;
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use belief::proxy::{Mode, Proxy};
 use belief::*;
+use common::python::python;
 use common::*;
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The stubs, generated once per test binary into cargo's scratch dir.
-fn python_stubs() -> &'static Path {
-    static STUBS: OnceLock<PathBuf> = OnceLock::new();
-    STUBS.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("belief-python-stubs-{}", std::process::id()));
-        let out = Command::new("python3")
-            .arg(repo().join("clients/python/generate.py"))
-            .arg("--out")
-            .arg(&dir)
-            .output()
-            .expect("run generate.py (python3 with grpcio-tools)");
-        assert!(
-            out.status.success(),
-            "generate.py failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        dir
-    })
-}
-
-/// Runs a Python snippet with the client importable; stdout lines arrive
-/// on the returned channel.
-fn python(code: &str, args: &[&str]) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
-    let mut cmd = Command::new("python3");
-    cmd.current_dir(repo())
-        .env("LEASEHOLD_PY_STUBS", python_stubs())
-        .env("PYTHONPATH", repo().join("clients/python"))
-        .env("PYTHONUNBUFFERED", "1")
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .args(["-c", code])
-        .args(args)
-        .stdout(Stdio::piped());
-    let mut child = spawn_tied(cmd);
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    (child, rx)
-}
 
 const PY_WATCH: &str = r#"
 import logging, sys, threading, time

@@ -10,68 +10,19 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::sync::OnceLock;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
+use common::python::{python, python_command};
 use common::*;
 use leasehold::pb;
 use leasehold::pb::lock_service_client::LockServiceClient;
 use tonic::transport::Channel;
 
-const INSTALL_HINT: &str = "the Python client tests need python3 with grpcio and grpcio-tools: \
-     python3 -m pip install -r clients/python/requirements.txt (./test.sh installs them)";
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Generates the stubs once per test binary, with the repository's own
-/// `clients/python/generate.py`, into cargo's scratch directory for
-/// integration tests (under `target/`, so nothing is left in /tmp).
-fn python_stubs() -> &'static Path {
-    static STUBS: OnceLock<PathBuf> = OnceLock::new();
-    STUBS.get_or_init(|| {
-        let probe = Command::new("python3")
-            .args(["-c", "import grpc, grpc_tools"])
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run python3 ({e}); {INSTALL_HINT}"));
-        assert!(
-            probe.status.success(),
-            "{INSTALL_HINT}\n{}",
-            String::from_utf8_lossy(&probe.stderr)
-        );
-        // One directory per test process, so concurrent runs never read
-        // each other's half-written files.
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("python-stubs-{}", std::process::id()));
-        let out = Command::new("python3")
-            .arg(repo().join("clients/python/generate.py"))
-            .arg("--out")
-            .arg(&dir)
-            .output()
-            .expect("run generate.py");
-        assert!(
-            out.status.success(),
-            "generate.py failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(dir.join("leasehold/v1/lock_pb2_grpc.py").is_file());
-        dir
-    })
-}
-
 /// `python3 clients/python/example.py --address ADDR ARGS...`
 fn example(addr: &str, args: &[&str]) -> (Child, Output) {
-    let stubs = python_stubs();
-    let mut cmd = Command::new("python3");
-    cmd.current_dir(repo())
-        .env("LEASEHOLD_PY_STUBS", stubs)
-        .env("PYTHONUNBUFFERED", "1")
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .arg("clients/python/example.py")
+    let mut cmd = python_command();
+    cmd.arg("clients/python/example.py")
         .args(["--address", addr, "--owner", "py-test"])
         .args(args);
     let mut child = spawn_tied(cmd);
@@ -321,4 +272,88 @@ async fn reattaches_after_server_stop(sig: &str) {
     let status = tokio::task::block_in_place(|| wait_exit(&mut py, Duration::from_secs(15)));
     assert_eq!(status.code(), Some(0), "{:?}", out.all());
     assert!(!describe_key(&mut c, key).await.held);
+}
+
+const PY_MODES: &str = r#"
+import sys
+import grpc
+from leasehold_client import LeaseholdClient, lock_pb2
+addr, key, wkey = sys.argv[1], sys.argv[2], sys.argv[3]
+client = LeaseholdClient(addr)
+a = client.semaphore(key, 2, ttl_ms=30000, owner="py-a")
+b = client.semaphore(key, 2, ttl_ms=30000, owner="py-b")
+c = client.semaphore(key, 2, ttl_ms=30000)
+print("PERMITS", a is not None, b is not None, c is None, a.shared, b.fencing_token > a.fencing_token)
+try:
+    client.semaphore(key, 3)
+    print("MISMATCH none")
+except grpc.RpcError as e:
+    print("MISMATCH", e.code().name)
+ka = client.keepalive()
+ka2 = client.keepalive()
+assert ka.attach(a)
+try:
+    ka.attach(b)
+    print("SECOND PERMIT attached")
+except ValueError:
+    print("SECOND PERMIT refused")
+assert ka2.attach(b)
+watch = client.watch(wkey, timeout=30)
+events = iter(watch)
+first = next(events)
+print("EVENT", lock_pb2.WatchEvent.Kind.Name(first.kind), first.state.held)
+print("WATCHING")
+for ev in events:
+    print("EVENT", lock_pb2.WatchEvent.Kind.Name(ev.kind), ev.fencing_token, ev.state.held, ev.state.owner or "-")
+    if ev.kind == lock_pb2.WatchEvent.KIND_RELEASED:
+        break
+watch.cancel()
+print("CANCELLED", list(events))
+ka.close()
+print("HOLDERS", len(client.describe(key).holders))
+ka2.close()
+print("HOLDERS", len(client.describe(key).holders))
+"#;
+
+/// The Python client's lock modes and Watch: a semaphore of two permits
+/// grants two and refuses a third and a different limit; one stream keeps
+/// one permit of a key (a second is refused, not silently swapped); each
+/// stream's end gives back its own permit; a watch sees STATE, then a Rust
+/// client's grant and release with its fencing token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_semaphore_permits_and_watch_events() {
+    let server = tokio::task::block_in_place(|| redis_server(&unique_prefix()));
+    let mut c = client(server.endpoint()).await;
+    let (key, wkey) = ("py/permits", "py/watched");
+    let (mut py, lines) = python(PY_MODES, &[&server.addr, key, wkey]);
+    let next = || {
+        tokio::task::block_in_place(|| lines.recv_timeout(Duration::from_secs(20)))
+            .expect("the script goes on")
+    };
+    assert_eq!(next(), "PERMITS True True True True True");
+    assert_eq!(next(), "MISMATCH FAILED_PRECONDITION");
+    assert_eq!(next(), "SECOND PERMIT refused");
+    let d = describe_key(&mut c, key).await;
+    assert_eq!(d.holders.len(), 2, "{d:?}");
+    assert_eq!(d.shared_limit, 2);
+
+    assert_eq!(next(), "EVENT KIND_STATE False");
+    assert_eq!(next(), "WATCHING");
+    let mut req = acquire(wkey, 30_000);
+    req.owner = "rust".into();
+    let lease = lease_of(c.acquire(req).await.unwrap().into_inner());
+    let fence = lease.fencing_token;
+    assert_eq!(next(), format!("EVENT KIND_ACQUIRED {fence} True rust"));
+    let released = c
+        .release(release(wkey, &lease.token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(released.released);
+    assert_eq!(next(), format!("EVENT KIND_RELEASED {fence} False -"));
+    assert_eq!(next(), "CANCELLED []");
+    assert_eq!(next(), "HOLDERS 1");
+    assert_eq!(next(), "HOLDERS 0");
+    let status = tokio::task::block_in_place(|| wait_exit(&mut py, Duration::from_secs(15)));
+    assert_eq!(status.code(), Some(0));
 }

@@ -32,6 +32,7 @@ in $LEASEHOLD_PY_STUBS, or else in clients/python/generated/.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import queue
@@ -56,7 +57,7 @@ except ImportError as e:  # pragma: no cover - a setup error, said plainly
         "python3 clients/python/generate.py"
     ) from e
 
-__all__ = ["Lease", "LeaseholdClient", "KeepAlive", "lock_pb2"]
+__all__ = ["Lease", "LeaseholdClient", "KeepAlive", "Watch", "lock_pb2"]
 
 log = logging.getLogger("leasehold")
 
@@ -88,6 +89,8 @@ class Lease:
     (a waiting Acquire answered by such a server); the lease is trusted only
     once its attach to a KeepAlive stream is answered. `gone_by`: when it
     is surely gone unless renewed (the reply's arrival plus the TTL).
+    `shared`: one of the holders of a SHARED lock (a semaphore permit or a
+    read lock), which other leases of the same key may hold beside it.
     """
 
     key: str
@@ -96,6 +99,7 @@ class Lease:
     ttl_ms: int
     valid_until: Optional[float] = field(default=None, repr=False, compare=False)
     gone_by: Optional[float] = field(default=None, repr=False, compare=False)
+    shared: bool = field(default=False, compare=False)
 
 
 class LeaseholdClient:
@@ -139,13 +143,22 @@ class LeaseholdClient:
         metadata: Optional[Dict[str, str]] = None,
         request_id: str = "",
         timeout: Optional[float] = None,
+        shared: bool = False,
+        shared_limit: int = 0,
     ) -> Optional[Lease]:
         """Takes the lock, waiting up to `wait_ms` in the server; None if busy.
+
+        `shared=True` takes it SHARED: a read lock beside other readers, or,
+        with `shared_limit` N > 0, one of at most N permits (a semaphore; see
+        `semaphore()`). The first holder sets the mode and the limit; asking
+        with another limit raises FAILED_PRECONDITION naming both.
 
         `timeout` (seconds) is the gRPC deadline; by default it leaves the
         server-side wait room to finish. Contention is not an error; anything
         else (INVALID_ARGUMENT, UNAVAILABLE, ...) raises grpc.RpcError.
         """
+        if shared_limit and not shared:
+            raise ValueError("shared_limit needs shared=True (a limit on an exclusive lock means nothing)")
         if timeout is None:
             timeout = wait_ms / 1000 + 10
         sent = _now()
@@ -157,6 +170,8 @@ class LeaseholdClient:
                 owner=owner,
                 metadata=metadata or {},
                 request_id=request_id,
+                mode=lock_pb2.LOCK_MODE_SHARED if shared else lock_pb2.LOCK_MODE_UNSPECIFIED,
+                shared_limit=shared_limit,
             ),
             timeout=timeout,
         )
@@ -177,7 +192,18 @@ class LeaseholdClient:
             lease.ttl_ms,
             valid_until=valid_until,
             gone_by=replied + lease.ttl_ms / 1000,
+            shared=shared,
         )
+
+    def semaphore(self, key: str, permits: int, **kwargs) -> Optional[Lease]:
+        """Takes one of `permits` permits of `key` (a SHARED lock limited to
+        `permits` holders); None if all are taken. Keyword arguments are
+        those of `acquire()` (ttl_ms, wait_ms, owner, ...). Keep the permit
+        alive on a KeepAlive stream like any lease: when this process dies,
+        its stream ends and the permit is back at once, not after its TTL."""
+        if permits < 1:
+            raise ValueError(f"a semaphore needs at least one permit, not {permits}")
+        return self.acquire(key, shared=True, shared_limit=permits, **kwargs)
 
     def release(self, lease: Lease, timeout: float = 10) -> bool:
         """Gives the lock back; False if this lease no longer held it."""
@@ -203,6 +229,47 @@ class LeaseholdClient:
     ) -> "KeepAlive":
         """Opens one KeepAlive stream; attach leases to it to keep them alive."""
         return KeepAlive(self.stub, on_lost)
+
+    def watch(self, key: str, timeout: Optional[float] = None) -> "Watch":
+        """Watches `key`: iterate over the returned `Watch` for WatchEvent
+        messages, the lock as it is now (KIND_STATE) first, then one event
+        per grant, release, expiry or forced release, from any server.
+        `timeout` (seconds) ends the watch with DEADLINE_EXCEEDED."""
+        return Watch(self.stub.Watch(lock_pb2.WatchRequest(key=key), timeout=timeout))
+
+
+class Watch:
+    """The events of one watched lock (`LeaseholdClient.watch()`).
+
+    Iterating yields `lock_pb2.WatchEvent`s: `kind` (KIND_STATE first, then
+    KIND_ACQUIRED, KIND_RELEASED, KIND_EXPIRED, KIND_FORCE_RELEASED),
+    `fencing_token` of the grant it is about, and `state`, the lock after it
+    (a DescribeResponse, never a token). A watcher that reads too slowly
+    gets a fresh KIND_STATE in place of what it missed. Iteration ends
+    after `cancel()` (or leaving a `with` block); an error from the server
+    (shutdown, DEADLINE_EXCEEDED) raises grpc.RpcError: watch again.
+    """
+
+    def __init__(self, call):
+        self._call = call
+
+    def __enter__(self) -> "Watch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cancel()
+
+    def __iter__(self):
+        try:
+            for event in self._call:
+                yield event
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.CANCELLED or not self._call.cancelled():
+                raise
+
+    def cancel(self) -> None:
+        """Ends the watch; iteration stops."""
+        self._call.cancel()
 
 
 def _stall_after(ttl_ms: int) -> float:
@@ -344,6 +411,13 @@ class KeepAlive:
                 del self._releasing[(lease.key, lease.token)]
             lock = self._locks.get(lease.key)
             if lock is None or lock.lease.token != lease.token:
+                if lock is not None and lock.lease.shared and lease.shared:
+                    # Both may be held (two permits): replacing would
+                    # forget a live one. Replies carry only the key.
+                    raise ValueError(
+                        f"{lease.key} already has a lease on this stream; "
+                        "keep a second permit of one key on a second keepalive()"
+                    )
                 if lock is not None:
                     self._lose(lease.key, "replaced by a new lease")
                 lock = _Lock(lease, now)
@@ -487,8 +561,8 @@ class KeepAlive:
             self._lose(reply.key, "the server says this lease no longer holds it")
             return
         if reply.ttl_ms:
-            lock.lease = Lease(
-                lock.lease.key, lock.lease.token, lock.lease.fencing_token, reply.ttl_ms
+            lock.lease = dataclasses.replace(
+                lock.lease, ttl_ms=reply.ttl_ms, valid_until=None, gone_by=None
             )
         until = at + lock.ttl
         lock.deadline = max(lock.deadline, until) if lock.known else until

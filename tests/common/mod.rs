@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod certs;
 pub mod process;
+pub mod python;
 
 #[allow(unused_imports)]
 pub use process::{Launch, Ready, ServerProcess, signal, wait_exit};
