@@ -3,7 +3,8 @@
 //! state, then one event per grant, release, expiry and forced release,
 //! including those made through a second server on the same Redis; a
 //! client that does not read gets the latest state instead of a backlog;
-//! watching needs the caller's scope.
+//! watching needs the caller's scope; the watchers of one key share one
+//! feed; `--max-watches` bounds the server's streams.
 
 mod common;
 
@@ -353,15 +354,121 @@ async fn watch_streams_count_against_the_callers_streams() {
     );
     // The first one ends: its share comes back.
     drop(first);
-    // The server sees the stream end a moment after the client drops it.
+    watch_once_a_slot_frees(&mut c, "q").await;
+}
+
+/// Watches `key` as soon as a refused Watch is allowed again: the server
+/// sees a stream end a moment after the client drops it. Checks that the
+/// new stream starts with the state.
+async fn watch_once_a_slot_frees(
+    c: &mut pb::lock_service_client::LockServiceClient<tonic::transport::Channel>,
+    key: &str,
+) {
     let mut again = None;
     let end = Instant::now() + Duration::from_secs(10);
     while again.is_none() && Instant::now() < end {
-        again = c.watch(pb::WatchRequest { key: "q".into() }).await.ok();
+        again = c.watch(pb::WatchRequest { key: key.into() }).await.ok();
         if again.is_none() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
     let mut again = again.expect("a stream within 10 s").into_inner();
     assert_eq!(kind(&next(&mut again).await), Kind::State);
+}
+
+/// Commands a redis-server has processed so far (the INFO call itself
+/// included).
+fn commands_processed(redis: &RedisServer) -> u64 {
+    redis
+        .cli(&["INFO", "stats"])
+        .lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("total_commands_processed in INFO stats")
+}
+
+/// Fifty watchers of one key on one server share its feed: a grant and a
+/// release reach every one of them for a handful of Redis commands (one
+/// read of the lock for the grant), not one read per watcher, and a new
+/// watcher of a watched key starts from the feed's state without a read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_of_one_key_share_one_feed() {
+    const WATCHERS: usize = 50;
+    let redis = tokio::task::block_in_place(RedisServer::start);
+    let config = ServerConfig {
+        // No health PING among the commands counted.
+        health_interval: Duration::from_secs(600),
+        ..admin_config()
+    };
+    let server =
+        TestServer::start_on(Backend::Redis, Some(redis.url()), unique_prefix(), config).await;
+    let key = "feed/shared";
+    let mut streams = Vec::new();
+    for _ in 0..WATCHERS {
+        let mut stream = watch(&server, key).await;
+        assert_eq!(kind(&next(&mut stream).await), Kind::State);
+        streams.push(stream);
+    }
+    let mut c = server.client().await;
+    // Scripts loaded (NOSCRIPT, SCRIPT LOAD) before the count starts.
+    let warm = lease_of(
+        c.acquire(acquire("feed/warm", 30_000))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    released(&mut c, "feed/warm", &warm.token).await;
+    let before = tokio::task::block_in_place(|| commands_processed(&redis));
+    let lease = lease_of(c.acquire(acquire(key, 30_000)).await.unwrap().into_inner());
+    for stream in &mut streams {
+        let event = next(stream).await;
+        assert_eq!(kind(&event), Kind::Acquired, "{event:?}");
+        assert_eq!(event.fencing_token, lease.fencing_token);
+    }
+    let mut late = watch(&server, key).await;
+    let state = next(&mut late).await;
+    assert_eq!(kind(&state), Kind::State);
+    assert_eq!(
+        state.state.as_ref().map(|s| s.fencing_token),
+        Some(lease.fencing_token)
+    );
+    released(&mut c, key, &lease.token).await;
+    streams.push(late);
+    for stream in &mut streams {
+        assert_eq!(kind(&next(stream).await), Kind::Released);
+    }
+    let used = tokio::task::block_in_place(|| commands_processed(&redis)) - before;
+    println!("{used} Redis commands for {WATCHERS} watchers");
+    // Acquire, one read of the lock, Release, the two INFO calls and the
+    // commands the scripts run inside (Redis counts those too); one read
+    // per watcher would be 50 more.
+    assert!(
+        used < 25,
+        "{used} Redis commands for one grant and release seen by {WATCHERS} watchers: {}",
+        redis.cli(&["INFO", "commandstats"])
+    );
+}
+
+/// `--max-watches` bounds the Watch streams of the whole server, whoever
+/// opens them: one more is RESOURCE_EXHAUSTED naming the flag, and a
+/// stream's end frees its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_beyond_max_watches_are_refused() {
+    let mut config = test_config();
+    config.limits.max_watches = 2;
+    let server = TestServer::start_with(Backend::Memory, config).await;
+    // Two connections: the per-caller quota is not what refuses.
+    let mut first = watch(&server, "w/1").await;
+    let mut second = watch(&server, "w/2").await;
+    assert_eq!(kind(&next(&mut first).await), Kind::State);
+    assert_eq!(kind(&next(&mut second).await), Kind::State);
+    let mut c = server.client().await;
+    let status = c
+        .watch(pb::WatchRequest { key: "w/3".into() })
+        .await
+        .expect_err("over --max-watches");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("--max-watches"), "{status:?}");
+    drop(first);
+    watch_once_a_slot_frees(&mut c, "w/3").await;
 }

@@ -182,6 +182,10 @@ pub struct ServeArgs {
     /// --max-waiters alone. Past it, a waiting Acquire still tries once.
     #[arg(long, env = "LEASEHOLD_MAX_WAITERS_PER_CALLER", help_heading = "Limits", default_value_t = crate::service::quota::DEFAULT_MAX_WAITERS_PER_CALLER)]
     pub max_waiters_per_caller: usize,
+    /// Watch streams open at once on this server (all callers); one more
+    /// is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LEASEHOLD_MAX_WATCHES", help_heading = "Limits", default_value_t = crate::service::DEFAULT_MAX_WATCHES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_watches: usize,
     /// KeepAlive and Watch streams one tenant (without --auth-file: one
     /// connection) may have open at once on this server.
     #[arg(long, env = "LEASEHOLD_MAX_STREAMS_PER_CALLER", help_heading = "Limits", default_value_t = crate::service::quota::DEFAULT_MAX_STREAMS_PER_CALLER)]
@@ -389,6 +393,7 @@ impl ServeArgs {
                 },
                 // Set from the keepalive flags by `server::run`.
                 silence_release: None,
+                max_watches: self.max_watches,
             },
             health_interval: self.health_interval,
             store_timeout: self.store_timeout,

@@ -39,6 +39,10 @@ pub(super) struct Core<S> {
     pub(super) streams: Mutex<HashMap<SocketAddr, usize>>,
     /// Each caller's share of waiters, streams and attached locks.
     pub(super) quotas: Arc<quota::Quotas>,
+    /// Watch streams this server may still open (`--max-watches`).
+    pub(super) watches: Arc<tokio::sync::Semaphore>,
+    /// One feed per watched key, shared by its Watch streams.
+    pub(super) feeds: super::watch::Feeds,
 }
 
 impl<S: LockStore> Core<S> {

@@ -51,6 +51,10 @@ pub struct ServiceLimits {
     /// PING interval + timeout). Sent to clients in every KeepAlive
     /// stream's response headers as [`SILENCE_RELEASE_HEADER`].
     pub silence_release: Option<Duration>,
+    /// Watch streams open at once on this server; one more is
+    /// RESOURCE_EXHAUSTED. Each costs a task and a few buffered events
+    /// (its key's feed is shared with the key's other watchers).
+    pub max_watches: usize,
 }
 
 /// Response header of a KeepAlive stream: milliseconds of silence from the
@@ -65,6 +69,8 @@ pub const SILENCE_RELEASE_HEADER: &str = "leasehold-silence-release-ms";
 pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: usize = 100;
 /// `--max-locks-per-stream`'s default.
 pub const DEFAULT_MAX_LOCKS_PER_STREAM: usize = 10_000;
+/// `--max-watches`'s default.
+pub const DEFAULT_MAX_WATCHES: usize = 10_000;
 
 impl Default for ServiceLimits {
     fn default() -> Self {
@@ -74,6 +80,7 @@ impl Default for ServiceLimits {
             max_locks_per_stream: DEFAULT_MAX_LOCKS_PER_STREAM,
             per_caller: quota::QuotaLimits::default(),
             silence_release: None,
+            max_watches: DEFAULT_MAX_WATCHES,
         }
     }
 }
@@ -103,6 +110,8 @@ impl<S: LockStore> LockServiceImpl<S> {
             core: Arc::new(Core {
                 store,
                 quotas: quota::Quotas::new(limits.per_caller),
+                watches: Arc::new(tokio::sync::Semaphore::new(limits.max_watches)),
+                feeds: watch::Feeds::default(),
                 limits,
                 waiters,
                 shutdown,

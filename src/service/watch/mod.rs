@@ -28,8 +28,8 @@ use crate::auth::Access;
 use crate::lock::{LockError, LockKey};
 use crate::pb;
 use crate::store::LockStore;
-use feed::{Subscription, Update};
 pub(super) use feed::Feeds;
+use feed::{Subscription, Update};
 
 /// The response stream of Watch.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
@@ -167,7 +167,10 @@ impl Forwarder {
                 Err(broadcast::error::RecvError::Closed) => {
                     let _ = self
                         .tx
-                        .send(Err(LockError::Unavailable("the watch ended; watch again".into()).into()))
+                        .send(Err(LockError::Unavailable(
+                            "the watch ended; watch again".into(),
+                        )
+                        .into()))
                         .await;
                     false
                 }
