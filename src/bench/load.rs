@@ -266,6 +266,9 @@ pub struct Hot {
     pub wait: Latency,
     /// Acquisitions per worker, for fairness.
     pub per_worker: Vec<u64>,
+    /// The most workers that believed at once that they held the lock (a
+    /// permit, when shared): from the Acquire reply to sending Release.
+    pub max_holders: u64,
 }
 
 impl Hot {
@@ -276,6 +279,7 @@ impl Hot {
         self.errors += other.errors;
         self.elapsed += other.elapsed;
         self.wait.merge(&other.wait);
+        self.max_holders = self.max_holders.max(other.max_holders);
         if self.per_worker.len() < other.per_worker.len() {
             self.per_worker.resize(other.per_worker.len(), 0);
         }
@@ -325,13 +329,35 @@ async fn collect_hot(tasks: Vec<tokio::task::JoinHandle<HotPart>>, start: Instan
 /// `workers` loops on one key with server-side waiting: Acquire
 /// (wait up to 10 s), Release at once, again.
 pub async fn hot_grpc(channels: &[Channel], workers: usize, duration: Duration) -> Hot {
+    hot_grpc_permits(channels, workers, duration, 0, Duration::ZERO).await
+}
+
+/// The hot loop on a semaphore of `permits` (SHARED with that limit), or
+/// on an exclusive lock when `permits` is 0, each grant held for `hold`.
+/// Counts how many workers believe at once that they hold a permit, which
+/// must never exceed it.
+pub async fn hot_grpc_permits(
+    channels: &[Channel],
+    workers: usize,
+    duration: Duration,
+    permits: u32,
+    hold: Duration,
+) -> Hot {
     let start = Instant::now();
     let end = start + duration;
     let key = format!("hot/{}", FastRng::new().next_u64());
+    let (mode, shared_limit) = if permits > 0 {
+        (pb::LockMode::Shared, permits)
+    } else {
+        (pb::LockMode::Unspecified, 0)
+    };
+    let holding = Arc::new(AtomicU64::new(0));
+    let most = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for i in 0..workers {
         let mut client = LockServiceClient::new(channels[i % channels.len()].clone());
         let key = key.clone();
+        let (holding, most) = (holding.clone(), most.clone());
         tasks.push(tokio::spawn(async move {
             let mut p = HotPart {
                 handoffs: 0,
@@ -345,6 +371,8 @@ pub async fn hot_grpc(channels: &[Channel], workers: usize, duration: Duration) 
                     key: key.clone(),
                     ttl_ms: 10_000,
                     wait_ms: 10_000,
+                    mode: mode.into(),
+                    shared_limit,
                     ..Default::default()
                 };
                 match client.acquire(req).await {
@@ -352,6 +380,12 @@ pub async fn hot_grpc(channels: &[Channel], workers: usize, duration: Duration) 
                         Some(lease) => {
                             p.wait.record(t0.elapsed());
                             p.handoffs += 1;
+                            let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::SeqCst);
+                            if !hold.is_zero() {
+                                tokio::time::sleep(hold).await;
+                            }
+                            holding.fetch_sub(1, Ordering::SeqCst);
                             if client
                                 .release(pb::ReleaseRequest {
                                     key: key.clone(),
@@ -374,7 +408,9 @@ pub async fn hot_grpc(channels: &[Channel], workers: usize, duration: Duration) 
             p
         }));
     }
-    collect_hot(tasks, start).await
+    let mut hot = collect_hot(tasks, start).await;
+    hot.max_holders = most.load(Ordering::SeqCst);
+    hot
 }
 
 /// The hot loop with fred straight to Redis, polling with exponential

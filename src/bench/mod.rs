@@ -6,6 +6,7 @@
 
 mod floor;
 mod load;
+mod modes;
 mod protocols;
 mod spawn;
 mod stats;
@@ -39,6 +40,12 @@ pub enum Scenario {
     /// Acquire + Release cycles over gRPC and over Connect with JSON, on
     /// one server (memory store with --spawn), with server CPU per call.
     Protocols,
+    /// Many workers on one semaphore of --permits, next to the same loop
+    /// on an exclusive lock.
+    Semaphore,
+    /// --watchers Watch streams of one key changing --event-rate times a
+    /// second: events delivered, their delay, server memory per watcher.
+    Fanout,
     /// cycles, hot, keepalive and crash, one after the other.
     All,
 }
@@ -96,6 +103,19 @@ pub struct BenchArgs {
     /// Lock TTL (keepalive); renewals go out at a third of it.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
+    /// Permits of the semaphore (semaphore).
+    #[arg(long, default_value_t = 8)]
+    pub permits: u32,
+    /// How long each worker holds its permit before releasing it
+    /// (semaphore).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub hold: Duration,
+    /// Watch streams of the watched key (fanout).
+    #[arg(long, default_value_t = 1_000)]
+    pub watchers: usize,
+    /// Changes of the watched key per second, grants and releases (fanout).
+    #[arg(long, default_value_t = 100.0)]
+    pub event_rate: f64,
     /// Rounds (crash, handoff).
     #[arg(long, default_value_t = 100)]
     pub rounds: usize,
@@ -238,6 +258,8 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             Scenario::Handoff => handoff(&args, redis_url.as_deref()).await?,
             Scenario::Baseline => baseline(&args, redis_url.as_deref()).await?,
             Scenario::Protocols => protocols::protocols(&args).await?,
+            Scenario::Semaphore => modes::semaphore(&args, redis_url.as_deref()).await?,
+            Scenario::Fanout => modes::fanout(&args, redis_url.as_deref()).await?,
             Scenario::All => unreachable!("expanded above"),
         };
         if args.json {
@@ -809,6 +831,7 @@ fn print_report(report: &Value) {
                 }
             }
         }
+        "semaphore" | "fanout" => modes::print(report),
         _ => {
             if let Some(obj) = report.as_object() {
                 for (k, v) in obj {

@@ -1,0 +1,80 @@
+//! `leasehold bench semaphore` and `bench fanout` run end to end against
+//! the servers and redis-server they spawn, and their safety and delivery
+//! figures hold: no more workers ever believe they hold a permit than the
+//! semaphore has, and every watcher gets every change. (Their speed is
+//! recorded in documentation/benchmarks.md, never asserted here.)
+
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Runs `leasehold bench ARGS --spawn --json` (bounded by `timeout`) and
+/// returns its report.
+fn bench(args: &[&str]) -> Value {
+    let out = Command::new("timeout")
+        .arg("120")
+        .arg(env!("CARGO_BIN_EXE_leasehold"))
+        .arg("bench")
+        .args(args)
+        .args(["--spawn", "--json", "--interleave", "1"])
+        .output()
+        .expect("run leasehold bench");
+    assert!(
+        out.status.success(),
+        "bench {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bench {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+#[test]
+fn semaphore_scenario_never_has_more_believed_holders_than_permits() {
+    let report = bench(&[
+        "semaphore",
+        "--permits",
+        "4",
+        "--workers",
+        "16",
+        "--hold",
+        "2ms",
+        "--duration",
+        "1s",
+    ]);
+    let rows = report["rows"].as_array().expect("rows");
+    // Exclusive and semaphore rows, on the memory store and on Redis.
+    assert_eq!(rows.len(), 4, "{report}");
+    for row in rows {
+        assert_eq!(row["over_the_limit"], false, "{row}");
+        assert_eq!(row["errors"], 0, "{row}");
+        let limit = if row["permits"] == 0 { 1 } else { 4 };
+        let most = row["max_believed_holders"].as_u64().expect("a count");
+        // 16 workers holding 2 ms each fill every permit.
+        assert_eq!(most, limit, "{row}");
+    }
+}
+
+#[test]
+fn fanout_scenario_delivers_every_change_to_every_watcher() {
+    let report = bench(&[
+        "fanout",
+        "--watchers",
+        "50",
+        "--event-rate",
+        "20",
+        "--duration",
+        "1s",
+    ]);
+    let rows = report["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 2, "{report}");
+    for row in rows {
+        assert_eq!(row["watchers_failed"], 0, "{row}");
+        assert!(row["changes"].as_u64().expect("changes") >= 5, "{row}");
+        assert_eq!(row["events_delivered"], row["events_expected"], "{row}");
+        assert_eq!(row["states_after_falling_behind"], 0, "{row}");
+    }
+}
