@@ -21,6 +21,7 @@ use tonic::{Code, Request};
 on_every_store!(
     watch_follows_every_change_from_any_server,
     a_slow_watcher_gets_the_latest_state,
+    watch_reports_each_shared_holder,
 );
 
 fn admin_config() -> ServerConfig {
@@ -175,6 +176,69 @@ async fn watch_follows_every_change_from_any_server(backend: Backend) {
     released(&mut c, "w", &lease.token).await;
     let e = next(&mut events).await;
     assert_eq!(kind(&e), Kind::Released, "renewals are not expiries: {e:?}");
+}
+
+fn shared(key: &str, ttl_ms: u32) -> pb::AcquireRequest {
+    pb::AcquireRequest {
+        mode: pb::LockMode::Shared.into(),
+        ..acquire(key, ttl_ms)
+    }
+}
+
+/// Holders of a SHARED lock come and go one by one: a reader joining
+/// others is an ACQUIRED of its own (the others are not released), one
+/// reader's expiry is an EXPIRED soon after its TTL while a longer-lived
+/// reader stays, and the last one's release leaves the lock free.
+async fn watch_reports_each_shared_holder(backend: Backend) {
+    let watched = TestServer::start_with(backend, admin_config()).await;
+    let other = second(&watched).await;
+    let writer = other.as_ref().unwrap_or(&watched);
+    let mut c = writer.client().await;
+    let mut events = watch(&watched, "r").await;
+    assert_eq!(kind(&next(&mut events).await), Kind::State);
+
+    let long = lease_of(c.acquire(shared("r", 30_000)).await.unwrap().into_inner());
+    let e = next(&mut events).await;
+    assert_eq!(
+        (kind(&e), e.fencing_token),
+        (Kind::Acquired, long.fencing_token),
+        "{e:?}"
+    );
+
+    let ttl = 700;
+    let start = Instant::now();
+    let short = lease_of(c.acquire(shared("r", ttl)).await.unwrap().into_inner());
+    let e = next(&mut events).await;
+    assert_eq!(
+        (kind(&e), e.fencing_token),
+        (Kind::Acquired, short.fencing_token),
+        "a second reader joins, nobody left: {e:?}"
+    );
+    assert_eq!(e.state.expect("state").holders.len(), 2);
+
+    let e = next(&mut events).await;
+    let after = start.elapsed();
+    assert_eq!(
+        (kind(&e), e.fencing_token),
+        (Kind::Expired, short.fencing_token),
+        "{e:?}"
+    );
+    let state = e.state.expect("state");
+    assert!(state.held && state.holders.len() == 1, "{state:?}");
+    assert_eq!(state.holders[0].fencing_token, long.fencing_token);
+    assert!(
+        after <= Duration::from_millis(u64::from(ttl) + 1_000),
+        "one reader's expiry reported {after:?} after its {ttl} ms grant"
+    );
+
+    released(&mut c, "r", &long.token).await;
+    let e = next(&mut events).await;
+    assert_eq!(
+        (kind(&e), e.fencing_token),
+        (Kind::Released, long.fencing_token),
+        "{e:?}"
+    );
+    assert!(!e.state.expect("state").held);
 }
 
 async fn a_slow_watcher_gets_the_latest_state(backend: Backend) {

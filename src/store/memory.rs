@@ -271,8 +271,8 @@ fn may_release(held: &Held, kind: Releasing<'_>) -> bool {
 
 /// The outcome of a release on one slot.
 enum Freed {
-    /// Released now (waiters must hear of it).
-    Now,
+    /// Released now (waiters must hear of it): the grant's fencing token.
+    Now(u64),
     /// This token's release had happened already.
     Before,
     /// The token's lease had expired (and is swept now): not released.
@@ -293,8 +293,9 @@ fn free_slot(slot: &mut Slot, token: &Token, kind: Releasing<'_>, now: Instant) 
             if !may_release(h, kind) {
                 return Freed::No;
             }
+            let fence = h.fence;
             slot.free(now);
-            Freed::Now
+            Freed::Now(fence)
         }
         _ => match slot.shared.iter().position(|h| h.token == *token) {
             Some(i) if !slot.shared[i].live(now) => {
@@ -303,8 +304,9 @@ fn free_slot(slot: &mut Slot, token: &Token, kind: Releasing<'_>, now: Instant) 
             }
             Some(i) if !may_release(&slot.shared[i], kind) => Freed::No,
             Some(i) => {
+                let fence = slot.shared[i].fence;
                 slot.free_shared(i, now);
-                Freed::Now
+                Freed::Now(fence)
             }
             None if slot.released(token, now) => Freed::Before,
             None => Freed::No,
@@ -403,7 +405,18 @@ impl LockStore for MemoryStore {
             .entry(spec.key.as_str().to_owned())
             .or_insert_with(Slot::empty);
         if let Mode::Shared { limit } = spec.mode {
-            return acquire_shared(slot, spec, limit, now);
+            let outcome = acquire_shared(slot, spec, limit, now)?;
+            drop(map);
+            if let AcquireOutcome::Acquired(granted) = &outcome {
+                // A replay tells again what watchers already heard; they
+                // skip it.
+                self.inner.changed(
+                    spec.key.as_str(),
+                    ChangeKind::Acquired,
+                    granted.fencing_token,
+                );
+            }
+            return Ok(outcome);
         }
         slot.prune(now);
         let holding = if let Some(held) = slot.lease.as_mut().filter(|h| h.live(now)) {
@@ -481,7 +494,7 @@ impl LockStore for MemoryStore {
         kind: Releasing<'_>,
     ) -> Result<bool, LockError> {
         let now = Instant::now();
-        let (freed, fence) = {
+        let freed = {
             let mut map = self.inner.shard(key.as_str());
             match map.get_mut(key.as_str()) {
                 Some(slot) => {
@@ -490,13 +503,13 @@ impl LockStore for MemoryStore {
                         // its mark.
                         slot.exclusive_waiting.retain(|(t, _)| t != token);
                     }
-                    (free_slot(slot, token, kind, now), slot.fence)
+                    free_slot(slot, token, kind, now)
                 }
-                None => (Freed::No, 0),
+                None => Freed::No,
             }
         };
         match freed {
-            Freed::Now => {
+            Freed::Now(fence) => {
                 crate::metrics::released_after(fence);
                 self.inner
                     .changed(key.as_str(), ChangeKind::Released, fence);

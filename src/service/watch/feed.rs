@@ -217,7 +217,7 @@ async fn start<S: LockStore>(
     let mut reader = Reader {
         core,
         key,
-        holder: None,
+        believed: Believed::default(),
     };
     let first = reader.state(info, sent);
     let (tx, _) = broadcast::channel(BACKLOG);
@@ -247,22 +247,63 @@ async fn start<S: LockStore>(
     })
 }
 
-/// The grant a feed believes holds the lock, and when it runs out.
-#[derive(Debug, Clone, Copy)]
-struct Holder {
-    /// The latest grant's fencing token (of any holder, when shared).
-    fence: u64,
-    /// When the last holder's lease runs out.
-    deadline: Instant,
+/// The grants a feed believes hold the lock: each one's fencing token
+/// and when its lease runs out (one when exclusive, any number when
+/// shared).
+#[derive(Debug, Clone, Default)]
+struct Believed {
+    holders: Vec<(u64, Instant)>,
     /// Held SHARED: a release may leave other holders, so it is read.
     shared: bool,
+}
+
+impl Believed {
+    /// What `info`, read at `sent`, shows: each holder's lease ends no
+    /// sooner than `sent` plus the TTL it had left.
+    fn of(info: Option<&LockInfo>, sent: Instant) -> Self {
+        let Some(info) = info else {
+            return Self::default();
+        };
+        Self {
+            holders: info
+                .holders
+                .iter()
+                .map(|h| {
+                    (
+                        h.fencing_token,
+                        sent + Duration::from_millis(h.ttl_ms.into()),
+                    )
+                })
+                .collect(),
+            shared: matches!(info.mode, crate::lock::Mode::Shared { .. }),
+        }
+    }
+
+    fn holds(&self, fence: u64) -> bool {
+        self.holders.iter().any(|(f, _)| *f == fence)
+    }
+
+    fn latest(&self) -> u64 {
+        self.holders.iter().map(|(f, _)| *f).max().unwrap_or(0)
+    }
+
+    /// When the first lease runs out, if any is held.
+    fn next_deadline(&self) -> Option<Instant> {
+        self.holders.iter().map(|(_, at)| *at).min()
+    }
+
+    fn fences(&self) -> Vec<u64> {
+        let mut fences: Vec<u64> = self.holders.iter().map(|(f, _)| *f).collect();
+        fences.sort_unstable();
+        fences
+    }
 }
 
 /// Turns a key's changes into events.
 struct Reader<S> {
     core: Arc<Core<S>>,
     key: LockKey,
-    holder: Option<Holder>,
+    believed: Believed,
 }
 
 impl<S: LockStore> Reader<S> {
@@ -277,7 +318,7 @@ impl<S: LockStore> Reader<S> {
             tokio::time::interval_at((Instant::now() + RESYNC_EVERY).into(), RESYNC_EVERY);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let deadline = self.holder.map(|h| h.deadline + EXPIRY_SLACK);
+            let deadline = self.believed.next_deadline().map(|at| at + EXPIRY_SLACK);
             let expiry = async move {
                 match deadline {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -288,7 +329,7 @@ impl<S: LockStore> Reader<S> {
                 biased;
                 _ = self.core.shutdown.cancelled() => return LockError::ShuttingDown,
                 change = changes.recv() => self.on_change(change).await,
-                _ = expiry => self.on_deadline().await,
+                _ = expiry => self.reread(None).await,
                 _ = resync.tick() => self.on_resync().await,
             };
             match events {
@@ -306,7 +347,7 @@ impl<S: LockStore> Reader<S> {
     /// A `KIND_STATE` event for `info` (read at `sent`), which the feed
     /// believes from now on.
     fn state(&mut self, info: Option<LockInfo>, sent: Instant) -> pb::WatchEvent {
-        self.holder = info.as_ref().map(|i| holder_of(i, sent));
+        self.believed = Believed::of(info.as_ref(), sent);
         convert::watch_event(Kind::State, 0, info)
     }
 
@@ -329,32 +370,12 @@ impl<S: LockStore> Reader<S> {
         let fence = change.fencing_token;
         match change.kind {
             ChangeKind::Acquired => {
-                if self.holder.is_some_and(|h| h.fence >= fence) {
+                if self.believed.holds(fence)
+                    || (!self.believed.shared && self.believed.latest() >= fence)
+                {
                     return Ok(vec![]); // Already seen in a state read.
                 }
-                let (info, sent) = self.describe().await?;
-                let mut events = Vec::with_capacity(2);
-                // A handoff publishes no release: the grant before this
-                // one ended here, by release or, past its deadline, expiry.
-                if let Some(old) = self.holder.take() {
-                    let kind = if Instant::now() >= old.deadline {
-                        Kind::Expired
-                    } else {
-                        Kind::Released
-                    };
-                    events.push(convert::watch_event(kind, old.fence, info.clone()));
-                }
-                self.holder = Some(match &info {
-                    Some(i) if i.latest_fence() == fence => holder_of(i, sent),
-                    // Gone again already: its release is on its way.
-                    _ => Holder {
-                        fence,
-                        deadline: sent + RELEASE_GRACE,
-                        shared: false,
-                    },
-                });
-                events.push(convert::watch_event(Kind::Acquired, fence, info));
-                Ok(events)
+                self.reread(Some((fence, Kind::Acquired))).await
             }
             ChangeKind::Released | ChangeKind::ForceReleased => {
                 let kind = if change.kind == ChangeKind::Released {
@@ -362,67 +383,74 @@ impl<S: LockStore> Reader<S> {
                 } else {
                     Kind::ForceReleased
                 };
-                let Some(holder) = self.holder else {
-                    return Ok(vec![]);
-                };
-                if holder.shared {
-                    // One of several holders may have left: the lock as
-                    // it is after it.
-                    let (info, sent) = self.describe().await?;
-                    self.holder = info.as_ref().map(|i| holder_of(i, sent));
-                    return Ok(vec![convert::watch_event(kind, fence, info)]);
+                if !self.believed.shared
+                    && self.believed.holders.first().map(|h| h.0) == Some(fence)
+                {
+                    // Right after an exclusive holder's release the lock
+                    // is free: no read needed. A grant that follows comes
+                    // as its own event.
+                    self.believed = Believed::default();
+                    return Ok(vec![convert::watch_event(kind, fence, None)]);
                 }
-                if holder.fence != fence {
-                    return Ok(vec![]);
+                if !self.believed.shared {
+                    return Ok(vec![]); // Not the grant this feed knows of.
                 }
-                // Right after an exclusive holder's release the lock is
-                // free: no read needed. A grant that follows comes as its
-                // own event.
-                self.holder = None;
-                Ok(vec![convert::watch_event(kind, fence, None)])
+                // One of several holders left (or, forced, all of them):
+                // the lock as it is after it.
+                self.reread(Some((fence, kind))).await
             }
         }
     }
 
-    /// The holder's deadline passed: renewed, expired, or replaced.
-    async fn on_deadline(&mut self) -> Result<Vec<pb::WatchEvent>, LockError> {
-        let Some(old) = self.holder else {
-            return Ok(vec![]);
-        };
+    /// Reads the lock and reports how its holders changed since the feed
+    /// last looked: a holder gone is `told`'s kind if it is the grant the
+    /// change was about (every holder, for a forced release), else
+    /// EXPIRED past its deadline and RELEASED before it (a release whose
+    /// message was lost); a new holder is ACQUIRED. A grant that `told`
+    /// announced but that is gone again already is believed for a short
+    /// grace, for its release message to come.
+    async fn reread(
+        &mut self,
+        told: Option<(u64, Kind)>,
+    ) -> Result<Vec<pb::WatchEvent>, LockError> {
         let (info, sent) = self.describe().await?;
-        self.holder = info.as_ref().map(|i| holder_of(i, sent));
-        Ok(match &info {
-            Some(i) if i.latest_fence() == old.fence => vec![],
-            Some(i) => {
-                let fence = i.latest_fence();
-                vec![
-                    convert::watch_event(Kind::Expired, old.fence, info.clone()),
-                    convert::watch_event(Kind::Acquired, fence, info),
-                ]
+        let now = Instant::now();
+        let old = std::mem::replace(&mut self.believed, Believed::of(info.as_ref(), sent));
+        let mut events = Vec::new();
+        for (fence, deadline) in &old.holders {
+            if self.believed.holds(*fence) {
+                continue;
             }
-            None => vec![convert::watch_event(Kind::Expired, old.fence, info)],
-        })
+            let kind = match told {
+                Some((f, kind)) if f == *fence || kind == Kind::ForceReleased => kind,
+                _ if now >= *deadline => Kind::Expired,
+                _ => Kind::Released,
+            };
+            events.push(convert::watch_event(kind, *fence, info.clone()));
+        }
+        for fence in self.believed.fences() {
+            if !old.holds(fence) {
+                events.push(convert::watch_event(Kind::Acquired, fence, info.clone()));
+            }
+        }
+        if let Some((fence, Kind::Acquired)) = told
+            && !self.believed.holds(fence)
+            && !old.holds(fence)
+        {
+            // Gone again already: its release is on its way.
+            events.push(convert::watch_event(Kind::Acquired, fence, info.clone()));
+            self.believed.holders.push((fence, sent + RELEASE_GRACE));
+        }
+        Ok(events)
     }
 
-    /// The periodic re-read: a `KIND_STATE` only if the lock is not what
-    /// this feed believes (a change it never heard of).
+    /// The periodic re-read: a `KIND_STATE` only if the holders are not
+    /// those this feed believes (a change it never heard of).
     async fn on_resync(&mut self) -> Result<Vec<pb::WatchEvent>, LockError> {
         let (info, sent) = self.describe().await?;
-        let believed = self.holder.map(|h| h.fence);
-        if info.as_ref().map(LockInfo::latest_fence) == believed {
+        if Believed::of(info.as_ref(), sent).fences() == self.believed.fences() {
             return Ok(vec![]);
         }
         Ok(vec![self.state(info, sent)])
-    }
-}
-
-/// The holder `info` describes, read at `sent`: its lease ends no sooner
-/// than `sent` plus the TTL it had left.
-fn holder_of(info: &LockInfo, sent: Instant) -> Holder {
-    let ttl_ms = info.holders.iter().map(|h| h.ttl_ms).max().unwrap_or(0);
-    Holder {
-        fence: info.latest_fence(),
-        deadline: sent + Duration::from_millis(ttl_ms.into()),
-        shared: matches!(info.mode, crate::lock::Mode::Shared { .. }),
     }
 }
