@@ -153,7 +153,8 @@ pub async fn cycles_grpc(
     collect_cycles(tasks, start).await
 }
 
-async fn collect_cycles(tasks: Vec<tokio::task::JoinHandle<Cycles>>, start: Instant) -> Cycles {
+/// Sums the workers' counts of one cycles loop that began at `start`.
+pub async fn collect_cycles(tasks: Vec<tokio::task::JoinHandle<Cycles>>, start: Instant) -> Cycles {
     let mut total = Cycles::default();
     for t in tasks {
         if let Ok(part) = t.await {
@@ -304,14 +305,16 @@ impl Hot {
     }
 }
 
-struct HotPart {
-    handoffs: u64,
-    timeouts: u64,
-    errors: u64,
-    wait: Latency,
+/// One worker's counts in a hot loop.
+pub struct HotPart {
+    pub handoffs: u64,
+    pub timeouts: u64,
+    pub errors: u64,
+    pub wait: Latency,
 }
 
-async fn collect_hot(tasks: Vec<tokio::task::JoinHandle<HotPart>>, start: Instant) -> Hot {
+/// Sums the workers' counts of one hot loop that began at `start`.
+pub async fn collect_hot(tasks: Vec<tokio::task::JoinHandle<HotPart>>, start: Instant) -> Hot {
     let mut total = Hot::default();
     for t in tasks {
         if let Ok(p) = t.await {

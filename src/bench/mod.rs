@@ -4,6 +4,7 @@
 //! Redis — and reports ratios, because absolute numbers on a shared machine
 //! mean little. See documentation/benchmarks.md.
 
+mod etcd;
 mod floor;
 mod load;
 mod modes;
@@ -325,8 +326,63 @@ fn acked_server_rate(
     (acks > 0).then(|| totals[3].0.rate())
 }
 
-/// A gRPC target's connections and server process id.
-type Loaded = (Vec<tonic::transport::Channel>, u32);
+/// What `cycles` and `hot` load: a gRPC server (its connections and
+/// process id), fred straight to Redis, or etcd's lock API.
+enum Target {
+    Grpc(Vec<tonic::transport::Channel>, u32),
+    DirectRedis,
+    Etcd(Vec<tonic::transport::Channel>, u32),
+}
+
+impl Target {
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Target::Grpc(_, pid) | Target::Etcd(_, pid) => Some(*pid),
+            Target::DirectRedis => None,
+        }
+    }
+
+    /// The cycles loop on this target.
+    async fn cycles(
+        &self,
+        pool: &fred::clients::Pool,
+        workers: usize,
+        keys: u64,
+        d: Duration,
+    ) -> Cycles {
+        match self {
+            Target::Grpc(channels, _) => load::cycles_grpc(channels, workers, keys, d).await,
+            Target::DirectRedis => load::cycles_redis(pool, workers, keys, d).await,
+            Target::Etcd(channels, _) => etcd::cycles(channels, workers, keys, d).await,
+        }
+    }
+
+    /// The hot loop on this target.
+    async fn hot(&self, pool: &fred::clients::Pool, workers: usize, d: Duration) -> Hot {
+        match self {
+            Target::Grpc(channels, _) => load::hot_grpc(channels, workers, d).await,
+            Target::DirectRedis => load::hot_redis(pool, workers, d).await,
+            Target::Etcd(channels, _) => etcd::hot(channels, workers, d).await,
+        }
+    }
+
+    /// Acquire p50 of one worker alone, in ms: the serial limit of a hot
+    /// key on this target is one over it.
+    async fn one_worker_p50_ms(&self, pool: &fred::clients::Pool, keys: u64, d: Duration) -> f64 {
+        self.cycles(pool, 1, keys, d).await.acquire.ms(0.5)
+    }
+}
+
+/// etcd on loopback when `--spawn` and an `etcd` binary is on PATH.
+async fn spawn_etcd(args: &BenchArgs) -> Result<Option<(Spawned, Target)>, String> {
+    if !args.spawn || !etcd::available() {
+        return Ok(None);
+    }
+    let server = etcd::spawn().await?;
+    let channels = load::connect(&server.endpoint(), args.connections).await?;
+    let target = Target::Etcd(channels, server.pid);
+    Ok(Some((server, target)))
+}
 
 fn pair(b: Option<ProcSample>, a: Option<ProcSample>) -> Option<(ProcSample, ProcSample)> {
     Some((b?, a?))
@@ -364,27 +420,27 @@ async fn cycles(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, Stri
         None
     };
     let pool = load::redis_pool(url, args.connections).await?;
-    let mut targets: Vec<(String, Option<Loaded>)> = Vec::new();
+    let mut targets: Vec<(String, Target)> = Vec::new();
     targets.push((
         "grpc floor (tonic + HashMap)".into(),
-        Some((
+        Target::Grpc(
             load::connect(&floor.endpoint(), args.connections).await?,
             floor.pid,
-        )),
+        ),
     ));
     targets.push((
         "leasehold, memory store".into(),
-        Some((
+        Target::Grpc(
             load::connect(&mem.endpoint(), args.connections).await?,
             mem.pid,
-        )),
+        ),
     ));
     targets.push((
         "leasehold, redis store".into(),
-        Some((
+        Target::Grpc(
             load::connect(&red.endpoint(), args.connections).await?,
             red.pid,
-        )),
+        ),
     ));
     if let Some(s) = &acked_server {
         targets.push((
@@ -392,35 +448,44 @@ async fn cycles(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, Stri
                 "leasehold, redis store, --min-replica-acks {}",
                 args.min_replica_acks
             ),
-            Some((load::connect(&s.endpoint(), args.connections).await?, s.pid)),
+            Target::Grpc(load::connect(&s.endpoint(), args.connections).await?, s.pid),
         ));
     }
-    targets.push(("direct redis (fred, SET NX PX + CAS delete)".into(), None));
+    let direct = targets.len();
+    targets.push((
+        "direct redis (fred, SET NX PX + CAS delete)".into(),
+        Target::DirectRedis,
+    ));
+    let etcd_server = match spawn_etcd(args).await? {
+        Some((server, target)) => {
+            targets.push(("etcd (Lock + Unlock, a lease per worker)".into(), target));
+            Some(server)
+        }
+        None => None,
+    };
     let slices = args.interleave.max(1);
     let slice = args.duration / slices as u32;
     let mut totals: Vec<(Cycles, Option<(ProcSample, ProcSample)>)> = Vec::new();
+    let mut alone = Vec::new();
     for (_, target) in &targets {
-        // Warm-up: connections, scripts, allocator.
-        match target {
-            Some((channels, _)) => drop(
-                load::cycles_grpc(channels, args.workers, args.keys, warmup(args.duration)).await,
-            ),
-            None => drop(
-                load::cycles_redis(&pool, args.workers, args.keys, warmup(args.duration)).await,
-            ),
-        }
+        // Warm-up: connections, scripts, allocator; then one worker alone.
+        drop(
+            target
+                .cycles(&pool, args.workers, args.keys, warmup(args.duration))
+                .await,
+        );
+        alone.push(
+            target
+                .one_worker_p50_ms(&pool, args.keys, warmup(args.duration))
+                .await,
+        );
         totals.push((Cycles::default(), None));
     }
     for _ in 0..slices {
         for ((_, target), (total, cpu)) in targets.iter().zip(totals.iter_mut()) {
-            let pid = target.as_ref().map(|(_, pid)| *pid);
+            let pid = target.pid();
             let before = pid.and_then(ProcSample::read);
-            let part = match target {
-                Some((channels, _)) => {
-                    load::cycles_grpc(channels, args.workers, args.keys, slice).await
-                }
-                None => load::cycles_redis(&pool, args.workers, args.keys, slice).await,
-            };
+            let part = target.cycles(&pool, args.workers, args.keys, slice).await;
             let after = pid.and_then(ProcSample::read);
             total.merge(&part);
             total.elapsed += part.elapsed;
@@ -432,12 +497,18 @@ async fn cycles(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, Stri
             }
         }
     }
-    for s in [floor, mem, red].into_iter().chain(acked_server) {
+    for s in [floor, mem, red]
+        .into_iter()
+        .chain(acked_server)
+        .chain(etcd_server)
+    {
         s.kill().await;
     }
     load::close(pool).await;
-    for ((name, _), (total, cpu)) in targets.iter().zip(&totals) {
-        rows.push(cycles_row(name, total, *cpu));
+    for (((name, _), (total, cpu)), p50) in targets.iter().zip(&totals).zip(&alone) {
+        let mut row = cycles_row(name, total, *cpu);
+        row["one_worker_acquire_p50_ms"] = json!(round3(*p50));
+        rows.push(row);
     }
     let f = totals[0].0.clone();
     let floor_cpu = totals[0].1;
@@ -445,7 +516,8 @@ async fn cycles(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, Stri
     let r = totals[2].0.clone();
     let redis_cpu = totals[2].1;
     let acked = acked_server_rate(&totals, args.min_replica_acks);
-    let d = totals[totals.len() - 1].0.clone();
+    let d = totals[direct].0.clone();
+    let e = (targets.len() > direct + 1).then(|| totals[direct + 1].0.clone());
 
     let cpu_per_rpc = |c: &Cycles, s: Option<(ProcSample, ProcSample)>| {
         s.map(|(b, a)| {
@@ -462,6 +534,7 @@ async fn cycles(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, Stri
             "redis_over_memory": ratio(r.rate(), m.rate()),
             "redis_over_floor": ratio(r.rate(), f.rate()),
             "redis_over_direct_redis": ratio(r.rate(), d.rate()),
+            "redis_over_etcd": e.as_ref().map(|e| ratio(r.rate(), e.rate())),
             "redis_cpu_per_rpc_over_floor": ratio(cpu_per_rpc(&r, redis_cpu), cpu_per_rpc(&f, floor_cpu)),
             "replica_acks_over_redis": acked.map(|k| ratio(k, r.rate())),
         },
@@ -510,40 +583,48 @@ async fn hot(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, String>
     let mem = spawn::leasehold(None, &args.server_args).await?;
     let red = spawn::leasehold(Some(url), &args.server_args).await?;
     let pool = load::redis_pool(url, args.connections).await?;
-    let targets = [
+    let mut targets = vec![
         (
             "leasehold, memory store",
-            Some((
+            Target::Grpc(
                 load::connect(&mem.endpoint(), args.connections).await?,
                 mem.pid,
-            )),
+            ),
         ),
         (
             "leasehold, redis store",
-            Some((
+            Target::Grpc(
                 load::connect(&red.endpoint(), args.connections).await?,
                 red.pid,
-            )),
+            ),
         ),
-        ("direct redis, polling with backoff", None),
+        ("direct redis, polling with backoff", Target::DirectRedis),
     ];
+    let etcd_server = match spawn_etcd(args).await? {
+        Some((server, target)) => {
+            targets.push(("etcd (Lock + Unlock, a lease per worker)", target));
+            Some(server)
+        }
+        None => None,
+    };
     let slices = args.interleave.max(1);
     let slice = args.duration / slices as u32;
     let mut totals: Vec<(Hot, Option<(ProcSample, ProcSample)>)> = Vec::new();
+    let mut alone = Vec::new();
     for (_, target) in &targets {
-        if let Some((channels, _)) = target {
-            drop(load::hot_grpc(channels, args.workers, warmup(args.duration)).await);
-        }
+        drop(target.hot(&pool, args.workers, warmup(args.duration)).await);
+        alone.push(
+            target
+                .one_worker_p50_ms(&pool, args.keys, warmup(args.duration))
+                .await,
+        );
         totals.push((Hot::default(), None));
     }
     for _ in 0..slices {
         for ((_, target), (total, cpu)) in targets.iter().zip(totals.iter_mut()) {
-            let pid = target.as_ref().map(|(_, pid)| *pid);
+            let pid = target.pid();
             let before = pid.and_then(ProcSample::read);
-            let part = match target {
-                Some((channels, _)) => load::hot_grpc(channels, args.workers, slice).await,
-                None => load::hot_redis(&pool, args.workers, slice).await,
-            };
+            let part = target.hot(&pool, args.workers, slice).await;
             let after = pid.and_then(ProcSample::read);
             total.merge(&part);
             if let Some((b, a)) = pair(before, after) {
@@ -552,19 +633,36 @@ async fn hot(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, String>
             }
         }
     }
-    mem.kill().await;
-    red.kill().await;
+    for s in [mem, red].into_iter().chain(etcd_server) {
+        s.kill().await;
+    }
     load::close(pool).await;
-    for ((name, _), (total, cpu)) in targets.iter().zip(&totals) {
-        rows.push(hot_row(name, total, *cpu));
+    for (((name, _), (total, cpu)), p50) in targets.iter().zip(&totals).zip(&alone) {
+        let mut row = hot_row(name, total, *cpu);
+        // A hot key is a serial chain: at best one handoff per
+        // one-worker Acquire.
+        let serial = if *p50 > 0.0 { 1000.0 / p50 } else { 0.0 };
+        row["one_worker_acquire_p50_ms"] = json!(round3(*p50));
+        row["serial_limit_per_s"] = json!(serial.round());
+        row["of_serial_limit"] = ratio(total.rate(), serial);
+        // Fair queueing: a waiter waits for the others once, give or take.
+        row["fair_wait_p99_bound_ms"] = if total.rate() > 0.0 {
+            json!(round3(1.5 * args.workers as f64 * 1000.0 / total.rate()))
+        } else {
+            Value::Null
+        };
+        rows.push(row);
     }
     let (m, r, d) = (&totals[0].0, &totals[1].0, &totals[2].0);
+    let e = totals.get(3).map(|t| &t.0);
     Ok(json!({
         "scenario": "hot", "workers": args.workers, "duration_s": args.duration.as_secs_f64(),
         "rows": rows,
         "ratios": {
             "redis_over_memory": ratio(r.rate(), m.rate()),
             "redis_over_direct_redis_polling": ratio(r.rate(), d.rate()),
+            "memory_over_etcd": e.map(|e| ratio(m.rate(), e.rate())),
+            "redis_over_etcd": e.map(|e| ratio(r.rate(), e.rate())),
         },
         "machine": machine(),
     }))
@@ -800,7 +898,7 @@ fn print_report(report: &Value) {
             for row in report["rows"].as_array().into_iter().flatten() {
                 if row.get("cycles_per_s").is_some() {
                     println!(
-                        "{:<46} {:>9} cycles/s  acquire p50/p99/p99.9 {}/{}/{} ms  release p50/p99 {}/{} ms  cpu {} µs/rpc  errors {}",
+                        "{:<46} {:>9} cycles/s  acquire p50/p99/p99.9 {}/{}/{} ms  release p50/p99 {}/{} ms  cpu {} µs/rpc  errors {}  1 worker: acquire p50 {} ms",
                         row["target"].as_str().unwrap_or(""),
                         row["cycles_per_s"],
                         ms(&row["acquire"]["p50_ms"]),
@@ -810,18 +908,23 @@ fn print_report(report: &Value) {
                         ms(&row["release"]["p99_ms"]),
                         fig(&row["server_cpu_us_per_rpc"]),
                         row["errors"],
+                        fig(&row["one_worker_acquire_p50_ms"]),
                     );
                 } else {
                     println!(
-                        "{:<46} {:>9} handoffs/s  wait p50/p99 {}/{} ms  fairness {}  cpu {} cores  timeouts {} errors {}",
+                        "{:<46} {:>9} handoffs/s  wait p50/p99 {}/{} ms (fair p99 bound {} ms)  fairness {}  cpu {} cores  timeouts {} errors {}  1 worker: acquire p50 {} ms, serial limit {}/s, reached {}",
                         row["target"].as_str().unwrap_or(""),
                         row["handoffs_per_s"],
                         ms(&row["wait"]["p50_ms"]),
                         ms(&row["wait"]["p99_ms"]),
+                        fig(&row["fair_wait_p99_bound_ms"]),
                         fig(&row["fairness_max_over_min"]),
                         fig(&row["server_cpu_cores"]),
                         row["timeouts"],
                         row["errors"],
+                        fig(&row["one_worker_acquire_p50_ms"]),
+                        fig(&row["serial_limit_per_s"]),
+                        fig(&row["of_serial_limit"]),
                     );
                 }
             }

@@ -97,14 +97,7 @@ pub async fn cycles_connect_json(
             out
         }));
     }
-    let mut total = Cycles::default();
-    for task in tasks {
-        if let Ok(part) = task.await {
-            total.merge(&part);
-        }
-    }
-    total.elapsed = start.elapsed();
-    total
+    load::collect_cycles(tasks, start).await
 }
 
 /// gRPC and Connect JSON cycles against one server (spawned with the memory

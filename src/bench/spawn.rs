@@ -15,6 +15,8 @@ pub struct Spawned {
     pub pid: u32,
     /// `127.0.0.1:port`.
     pub addr: String,
+    /// A directory of its own, removed when it is killed.
+    pub cleanup: Option<std::path::PathBuf>,
 }
 
 impl Spawned {
@@ -26,10 +28,14 @@ impl Spawned {
     /// SIGKILLs it now.
     pub async fn kill(mut self) {
         let _ = self.child.kill().await;
+        if let Some(dir) = self.cleanup.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
-fn free_port() -> Result<u16, String> {
+/// A port nothing listens on now.
+pub fn free_port() -> Result<u16, String> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -93,6 +99,19 @@ async fn start(mut cmd: Command, needles: &[&str], what: &str) -> Result<(Child,
     }
 }
 
+/// Starts `cmd` and waits (bounded) for its `needles` lines; its address
+/// is the caller's to fill in.
+pub async fn process(cmd: Command, needles: &[&str], what: &str) -> Result<Spawned, String> {
+    let (child, _) = start(cmd, needles, what).await?;
+    let pid = child.id().unwrap_or(0);
+    Ok(Spawned {
+        child,
+        pid,
+        addr: String::new(),
+        cleanup: None,
+    })
+}
+
 /// A non-persistent redis-server on a free port.
 pub async fn redis_server() -> Result<Spawned, String> {
     redis(&[], "Ready to accept connections", "redis-server").await
@@ -141,6 +160,7 @@ async fn redis(extra: &[&str], ready: &str, what: &str) -> Result<Spawned, Strin
         child,
         pid,
         addr: format!("127.0.0.1:{port}"),
+        cleanup: None,
     })
 }
 
@@ -163,7 +183,12 @@ async fn this_binary(args: &[String], ready: &[&str], what: &str) -> Result<Spaw
     let (child, line) = start(cmd, &needles, what).await?;
     let addr = addr_of(&line).ok_or_else(|| format!("no address in {line:?}"))?;
     let pid = child.id().unwrap_or(0);
-    Ok(Spawned { child, pid, addr })
+    Ok(Spawned {
+        child,
+        pid,
+        addr,
+        cleanup: None,
+    })
 }
 
 /// A Leasehold server on the memory store (`redis_url = None`) or Redis.
@@ -197,11 +222,5 @@ pub async fn crash_holder(endpoint: &str, key: &str) -> Result<Spawned, String> 
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut cmd = Command::new(exe);
     cmd.args(["bench-crash-holder", "--endpoint", endpoint, "--key", key]);
-    let (child, _) = start(cmd, &["HOLDING"], "the crash holder").await?;
-    let pid = child.id().unwrap_or(0);
-    Ok(Spawned {
-        child,
-        pid,
-        addr: String::new(),
-    })
+    process(cmd, &["HOLDING"], "the crash holder").await
 }
