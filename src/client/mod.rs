@@ -79,12 +79,14 @@
 mod admin;
 mod backoff;
 mod clock;
+mod election;
 mod error;
 mod guard;
 mod held;
 mod keeper;
 mod lock;
 mod transport;
+mod watch;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -95,6 +97,7 @@ use tonic::Request;
 
 pub use admin::ListPage;
 pub use backoff::RetryPolicy;
+pub use election::{ElectBuilder, LEADER_VALUE_KEY, Leader, Leadership, Observe};
 pub use error::{Error, LostReason};
 pub use guard::{Lease, LockGuard, LockInfo, Lost};
 pub use lock::{LockBuilder, WAIT_SLICE};
@@ -102,6 +105,7 @@ pub use lock::{LockBuilder, WAIT_SLICE};
 /// matching on it needs no `tonic` dependency of your own (nor the same
 /// version of it).
 pub use tonic::Code;
+pub use watch::{EventKind, Holder, Watch, WatchEvent};
 
 use crate::pb;
 use crate::task::{self, TaskGuard};
