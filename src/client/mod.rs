@@ -50,6 +50,13 @@
 //! # async fn migrate(_: u64) {}
 //! ```
 //!
+//! Beyond the mutex: [`Client::semaphore`] takes one of N permits (a
+//! SHARED lock), [`LockBuilder::shared`] a read lock, [`Client::watch`]
+//! streams a lock's events ([`WatchEvent`], its state first),
+//! [`Client::elect`] waits to lead and returns a [`Leadership`] (the term,
+//! `lost()`, `resign()`), and [`Client::observe`] streams who leads
+//! (documentation/election.md).
+//!
 //! Whole programs are in the repository's `examples/` (`lock_and_work`,
 //! `contending_workers`, `with_lock_fallible`). To build the SDK alone,
 //! depend on `leasehold` with `default-features = false, features =
