@@ -332,3 +332,68 @@ async fn one_leader_and_the_next_takes_over_when_the_process_goes(backend: Backe
     }
     panic!("leader three and its resignation were not observed");
 }
+
+/// Two servers on one Redis: a follower observing through the first (its
+/// endpoints: the first, then the second) and a raw watch on the first.
+/// When the first shuts down, the raw watch ends with an error (the caller
+/// watches again), while `observe` watches again through the second by
+/// itself and reports the next leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observe_watches_again_when_its_server_goes() {
+    let mut first = TestServer::start(Backend::Redis).await;
+    let second = TestServer::start_on(
+        Backend::Redis,
+        first.redis_url.clone(),
+        first.prefix.clone(),
+        test_config(),
+    )
+    .await;
+    let key = format!("elect/{}", rand_suffix());
+    let follower = Client::builder()
+        .endpoints([first.endpoint(), second.endpoint()])
+        .retry_for(Duration::from_secs(10))
+        .connect()
+        .await
+        .expect("connect");
+    let mut raw = follower.watch(key.as_str()).await.expect("watch");
+    assert_eq!(
+        next(&mut raw, "the state").await.expect("state").kind,
+        EventKind::State
+    );
+    let mut leaders = follower.observe(key.as_str());
+    assert_eq!(next(&mut leaders, "nobody").await.expect("observe"), None);
+
+    let one = connect(&second.endpoint()).await;
+    let leadership = one.elect(key.as_str()).value("one").await.expect("elected");
+    let seen = next(&mut leaders, "leader one").await.expect("observe");
+    assert_eq!(seen.map(|l| l.term), Some(leadership.term()));
+
+    first.stop().await;
+    let mut ended_with_error = false;
+    for _ in 0..4 {
+        match tokio::time::timeout(Duration::from_secs(10), raw.next())
+            .await
+            .expect("the raw watch ended in time")
+        {
+            Some(Ok(_)) => continue,
+            Some(Err(_)) => ended_with_error = true,
+            None => break,
+        }
+    }
+    assert!(ended_with_error, "the raw watch ends with an error");
+
+    let term_one = leadership.term();
+    assert!(leadership.resign().await.expect("resign"));
+    let two = connect(&second.endpoint()).await;
+    let leadership = two.elect(key.as_str()).value("two").await.expect("elected");
+    let mut heard = Vec::new();
+    for _ in 0..4 {
+        let leader = next(&mut leaders, "leader two").await.expect("observe");
+        heard.push(leader.clone());
+        if leader.is_some_and(|l| l.term == leadership.term()) {
+            assert!(leadership.term() > term_one);
+            return;
+        }
+    }
+    panic!("observe never saw leader two after its server went: {heard:?}");
+}

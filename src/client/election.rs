@@ -85,7 +85,8 @@ impl Client {
     ///
     /// Built on [`Client::watch`], and unlike it, it watches again on its
     /// own when a stream that had worked breaks (a server shutting down, a
-    /// connection lost): the new stream's first state says who leads then,
+    /// connection lost; at once, or after a quarter second if that stream
+    /// lasted less than a second, so that it never spins): the new stream's first state says who leads then,
     /// so a change missed meanwhile still shows, possibly without the
     /// leaders in between. It ends with an `Err` when a watch cannot be
     /// opened within the client's retry window, or fails before its first
@@ -106,19 +107,33 @@ impl Client {
     pub fn observe(&self, key: impl Into<String>) -> Observe {
         let key = key.into();
         Observe {
-            opening: Some(open(self.clone(), key.clone())),
+            opening: Some(open(self.clone(), key.clone(), Duration::ZERO)),
             client: self.clone(),
             key,
             watch: None,
+            opened: std::time::Instant::now(),
             delivered: false,
             last: None,
         }
     }
 }
 
-fn open(client: Client, key: String) -> Opening {
-    Box::pin(async move { client.watch(key).await })
+/// Opens a watch of `key`, after `pause`.
+fn open(client: Client, key: String, pause: Duration) -> Opening {
+    Box::pin(async move {
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+        client.watch(key).await
+    })
 }
+
+/// How long a watch must have lasted to be watched again at once; one that
+/// ended sooner (a server ending streams as fast as it opens them) is
+/// watched again after [`REWATCH_PAUSE`], so a follower never spins.
+const QUICK_END: Duration = Duration::from_secs(1);
+/// See [`QUICK_END`].
+const REWATCH_PAUSE: Duration = Duration::from_millis(250);
 
 /// Options for running for leadership; made by [`Client::elect`]. Await it
 /// (or call [`ElectBuilder::campaign`]) for a [`Leadership`].
@@ -293,6 +308,8 @@ pub struct Observe {
     key: String,
     opening: Option<Opening>,
     watch: Option<Watch>,
+    /// When the current watch was opened.
+    opened: std::time::Instant,
     /// Whether the current watch gave at least one event.
     delivered: bool,
     /// The last item yielded (`None` before the first).
@@ -320,6 +337,7 @@ impl Stream for Observe {
                     Poll::Ready(Ok(watch)) => {
                         this.opening = None;
                         this.watch = Some(watch);
+                        this.opened = std::time::Instant::now();
                         this.delivered = false;
                     }
                     Poll::Ready(Err(e)) => {
@@ -353,7 +371,12 @@ impl Stream for Observe {
                     this.watch = None;
                     if this.delivered {
                         // A stream that worked ended: watch again.
-                        this.opening = Some(open(this.client.clone(), this.key.clone()));
+                        let pause = if this.opened.elapsed() < QUICK_END {
+                            REWATCH_PAUSE
+                        } else {
+                            Duration::ZERO
+                        };
+                        this.opening = Some(open(this.client.clone(), this.key.clone(), pause));
                     } else if let Some(Err(e)) = end {
                         return Poll::Ready(Some(Err(e)));
                     } else {
