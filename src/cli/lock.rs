@@ -17,6 +17,9 @@
 //! are passed on to CMD's process group; SIGTSTP (Ctrl-Z) stops CMD's group
 //! (SIGSTOP) and then this process, and SIGCONT resumes CMD only if the lease
 //! is still safely valid (otherwise CMD is killed while stopped).
+//!
+//! Everything after the grant is [`supervise`], which `leasehold elect`
+//! (`super::election`) runs on its leadership's guard.
 
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
