@@ -18,7 +18,7 @@
 //! (SIGSTOP) and then this process, and SIGCONT resumes CMD only if the lease
 //! is still safely valid (otherwise CMD is killed while stopped).
 //!
-//! Everything after the grant is [`supervise`], which `leasehold elect`
+//! Everything after the grant is `supervise()`, which `leasehold elect`
 //! (`super::election`) runs on its leadership's guard.
 
 use std::ffi::OsString;
