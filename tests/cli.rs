@@ -1,8 +1,9 @@
 //! The `leasehold` command line as scripts use it: `leasehold lock` runs
 //! commands under a lock (mutual exclusion across many processes on a Redis
 //! Cluster, surviving the loss of a server, stopping the command when the
-//! lock is lost), and `acquire | renew | describe | release` with their
-//! text and JSON output and documented exit codes.
+//! lock is lost), `acquire | renew | describe | release` with their
+//! text and JSON output and documented exit codes, `watch` printing a
+//! lock's events and `elect` running a command on one leader at a time.
 
 mod common;
 
@@ -696,5 +697,155 @@ async fn lock_shared_runs_at_most_limit_commands_at_once() {
     assert_eq!(
         most, 2,
         "at most two at once, and two did run together:\n{text}"
+    );
+}
+
+/// `leasehold watch --json`: the lock's state first, then one JSON object
+/// per event from other clients (a grant with its fencing token and owner,
+/// its release), until SIGINT (exit 130).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_json_prints_the_state_then_each_event() {
+    let server = tokio::task::block_in_place(|| ServerProcess::start(&[]));
+    let endpoint = server.endpoint();
+    let mut watch = Cli::spawn(
+        &["watch", "cli/watched", "--json", "--endpoint", &endpoint],
+        &[],
+    );
+    tokio::task::block_in_place(|| watch.wait_stdout("\"STATE\"", Duration::from_secs(20)));
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        run(&[
+            "acquire",
+            "cli/watched",
+            "--ttl",
+            "10s",
+            "--owner",
+            "someone",
+            "--endpoint",
+            &endpoint,
+        ])
+    });
+    assert_eq!(code, 0, "{err:?}");
+    let fence: u64 = field(&out[0], "fencing_token").parse().expect("fence");
+    let token = field(&out[0], "token").to_string();
+    tokio::task::block_in_place(|| watch.wait_stdout("\"ACQUIRED\"", Duration::from_secs(10)));
+    let (code, _, err) = tokio::task::block_in_place(|| {
+        run(&["release", "cli/watched", &token, "--endpoint", &endpoint])
+    });
+    assert_eq!(code, 0, "{err:?}");
+    tokio::task::block_in_place(|| watch.wait_stdout("\"RELEASED\"", Duration::from_secs(10)));
+    let lines: Vec<serde_json::Value> = watch
+        .stdout()
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("one JSON object a line"))
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines[0]["event"], "STATE");
+    assert_eq!(lines[0]["held"], false);
+    assert_eq!(lines[1]["event"], "ACQUIRED");
+    assert_eq!(lines[1]["fencing_token"], fence);
+    assert_eq!(lines[1]["mode"], "exclusive");
+    assert_eq!(lines[1]["holders"][0]["owner"], "someone");
+    assert_eq!(lines[1]["holders"][0]["fencing_token"], fence);
+    assert_eq!(lines[2]["event"], "RELEASED");
+    assert_eq!(lines[2]["fencing_token"], fence);
+    assert_eq!(lines[2]["held"], false);
+    watch.signal("INT");
+    assert_eq!(
+        tokio::task::block_in_place(|| watch.wait(Duration::from_secs(10))),
+        130
+    );
+}
+
+/// Two `leasehold elect` processes: only one runs CMD; when the leader's
+/// host dies (its CMD frozen, the elect process SIGKILLed, then the CMD
+/// killed, so the two never run at once), the other runs CMD well within
+/// the 10 s TTL, with a higher term in LEASEHOLD_FENCING_TOKEN. SIGTERM to
+/// the new leader reaches its CMD, whose status is the exit code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_elect_processes_one_runs_and_the_other_takes_over_on_sigkill() {
+    let server = tokio::task::block_in_place(|| ServerProcess::start(&[]));
+    let endpoint = server.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("leaders.log");
+    let out_str = out.to_str().unwrap().to_string();
+    let cmd = r#"echo "$LEASEHOLD_FENCING_TOKEN $$" >> "$OUT"; exec sleep 30"#;
+    let elect = |value: &str| {
+        Cli::spawn(
+            &[
+                "elect",
+                "cli/leader",
+                "--value",
+                value,
+                "--ttl",
+                "10s",
+                "--endpoint",
+                &endpoint,
+                "--",
+                "sh",
+                "-c",
+                cmd,
+            ],
+            &[("OUT", &out_str)],
+        )
+    };
+    let mut a = elect("a");
+    let mut b = elect("b");
+    let leaders = || -> Vec<(u64, u32)> {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                let (fence, pid) = l.split_once(' ').expect("two fields");
+                (fence.parse().expect("fence"), pid.parse().expect("pid"))
+            })
+            .collect()
+    };
+    tokio::task::block_in_place(|| {
+        wait_until("a leader's command", Duration::from_secs(20), || {
+            !leaders().is_empty()
+        })
+    });
+    // The other keeps waiting: one command at a time.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(700) {
+        assert_eq!(leaders().len(), 1, "two leaders");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (term, cmd_pid) = leaders()[0];
+    let leader_is_a = a.stderr().iter().any(|l| l.contains("leader of"));
+    let (leader, follower) = if leader_is_a {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    assert!(
+        leader
+            .stderr()
+            .iter()
+            .any(|l| l.contains(&format!("term {term}"))),
+        "{:?}",
+        leader.stderr()
+    );
+    signal(cmd_pid, "STOP");
+    leader.signal("KILL");
+    let killed = Instant::now();
+    signal(cmd_pid, "KILL");
+    tokio::task::block_in_place(|| {
+        wait_until("the other leader's command", Duration::from_secs(9), || {
+            leaders().len() == 2
+        })
+    });
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(3), "failover took {took:?}");
+    let (next_term, _) = leaders()[1];
+    assert!(next_term > term, "term {next_term} after {term}");
+    assert!(!leader.running(), "the SIGKILLed elect process is gone");
+    follower.signal("TERM");
+    let code = tokio::task::block_in_place(|| follower.wait(Duration::from_secs(10)));
+    assert_eq!(
+        code,
+        128 + 15,
+        "the command's status: {:?}",
+        follower.stderr()
     );
 }

@@ -120,8 +120,10 @@ fn table(readme: &str, heading: &str) -> Vec<Row> {
 /// Flags every subcommand has (global ones), documented with `serve`'s.
 const GLOBAL: [&str; 2] = ["--log-format", "--worker-threads"];
 /// The subcommands the README's command-line table documents.
-const CLIENT_COMMANDS: [&str; 7] = [
+const CLIENT_COMMANDS: [&str; 9] = [
     "lock",
+    "elect",
+    "watch",
     "acquire",
     "release",
     "renew",

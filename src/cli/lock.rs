@@ -17,6 +17,9 @@
 //! are passed on to CMD's process group; SIGTSTP (Ctrl-Z) stops CMD's group
 //! (SIGSTOP) and then this process, and SIGCONT resumes CMD only if the lease
 //! is still safely valid (otherwise CMD is killed while stopped).
+//!
+//! Everything after the grant is `supervise()`, which `leasehold elect`
+//! (`super::election`) runs on its leadership's guard.
 
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
@@ -28,6 +31,7 @@ use rustix::process::{Pid, Signal};
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::connect::{self, ConnectArgs, exit};
+use crate::client::LockGuard;
 
 /// Flags of `leasehold lock`.
 #[derive(Debug, Clone, Args)]
@@ -74,12 +78,12 @@ pub struct LockArgs {
 }
 
 /// The signals passed on to CMD.
-struct Signals {
+pub(super) struct Signals {
     streams: Vec<(i32, tokio::signal::unix::Signal)>,
 }
 
 impl Signals {
-    fn new() -> std::io::Result<Self> {
+    pub(super) fn new() -> std::io::Result<Self> {
         let mut streams = Vec::new();
         for sig in [
             Signal::INT,
@@ -124,7 +128,7 @@ fn stop_self() {
 
 /// Waits for `fut`, stopping this process on SIGTSTP meanwhile (nothing
 /// runs under the lock yet); another signal ends the wait with it.
-async fn until_signalled<F: std::future::Future>(
+pub(super) async fn until_signalled<F: std::future::Future>(
     fut: F,
     signals: &mut Signals,
 ) -> Result<F::Output, i32> {
@@ -189,20 +193,47 @@ pub async fn run(args: LockArgs) -> i32 {
         Err(number) => return 128 + number,
     };
 
-    let Some((program, rest)) = args.command.split_first() else {
-        eprintln!("leasehold lock: no command given after --");
+    supervise(
+        "lock",
+        guard,
+        &mut signals,
+        &args.command,
+        args.grace,
+        args.margin,
+    )
+    .await
+}
+
+/// Runs `command` while `guard` holds its lock, for `leasehold lock` and
+/// `leasehold elect` (`verb` names which in messages): starts it only with
+/// more than grace + margin of the lease left, with `LEASEHOLD_KEY` and
+/// `LEASEHOLD_FENCING_TOKEN` in its environment, in its own process group;
+/// passes signals on; stops it (SIGTERM, SIGKILL after the grace) when the
+/// lease runs short or is lost. The result is the exit code: the
+/// command's, or [`exit::LOST`].
+pub(super) async fn supervise(
+    verb: &str,
+    guard: LockGuard,
+    signals: &mut Signals,
+    command: &[OsString],
+    grace: Duration,
+    margin: Duration,
+) -> i32 {
+    let Some((program, rest)) = command.split_first() else {
+        eprintln!("leasehold {verb}: no command given after --");
         return exit::USAGE;
     };
     // SIGTERM once the lease has less than grace + margin left, which must
     // fit in what a renewal every TTL/3 leaves (2/3 of the TTL) with room
     // for the renewal's round trip: half the TTL.
     let half = guard.ttl() / 2;
-    let margin = args.margin.min(half);
-    let grace = args.grace.min(half.saturating_sub(margin));
-    if grace < args.grace {
+    let wanted_grace = grace;
+    let margin = margin.min(half);
+    let grace = grace.min(half.saturating_sub(margin));
+    if grace < wanted_grace {
         eprintln!(
-            "leasehold lock: note: --grace {} shortened to {} so that the command is gone {} before the lease (TTL {}) can expire",
-            humantime::format_duration(args.grace),
+            "leasehold {verb}: note: --grace {} shortened to {} so that the command is gone {} before the lease (TTL {}) can expire",
+            humantime::format_duration(wanted_grace),
             humantime::format_duration(grace),
             humantime::format_duration(margin),
             humantime::format_duration(guard.ttl()),
@@ -211,7 +242,7 @@ pub async fn run(args: LockArgs) -> i32 {
     let budget = grace + margin;
     if guard.valid_for() <= budget {
         eprintln!(
-            "leasehold lock: the lease of {:?} has less than --grace + --margin left; not starting the command",
+            "leasehold {verb}: the lease of {:?} has less than --grace + --margin left; not starting the command",
             guard.key()
         );
         let _ = tokio::time::timeout(Duration::from_secs(1), guard.release()).await;
@@ -232,7 +263,7 @@ pub async fn run(args: LockArgs) -> i32 {
                 exit::CANNOT_EXECUTE
             };
             eprintln!(
-                "leasehold lock: cannot run {}: {e}",
+                "leasehold {verb}: cannot run {}: {e}",
                 program.to_string_lossy()
             );
             let _ = guard.release().await;
@@ -261,7 +292,7 @@ pub async fn run(args: LockArgs) -> i32 {
                 let code = match status {
                     Ok(status) => status_code(status),
                     Err(e) => {
-                        eprintln!("leasehold lock: lost track of the command: {e}");
+                        eprintln!("leasehold {verb}: lost track of the command: {e}");
                         exit::FAILURE
                     }
                 };
@@ -269,11 +300,11 @@ pub async fn run(args: LockArgs) -> i32 {
                 return match guard.release().await {
                     Ok(true) => code,
                     Ok(false) => {
-                        eprintln!("leasehold lock: the lock {key:?} was lost before the command finished (the server no longer knew this lease)");
+                        eprintln!("leasehold {verb}: the lock {key:?} was lost before the command finished (the server no longer knew this lease)");
                         exit::LOST
                     }
                     Err(e) => {
-                        eprintln!("leasehold lock: the command finished but the lock could not be released ({e}); it expires with its TTL");
+                        eprintln!("leasehold {verb}: the command finished but the lock could not be released ({e}); it expires with its TTL");
                         code
                     }
                 };
@@ -290,7 +321,7 @@ pub async fn run(args: LockArgs) -> i32 {
                         signal_group(group, Signal::CONT);
                     } else {
                         eprintln!(
-                            "leasehold lock: the lease of {:?} (fencing token {}) ran short while stopped; killing the stopped command (SIGKILL)",
+                            "leasehold {verb}: the lease of {:?} (fencing token {}) ran short while stopped; killing the stopped command (SIGKILL)",
                             guard.key(),
                             guard.fencing_token()
                         );
@@ -322,7 +353,7 @@ pub async fn run(args: LockArgs) -> i32 {
         grace.min(left.saturating_sub(margin))
     };
     eprintln!(
-        "leasehold lock: lost the lock {:?} (fencing token {}): {why}; stopping the command (SIGTERM, then SIGKILL after {})",
+        "leasehold {verb}: lost the lock {:?} (fencing token {}): {why}; stopping the command (SIGTERM, then SIGKILL after {})",
         guard.key(),
         guard.fencing_token(),
         humantime::format_duration(Duration::from_millis(kill_in.as_millis() as u64))

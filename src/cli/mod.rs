@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod connect;
+pub mod election;
 pub mod lock;
 pub mod ops;
 pub mod serve;
@@ -67,16 +68,20 @@ impl Cli {
     }
 }
 
-/// `leasehold lock KEY echo hi` fails on `echo`: the command goes after
+/// `leasehold lock KEY echo hi` (or `elect`) fails on `echo`: the command goes after
 /// `--` (so that its own flags are never taken for ours); say so.
 fn with_lock_hint(mut e: clap::Error, args: &[std::ffi::OsString]) -> clap::Error {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
-    let is_lock = args.get(1).is_some_and(|a| a == "lock");
+    let sub = args.get(1).and_then(|a| a.to_str()).unwrap_or_default();
+    let is_lock = sub == "lock" || sub == "elect";
     if is_lock && e.kind() == ErrorKind::UnknownArgument && !args.iter().any(|a| a == "--") {
         e.insert(
             ContextKind::Suggested,
             ContextValue::StyledStrs(vec![
-                "put the command after `--`: leasehold lock KEY [OPTIONS] -- CMD [ARGS]...".into(),
+                format!(
+                    "put the command after `--`: leasehold {sub} KEY [OPTIONS] -- CMD [ARGS]..."
+                )
+                .into(),
             ]),
         );
     }
@@ -101,6 +106,10 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Run a command while holding a lock: `leasehold lock NAME -- CMD ARGS...`.
     Lock(lock::LockArgs),
+    /// Run a command while this process is the leader: `leasehold elect NAME -- CMD ARGS...`.
+    Elect(election::ElectArgs),
+    /// Print a lock's state, then one line per change, until stopped.
+    Watch(election::WatchArgs),
     /// Take a lock and print the lease (not kept alive: renew or release it).
     Acquire(ops::AcquireArgs),
     /// Give a lock back with its token.
@@ -187,6 +196,8 @@ pub async fn run(cli: Cli) -> i32 {
             crate::bench::run_crash_holder(args).await,
         ),
         Command::Lock(args) => return lock::run(args).await,
+        Command::Elect(args) => return election::elect(args).await,
+        Command::Watch(args) => return election::watch(args).await,
         Command::Acquire(args) => return ops::acquire(args).await,
         Command::Release(args) => return ops::release(args).await,
         Command::Renew(args) => return ops::renew(args).await,

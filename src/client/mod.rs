@@ -50,6 +50,13 @@
 //! # async fn migrate(_: u64) {}
 //! ```
 //!
+//! Beyond the mutex: [`Client::semaphore`] takes one of N permits (a
+//! SHARED lock), [`LockBuilder::shared`] a read lock, [`Client::watch`]
+//! streams a lock's events ([`WatchEvent`], its state first),
+//! [`Client::elect`] waits to lead and returns a [`Leadership`] (the term,
+//! `lost()`, `resign()`), and [`Client::observe`] streams who leads
+//! (documentation/election.md).
+//!
 //! Whole programs are in the repository's `examples/` (`lock_and_work`,
 //! `contending_workers`, `with_lock_fallible`). To build the SDK alone,
 //! depend on `leasehold` with `default-features = false, features =
@@ -79,12 +86,14 @@
 mod admin;
 mod backoff;
 mod clock;
+mod election;
 mod error;
 mod guard;
 mod held;
 mod keeper;
 mod lock;
 mod transport;
+mod watch;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -95,6 +104,7 @@ use tonic::Request;
 
 pub use admin::ListPage;
 pub use backoff::RetryPolicy;
+pub use election::{ElectBuilder, LEADER_VALUE_KEY, Leader, Leadership, Observe};
 pub use error::{Error, LostReason};
 pub use guard::{Lease, LockGuard, LockInfo, Lost};
 pub use lock::{LockBuilder, WAIT_SLICE};
@@ -102,6 +112,7 @@ pub use lock::{LockBuilder, WAIT_SLICE};
 /// matching on it needs no `tonic` dependency of your own (nor the same
 /// version of it).
 pub use tonic::Code;
+pub use watch::{EventKind, Holder, Watch, WatchEvent};
 
 use crate::pb;
 use crate::task::{self, TaskGuard};

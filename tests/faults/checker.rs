@@ -467,3 +467,68 @@ mod tests {
         assert!(report.overlaps.is_empty());
     }
 }
+
+/// The most of `windows` believed at the same instant (a window still open
+/// counts until `now`), and when that was first reached. For a semaphore
+/// of N this must be at most N; for an exclusive lock, one.
+pub fn most_at_once(windows: &[Window], now: Instant) -> (usize, Option<Instant>) {
+    let mut edges: Vec<(Instant, i32)> = Vec::new();
+    for w in windows {
+        let end = w.end.map_or(now, |(at, _)| at);
+        edges.push((w.start, 1));
+        edges.push((end.max(w.start), -1));
+    }
+    // At one instant, a window that ended makes room before one starts.
+    edges.sort_by_key(|&(at, delta)| (at, delta));
+    let (mut now_in, mut most, mut when) = (0i32, 0i32, None);
+    for (at, delta) in edges {
+        now_in += delta;
+        if now_in > most {
+            most = now_in;
+            when = Some(at);
+        }
+    }
+    (usize::try_from(most).unwrap_or(0), when)
+}
+
+/// Grants out of fencing order: `b` asked after `a`'s grant reached its
+/// holder, so `b` was granted later and must have the larger fencing token.
+pub fn fence_order_violations(windows: &[Window]) -> Vec<String> {
+    let mut bad = Vec::new();
+    for a in windows {
+        for b in windows {
+            if a.key == b.key && a.start < b.sent && a.fence >= b.fence {
+                bad.push(format!(
+                    "{} got {} fence {} before {} asked, yet {} got fence {}",
+                    a.client, a.key, a.fence, b.client, b.client, b.fence
+                ));
+            }
+        }
+    }
+    bad
+}
+
+#[test]
+fn most_at_once_and_fence_order_catch_what_they_must() {
+    let t0 = Instant::now();
+    let ms = |n: u64| t0 + Duration::from_millis(n);
+    let w = |client: &str, fence: u64, sent: u64, start: u64, end: u64| Window {
+        client: client.into(),
+        key: "k".into(),
+        fence,
+        sent: ms(sent),
+        start: ms(start),
+        end: Some((ms(end), End::Released)),
+    };
+    // Two overlap, a third starts as the first ends (room made first).
+    let windows = vec![
+        w("a", 1, 0, 1, 10),
+        w("b", 2, 0, 5, 20),
+        w("c", 3, 9, 10, 30),
+    ];
+    assert_eq!(most_at_once(&windows, ms(40)).0, 2);
+    assert!(fence_order_violations(&windows).is_empty());
+    // c asked after a's grant arrived, yet got a smaller fence.
+    let bad = vec![w("a", 5, 0, 1, 10), w("c", 3, 2, 3, 30)];
+    assert_eq!(fence_order_violations(&bad).len(), 1);
+}

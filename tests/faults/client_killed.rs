@@ -22,6 +22,7 @@ async fn scenario_3_client_process_killed() {
             endpoints: vec![server.endpoint()],
             keys: keys.clone(),
             ttl: Duration::from_secs(30),
+            shared: None,
         };
         let (mut child, output) = spec.spawn();
         let mut holder = hub.next(Duration::from_secs(30)).await;

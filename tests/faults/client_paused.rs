@@ -23,6 +23,7 @@ async fn scenario_4_client_paused_past_its_ttl() {
             endpoints: vec![server.endpoint()],
             keys: vec![key.clone()],
             ttl,
+            shared: None,
         };
         let (child, output) = spec.spawn();
         let mut a = hub.next(Duration::from_secs(30)).await;

@@ -7,7 +7,9 @@
 //! the history and prints its figures (run with `--nocapture` to see them).
 //! One file per scenario: `failover.rs` (1, 1b), `server_killed.rs` (2),
 //! `client_killed.rs` (3), `client_paused.rs` (4), `redis_cut.rs` (5),
-//! `reattach.rs` (6, 6b); this file holds what they share.
+//! `reattach.rs` (6, 6b), and one per primitive beyond the mutex:
+//! `semaphore.rs`, `read_write.rs`, `election.rs`; this file holds what
+//! they share.
 //! `faults/random.rs` is the randomized run (seeded by
 //! `LEASEHOLD_FAULTS_SEED`, length `LEASEHOLD_FAULTS_MINUTES`);
 //! `faults/durability.rs` kills Redis under each persistence setting and
@@ -30,19 +32,22 @@ mod checker;
 mod client_killed;
 mod client_paused;
 mod durability;
+mod election;
 mod failover;
 mod proxy;
 mod random;
+mod read_write;
 mod reattach;
 mod redis_cut;
 mod remote;
+mod semaphore;
 mod server_killed;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use checker::{End, History, Resource, check};
+use checker::{End, History, Resource, Window, check, fence_order_violations, most_at_once};
 use common::*;
 use leasehold::client::{Client, Error, LockGuard, Lost, LostReason};
 use leasehold::pb;
@@ -186,6 +191,111 @@ async fn worker(
         }
     }
     stats
+}
+
+/// How a [`mode_worker`] takes its lock, and for how long.
+#[derive(Clone, Debug)]
+struct ModeLoad {
+    key: String,
+    /// `Some(limit)`: SHARED (a permit, a reader); `None`: exclusive.
+    shared: Option<u32>,
+    ttl: Duration,
+    wait: Duration,
+    /// Each hold lasts between these (milliseconds), drawn from the seed.
+    hold_ms: (u64, u64),
+    /// The pause between a release and the next Acquire, likewise.
+    pause_ms: (u64, u64),
+}
+
+/// What a [`mode_worker`] saw: its grants and how long each took to come.
+#[derive(Debug, Default)]
+struct ModeStats {
+    waits: Vec<Duration>,
+    errors: Vec<String>,
+}
+
+/// One SDK client taking `load.key` SHARED or exclusive in a loop until
+/// `stop`, holding it for a seeded random time; its belief (from the
+/// grant's return to just before the release call, or to `lost()`) goes
+/// into `history`.
+async fn mode_worker(
+    name: String,
+    client: Client,
+    load: ModeLoad,
+    seed: u64,
+    history: Arc<History>,
+    stop: CancellationToken,
+) -> ModeStats {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut stats = ModeStats::default();
+    while !stop.is_cancelled() {
+        let sent = Instant::now();
+        let mut builder = client
+            .lock(load.key.as_str())
+            .ttl(load.ttl)
+            .wait(load.wait)
+            .owner(name.as_str());
+        if let Some(limit) = load.shared {
+            builder = builder.shared(limit);
+        }
+        let taken = tokio::select! {
+            r = builder => r,
+            _ = stop.cancelled() => break,
+        };
+        let guard = match taken {
+            Ok(guard) => guard,
+            Err(e) => {
+                stats.errors.push(e.to_string());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let at = Instant::now();
+        stats.waits.push(at - sent);
+        let fence = guard.fencing_token();
+        history.grant(&name, &load.key, fence, sent, at);
+        let hold = Duration::from_millis(rng.random_range(load.hold_ms.0..=load.hold_ms.1));
+        let lost = tokio::select! {
+            _ = guard.lost() => true,
+            _ = tokio::time::sleep(hold) => guard.is_lost(),
+        };
+        if lost {
+            history.end(&name, &load.key, fence, Instant::now(), End::Lost);
+        } else {
+            history.end(&name, &load.key, fence, Instant::now(), End::Released);
+            if let Err(e) = guard.release().await {
+                stats.errors.push(format!("release: {e}"));
+            }
+        }
+        let pause = Duration::from_millis(rng.random_range(load.pause_ms.0..=load.pause_ms.1));
+        tokio::time::sleep(pause).await;
+    }
+    stats
+}
+
+/// The holders of `key` a server describes now, by owner.
+async fn holders_of(endpoint: &str, key: &str) -> Vec<String> {
+    let mut c = LockServiceClient::connect(endpoint.to_string())
+        .await
+        .expect("connect for Describe");
+    c.describe(pb::DescribeRequest { key: key.into() })
+        .await
+        .expect("describe")
+        .into_inner()
+        .holders
+        .into_iter()
+        .map(|h| h.owner)
+        .collect()
+}
+
+/// The seed of the scenarios that draw random holds:
+/// `LEASEHOLD_FAULTS_SEED`, or a fixed one so that CI runs are repeatable.
+fn mode_seed() -> u64 {
+    std::env::var("LEASEHOLD_FAULTS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15)
 }
 
 /// Workers running in the background.

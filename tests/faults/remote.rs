@@ -161,7 +161,9 @@ async fn serve(
 #[derive(Debug, Clone)]
 pub struct Spec {
     pub name: String,
-    /// `hold`: take every key, say HOLDING, wait to be killed. `pause`:
+    /// `hold`: take every key, say HOLDING, wait to be killed. `elect`:
+    /// run for leadership of the first key (`client.elect`, value = name),
+    /// say GRANT with the term and HOLDING, wait to be killed. `pause`:
     /// take the first key, write once, say READY, wait for GO, write
     /// again, then wait (bounded) for `lost()` and try to release.
     pub role: String,
@@ -169,18 +171,22 @@ pub struct Spec {
     pub endpoints: Vec<String>,
     pub keys: Vec<String>,
     pub ttl: Duration,
+    /// `hold` with `Some(n)`: each key is taken as one permit of a
+    /// semaphore of `n` (SHARED).
+    pub shared: Option<u32>,
 }
 
 impl Spec {
     fn encode(&self) -> String {
         format!(
-            "name={} role={} hub={} endpoints={} keys={} ttl_ms={}",
+            "name={} role={} hub={} endpoints={} keys={} ttl_ms={} shared={}",
             self.name,
             self.role,
             self.hub,
             self.endpoints.join(","),
             self.keys.join(","),
-            self.ttl.as_millis()
+            self.ttl.as_millis(),
+            self.shared.map_or("-".to_string(), |n| n.to_string())
         )
     }
 
@@ -196,6 +202,7 @@ impl Spec {
             endpoints: field("endpoints")?.split(',').map(String::from).collect(),
             keys: field("keys")?.split(',').map(String::from).collect(),
             ttl: Duration::from_millis(field("ttl_ms")?.parse().ok()?),
+            shared: field("shared").and_then(|n| n.parse().ok()),
         })
     }
 
@@ -247,16 +254,44 @@ pub async fn run_client(spec: &str) -> Result<(), String> {
         .connect()
         .await
         .map_err(|e| e.to_string())?;
+    if spec.role == "elect" {
+        let key = spec.keys.first().ok_or("no key")?;
+        let sent = Instant::now();
+        let leadership = client
+            .elect(key.as_str())
+            .value(spec.name.as_str())
+            .owner(spec.name.as_str())
+            .ttl(spec.ttl)
+            .wait(Duration::from_secs(60))
+            .await
+            .map_err(|e| e.to_string())?;
+        say(format!(
+            "GRANT {key} {} {}",
+            leadership.term(),
+            sent.elapsed().as_micros()
+        ));
+        say("HOLDING".into());
+        // Killed long before this; a lost leadership says so first.
+        if let Ok(reason) = tokio::time::timeout(Duration::from_secs(120), leadership.lost()).await
+        {
+            say(format!("LOST {key} {} {reason:?}", leadership.term()));
+        }
+        drop(tx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), sender).await;
+        return Ok(());
+    }
     let mut guards = Vec::new();
     for key in &spec.keys {
         let sent = Instant::now();
-        let guard = client
+        let mut builder = client
             .lock(key.as_str())
             .ttl(spec.ttl)
             .wait(Duration::from_secs(20))
-            .owner(spec.name.as_str())
-            .await
-            .map_err(|e| e.to_string())?;
+            .owner(spec.name.as_str());
+        if let Some(n) = spec.shared {
+            builder = builder.shared(n);
+        }
+        let guard = builder.await.map_err(|e| e.to_string())?;
         say(format!(
             "GRANT {key} {} {}",
             guard.fencing_token(),
