@@ -640,7 +640,7 @@ async fn scripts_acquire_renew_describe_release() {
     assert_eq!(first, second);
 }
 
-/// `leasehold lock --shared 2`: a semaphore of two permits. Five commands
+/// `leasehold lock --shared --limit 2`: a semaphore of two permits. Five commands
 /// started at once never run more than two at a time, and two do run side
 /// by side; every one of them runs and exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -658,6 +658,7 @@ async fn lock_shared_runs_at_most_limit_commands_at_once() {
                     "lock",
                     "cli/permits",
                     "--shared",
+                    "--limit",
                     "2",
                     "--ttl",
                     "5s",

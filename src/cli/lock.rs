@@ -57,12 +57,20 @@ pub struct LockArgs {
     /// half the TTL.
     #[arg(long, env = "LEASEHOLD_MARGIN", default_value = "500ms", value_parser = humantime::parse_duration)]
     pub margin: Duration,
-    /// Take the lock SHARED, as one of at most LIMIT holders (0: no limit):
-    /// `--shared 3` lets three commands run at once (a semaphore), `--shared
-    /// 0` runs readers beside each other while a writer (no `--shared`)
-    /// waits for all of them. Every holder of a key gives the same LIMIT.
-    #[arg(long, env = "LEASEHOLD_SHARED", value_name = "LIMIT")]
-    pub shared: Option<u32>,
+    /// Take the lock SHARED: `--shared` alone runs readers beside each
+    /// other while a writer (no `--shared`) waits for all of them;
+    /// `--shared --limit 3` lets three commands run at once (a semaphore).
+    #[arg(long, env = "LEASEHOLD_SHARED")]
+    pub shared: bool,
+    /// With --shared: at most this many holders at once (0: no limit).
+    /// Every holder of a key gives the same limit.
+    #[arg(
+        long,
+        env = "LEASEHOLD_LIMIT",
+        requires = "shared",
+        default_value_t = 0
+    )]
+    pub limit: u32,
     /// Who holds the lock, as `describe` shows it (default: HOST:PID).
     #[arg(long, env = "LEASEHOLD_OWNER")]
     pub owner: Option<String>,
@@ -179,8 +187,8 @@ pub async fn run(args: LockArgs) -> i32 {
     if let Some(wait) = args.wait {
         builder = builder.wait(wait);
     }
-    if let Some(limit) = args.shared {
-        builder = builder.shared(limit);
+    if args.shared {
+        builder = builder.shared(args.limit);
     }
     for (k, v) in &args.metadata {
         builder = builder.metadata(k.clone(), v.clone());
