@@ -294,6 +294,7 @@ fn readme_grpcurl_examples_work_as_written() {
         "\"ttl_ms\": 50",
         "grpc.health.v1.Health/Check",
         "\"service\": \"leasehold.v1.LockService\"",
+        "LockService/Watch",
     ];
     assert_eq!(
         commands.len(),
@@ -426,6 +427,23 @@ fn readme_grpcurl_examples_work_as_written() {
         let health = one(&run(&grpcurl, addr, &token, command), command);
         assert_eq!(health["status"], "SERVING", "{command}: {health}");
     }
+
+    // Watch: the state first (free: the stream's end released it), then
+    // the call's deadline ends it.
+    let out = run(&grpcurl, addr, &token, &c[14]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let first: Value = serde_json::Deserializer::from_str(&stdout)
+        .into_iter::<Value>()
+        .next()
+        .and_then(Result::ok)
+        .unwrap_or_else(|| panic!("{}: no JSON: {stdout} {stderr}", c[14]));
+    assert_eq!(first["kind"], "KIND_STATE", "{first}");
+    assert!(first["state"].get("held").is_none(), "{first}");
+    assert!(
+        !out.status.success() && stderr.contains("DeadlineExceeded"),
+        "{stderr}"
+    );
 
     // No log line carries either token.
     assert!(server.output.all().iter().all(|l| !l.contains(&token)));
