@@ -148,6 +148,7 @@ function setAdmin(value) {
   admin = value;
   document.body.dataset.admin = String(value);
   $("force-form").hidden = value !== true || !current;
+  $("no-admin").hidden = value !== false || !current;
 }
 
 // List needs the admin grant, so a List that is not PERMISSION_DENIED means
@@ -314,6 +315,7 @@ function showState(state) {
     rows.append(tr);
   }
   $("holders").tBodies[0].replaceChildren(rows);
+  $("holders").hidden = !holders.length;
   ttlCells = cells;
 }
 
@@ -444,6 +446,7 @@ async function forceRelease(ev) {
     const n = reply.released || 0;
     result.className = "ok";
     result.textContent = n ? "Force-released: " + n + " holder" + (n === 1 ? "" : "s") + " removed." : "Nothing to release: the lock was free.";
+    $("reason").value = "";
   } catch (e) {
     result.className = "error";
     result.textContent = explain(e);
@@ -466,6 +469,7 @@ function route() {
     $("lock-view").hidden = true;
     $("list-view").hidden = false;
     $("force-form").hidden = true;
+    $("no-admin").hidden = true;
     startList();
   }
 }
