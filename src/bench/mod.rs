@@ -4,6 +4,7 @@
 //! Redis — and reports ratios, because absolute numbers on a shared machine
 //! mean little. See documentation/benchmarks.md.
 
+mod dashboard;
 mod floor;
 mod load;
 mod protocols;
@@ -39,6 +40,10 @@ pub enum Scenario {
     /// Acquire + Release cycles over gRPC and over Connect with JSON, on
     /// one server (memory store with --spawn), with server CPU per call.
     Protocols,
+    /// Acquire + Release cycles with no dashboard page open, with --pages
+    /// lock pages (a Watch each) and with --pages pages that also call
+    /// List every 500 ms, interleaved.
+    Dashboard,
     /// cycles, hot, keepalive and crash, one after the other.
     All,
 }
@@ -104,7 +109,11 @@ pub struct BenchArgs {
     /// weighs on every target alike.
     #[arg(long, default_value_t = 5)]
     pub interleave: usize,
-    /// Store of spawned servers for keepalive and crash.
+    /// Open dashboard pages (dashboard): each holds a Watch on a held key
+    /// and calls List every 500 ms, on its own connection.
+    #[arg(long, default_value_t = 100)]
+    pub pages: usize,
+    /// Store of spawned servers for keepalive, crash and dashboard.
     #[arg(long, value_enum, default_value_t = StoreChoice::Redis)]
     pub store: StoreChoice,
     /// Server process to read CPU and RSS from when not spawning.
@@ -238,6 +247,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             Scenario::Handoff => handoff(&args, redis_url.as_deref()).await?,
             Scenario::Baseline => baseline(&args, redis_url.as_deref()).await?,
             Scenario::Protocols => protocols::protocols(&args).await?,
+            Scenario::Dashboard => dashboard::dashboard(&args, redis_url.as_deref()).await?,
             Scenario::All => unreachable!("expanded above"),
         };
         if args.json {
@@ -774,7 +784,7 @@ fn print_report(report: &Value) {
         v => v.to_string(),
     };
     match scenario {
-        "cycles" | "baseline" | "hot" | "protocols" => {
+        "cycles" | "baseline" | "hot" | "protocols" | "dashboard" => {
             for row in report["rows"].as_array().into_iter().flatten() {
                 if row.get("cycles_per_s").is_some() {
                     println!(
@@ -801,6 +811,11 @@ fn print_report(report: &Value) {
                         row["timeouts"],
                         row["errors"],
                     );
+                }
+            }
+            for row in report["rows"].as_array().into_iter().flatten() {
+                if let Some(seen) = row.get("pages_seen") {
+                    println!("  pages beside {}: {seen}", row["target"].as_str().unwrap_or(""));
                 }
             }
             if let Some(ratios) = report["ratios"].as_object() {
