@@ -6,8 +6,8 @@
 // Why the list polls and only a lock's page watches: a browser opens at most
 // six HTTP/1.1 connections to one host, and Watch is per key and holds its
 // connection, so a Watch per row cannot work. The list re-reads with List
-// (one page of up to 1000 locks) every 500 ms and counts TTLs down locally
-// in between; a lock's page holds ONE Watch on its key (and reads the TTL
+// (one page of up to 1000 locks, at most 200 ms old) every 500 ms and
+// counts TTLs down locally in between; a lock's page holds ONE Watch on its key (and reads the TTL
 // with Describe every second, since renewals are not events).
 "use strict";
 
@@ -15,6 +15,7 @@ const POLL_MS = 500;
 const PAGE_SIZE = 1000;
 const MAX_PAGES = 10;
 const DESCRIBE_MS = 1000;
+const LIST_MAX_AGE_MS = 200;
 const TOKEN_KEY = "leasehold.token";
 
 const $ = (id) => document.getElementById(id);
@@ -48,13 +49,13 @@ async function replyError(res) {
   return new ConnectError("unknown", "HTTP " + res.status);
 }
 
-// One Connect unary call with JSON.
-async function call(service, method, body) {
+// One Connect unary call with JSON; `extra` headers added.
+async function call(service, method, body, extra) {
   let res;
   try {
     res = await fetch("/leasehold.v1." + service + "/" + method, {
       method: "POST",
-      headers: { ...headers("application/json"), "connect-timeout-ms": "10000" },
+      headers: { ...headers("application/json"), "connect-timeout-ms": "10000", ...extra },
       body: JSON.stringify(body),
       cache: "no-store",
     });
@@ -178,7 +179,10 @@ async function listAll(prefix) {
   const locks = [];
   let pageToken = "";
   for (let i = 0; i < MAX_PAGES; i++) {
-    const reply = await call("AdminService", "List", { prefix, pageSize: PAGE_SIZE, pageToken });
+    // A page up to LIST_MAX_AGE_MS old will do: many open pages then
+    // share one read of the store (server/service/recent_lists.rs).
+    const reply = await call("AdminService", "List", { prefix, pageSize: PAGE_SIZE, pageToken },
+      { "leasehold-list-max-age-ms": String(LIST_MAX_AGE_MS) });
     if (reply.locks) for (const l of reply.locks) locks.push(l);
     pageToken = reply.nextPageToken || "";
     if (!pageToken) return { locks, more: false };

@@ -7,8 +7,8 @@
 //! A lock page does what `ui/app.js` does on a lock's page: one Watch on a
 //! held key over Connect streaming with JSON (`application/connect+json`).
 //! A list-polling page adds `AdminService/List` with JSON (one page of up
-//! to 1000 locks, the empty prefix: the whole list) every 500 ms, as the
-//! list view does. Each page has its own HTTP/2 connection (tonic's
+//! to 1000 locks, the empty prefix: the whole list, at most 200 ms old) every
+//! 500 ms, as the list view does. Each page has its own HTTP/2 connection (tonic's
 //! channel; a browser would use HTTP/1.1, which the server frames no more
 //! cheaply). Pages are opened before a slice is measured (every Watch has
 //! answered its STATE) and closed after it, so a slice measures pages that
@@ -50,7 +50,11 @@ struct Shared {
     /// Short sections only (one record), never across an await.
     lists: Mutex<Latency>,
 }
-fn request(path: &str, content_type: &'static str, body: Bytes) -> http::Request<tonic::body::Body> {
+fn request(
+    path: &str,
+    content_type: &'static str,
+    body: Bytes,
+) -> http::Request<tonic::body::Body> {
     let mut req = http::Request::new(tonic::body::Body::new(http_body_util::Full::new(body)));
     *req.method_mut() = http::Method::POST;
     *req.uri_mut() = http::Uri::try_from(path).unwrap_or_default();
@@ -64,10 +68,15 @@ fn request(path: &str, content_type: &'static str, body: Bytes) -> http::Request
 /// One `AdminService/List` over Connect with JSON; errors are counted.
 async fn list(channel: &mut Channel) -> Result<(), String> {
     let body = json!({"prefix": "", "pageSize": 1000}).to_string();
-    let req = request(
+    let mut req = request(
         "/leasehold.v1.AdminService/List",
         "application/json",
         Bytes::from(body),
+    );
+    // As the page asks: a page up to 200 ms old will do.
+    req.headers_mut().insert(
+        crate::service::recent_lists::MAX_AGE_HEADER,
+        http::HeaderValue::from_static("200"),
     );
     let ready = channel.ready().await.map_err(|e| e.to_string())?;
     let response = ready.call(req).await.map_err(|e| e.to_string())?;
@@ -216,7 +225,9 @@ impl Pages {
         stats.events += self.shared.events.load(Ordering::Relaxed);
         stats.watch_errors += self.shared.watch_errors.load(Ordering::Relaxed);
         stats.list_errors += self.shared.list_errors.load(Ordering::Relaxed);
-        stats.lists.merge(&self.shared.lists.lock().unwrap_or_else(|e| e.into_inner()));
+        stats
+            .lists
+            .merge(&self.shared.lists.lock().unwrap_or_else(|e| e.into_inner()));
     }
 }
 
@@ -235,7 +246,9 @@ impl Drop for AbortOnDrop {
 pub async fn dashboard(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, String> {
     let spawned = if args.spawn {
         let url = match args.store {
-            StoreChoice::Redis => Some(redis_url.ok_or("dashboard --spawn --store redis needs Redis")?),
+            StoreChoice::Redis => {
+                Some(redis_url.ok_or("dashboard --spawn --store redis needs Redis")?)
+            }
             StoreChoice::Memory => None,
         };
         let mut server_args = args.server_args.clone();

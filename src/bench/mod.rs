@@ -815,7 +815,10 @@ fn print_report(report: &Value) {
             }
             for row in report["rows"].as_array().into_iter().flatten() {
                 if let Some(seen) = row.get("pages_seen") {
-                    println!("  pages beside {}: {seen}", row["target"].as_str().unwrap_or(""));
+                    println!(
+                        "  pages beside {}: {seen}",
+                        row["target"].as_str().unwrap_or("")
+                    );
                 }
             }
             if let Some(ratios) = report["ratios"].as_object() {

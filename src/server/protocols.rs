@@ -204,6 +204,7 @@ pub fn cors(origins: &[String]) -> Result<Option<CorsLayer>, String> {
         "grpc-timeout",
         "x-grpc-web",
         "x-user-agent",
+        crate::service::recent_lists::MAX_AGE_HEADER,
     ];
     let exposed = [
         "grpc-status",

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
+use super::recent_lists::RecentLists;
 use super::{convert, log_result, rejected};
 use crate::auth::Access;
 use crate::lock::Limits;
@@ -20,12 +21,18 @@ use crate::store::LockStore;
 pub struct AdminServiceImpl<S> {
     store: Arc<S>,
     limits: Limits,
+    /// Pages for List calls that accept a slightly old one (dashboards).
+    recent: RecentLists,
 }
 
 impl<S: LockStore> AdminServiceImpl<S> {
     /// The service over `store`, with the lock service's field limits.
     pub fn new(store: Arc<S>, limits: Limits) -> Self {
-        Self { store, limits }
+        Self {
+            store,
+            limits,
+            recent: RecentLists::default(),
+        }
     }
 }
 
@@ -51,6 +58,7 @@ impl<S: LockStore> pb::admin_service_server::AdminService for AdminServiceImpl<S
     ) -> Result<Response<pb::ListResponse>, Status> {
         let start = Instant::now();
         let access = admin("List", start, request.extensions())?;
+        let max_age = RecentLists::max_age(request.metadata());
         let call = convert::list_request(request.into_inner(), &self.limits)
             .map_err(|e| rejected("List", start, e))?;
         let Some(prefix) = access.list_prefix(&call.prefix) else {
@@ -58,12 +66,23 @@ impl<S: LockStore> pb::admin_service_server::AdminService for AdminServiceImpl<S
             crate::metrics::rpc("List", "listed", start.elapsed());
             return Ok(Response::new(pb::ListResponse::default()));
         };
-        let result = self
-            .store
-            .list(&prefix, call.page_size, call.page_token.as_deref())
-            .await;
-        log_result("List", &call.prefix, start, &result, |_| "listed");
-        let mut page = result?;
+        let query = (prefix, call.page_size, call.page_token);
+        let kept = max_age.and_then(|age| self.recent.get(&query, age));
+        let mut page = match kept {
+            Some(page) => {
+                crate::metrics::rpc("List", "listed", start.elapsed());
+                page
+            }
+            None => {
+                let result = self.store.list(&query.0, query.1, query.2.as_deref()).await;
+                log_result("List", &call.prefix, start, &result, |_| "listed");
+                let page = result?;
+                if max_age.is_some() {
+                    self.recent.put(query, &page);
+                }
+                page
+            }
+        };
         // Keys outside the caller's scopes are skipped, not refused: a
         // page may come back short, and the listing goes on.
         page.locks.retain(|(key, _)| access.permits(key));
