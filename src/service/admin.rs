@@ -66,23 +66,21 @@ impl<S: LockStore> pb::admin_service_server::AdminService for AdminServiceImpl<S
             crate::metrics::rpc("List", "listed", start.elapsed());
             return Ok(Response::new(pb::ListResponse::default()));
         };
-        let query = (prefix, call.page_size, call.page_token);
-        let kept = max_age.and_then(|age| self.recent.get(&query, age));
-        let mut page = match kept {
-            Some(page) => {
-                crate::metrics::rpc("List", "listed", start.elapsed());
-                page
+        let store = self.store.clone();
+        let (size, token) = (call.page_size, call.page_token.clone());
+        let result = match max_age {
+            Some(age) => {
+                let query = (prefix.clone(), size, token.clone());
+                self.recent
+                    .get_or_read(query, age, || async move {
+                        store.list(&prefix, size, token.as_deref()).await
+                    })
+                    .await
             }
-            None => {
-                let result = self.store.list(&query.0, query.1, query.2.as_deref()).await;
-                log_result("List", &call.prefix, start, &result, |_| "listed");
-                let page = result?;
-                if max_age.is_some() {
-                    self.recent.put(query, &page);
-                }
-                page
-            }
+            None => store.list(&prefix, size, token.as_deref()).await,
         };
+        log_result("List", &call.prefix, start, &result, |_| "listed");
+        let mut page = result?;
         // Keys outside the caller's scopes are skipped, not refused: a
         // page may come back short, and the listing goes on.
         page.locks.retain(|(key, _)| access.permits(key));

@@ -14,9 +14,11 @@
 //! pages; it must not call the store.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::lock::LockError;
 use crate::store::ListPage;
 
 /// The request header (gRPC metadata) that asks for a page at most this
@@ -33,10 +35,27 @@ const MAX_QUERIES: usize = 16;
 /// One store query: narrowed prefix, page size, page token.
 pub type Query = (String, usize, Option<String>);
 
+/// One read of the store for a query: under way while the cell is empty
+/// (callers join it rather than start their own), then its page and the
+/// moment the read began.
+#[derive(Default)]
+struct Read {
+    cell: tokio::sync::OnceCell<(Instant, Arc<ListPage>)>,
+}
+
+impl Read {
+    /// Under way, or done at most `max_age` ago.
+    fn fresh(&self, max_age: Duration) -> bool {
+        self.cell
+            .get()
+            .is_none_or(|(at, _)| at.elapsed() <= max_age)
+    }
+}
+
 /// The pages kept; see the module docs.
 #[derive(Default)]
 pub struct RecentLists {
-    pages: Mutex<HashMap<Query, (Instant, Arc<ListPage>)>>,
+    reads: Mutex<HashMap<Query, Arc<Read>>>,
 }
 
 impl RecentLists {
@@ -46,25 +65,46 @@ impl RecentLists {
         Some(Duration::from_millis(ms).min(MAX_AGE_LIMIT)).filter(|d| !d.is_zero())
     }
 
-    /// A page for `query` at most `max_age` old, its TTLs aged.
-    pub fn get(&self, query: &Query, max_age: Duration) -> Option<ListPage> {
-        let (at, page) = {
-            let pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
-            let (at, page) = pages.get(query)?;
-            (*at, page.clone())
+    /// The page for `query`: one read at most `max_age` old, or the read
+    /// already under way, or else a new one made with `read`. Errors are
+    /// never kept: the next caller reads again. A page comes back with its
+    /// TTLs aged since its read began.
+    pub async fn get_or_read<F, Fut>(
+        &self,
+        query: Query,
+        max_age: Duration,
+        read: F,
+    ) -> Result<ListPage, LockError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<ListPage, LockError>>,
+    {
+        let shared = {
+            let mut reads = self.reads.lock().unwrap_or_else(|e| e.into_inner());
+            match reads.get(&query) {
+                Some(r) if r.fresh(max_age) => Some(r.clone()),
+                _ => {
+                    reads.retain(|_, r| r.fresh(MAX_AGE_LIMIT));
+                    (reads.len() < MAX_QUERIES).then(|| {
+                        let r = Arc::new(Read::default());
+                        reads.insert(query, r.clone());
+                        r
+                    })
+                }
+            }
         };
-        let age = at.elapsed();
-        (age <= max_age).then(|| aged(&page, age))
-    }
-
-    /// Keeps `page` as the answer to `query` from now on.
-    pub fn put(&self, query: Query, page: &ListPage) {
-        let page = Arc::new(page.clone());
-        let mut pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
-        pages.retain(|_, (at, _)| at.elapsed() <= MAX_AGE_LIMIT);
-        if pages.len() < MAX_QUERIES || pages.contains_key(&query) {
-            pages.insert(query, (Instant::now(), page));
-        }
+        // Past the cap: this caller reads for itself, nothing kept.
+        let Some(shared) = shared else {
+            return read().await;
+        };
+        let (at, page) = shared
+            .cell
+            .get_or_try_init(|| async {
+                let at = Instant::now();
+                read().await.map(|page| (at, Arc::new(page)))
+            })
+            .await?;
+        Ok(aged(page, at.elapsed()))
     }
 }
 
@@ -116,28 +156,52 @@ mod tests {
         ListPage { locks, next: None }
     }
 
-    #[test]
-    fn ages_and_expires() {
+    #[tokio::test]
+    async fn ages_shares_and_expires() {
         let aged = aged(&page(&[50, 1000]), Duration::from_millis(100));
         assert_eq!(aged.locks.len(), 1, "the 50 ms lock is gone by now");
         assert_eq!(aged.locks[0].1.holders[0].ttl_ms, 900);
 
         let recent = RecentLists::default();
         let query: Query = ("".into(), 1000, None);
-        assert!(recent.get(&query, MAX_AGE_LIMIT).is_none());
-        recent.put(query.clone(), &page(&[5000]));
-        let got = recent.get(&query, MAX_AGE_LIMIT).expect("kept");
-        assert!(got.locks[0].1.holders[0].ttl_ms <= 5000);
-        assert!(
+        let reads = std::sync::atomic::AtomicUsize::new(0);
+        let read = |ttl| {
+            reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move { Ok(page(&[ttl])) }
+        };
+        let first = recent
+            .get_or_read(query.clone(), MAX_AGE_LIMIT, || read(5000))
+            .await
+            .expect("read");
+        let again = recent
+            .get_or_read(query.clone(), MAX_AGE_LIMIT, || read(7000))
+            .await
+            .expect("kept");
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(again.locks[0].1.holders[0].ttl_ms <= first.locks[0].1.holders[0].ttl_ms);
+        // Another query reads; an error is not kept.
+        let other: Query = ("x".into(), 1000, None);
+        let failed = recent
+            .get_or_read(other.clone(), MAX_AGE_LIMIT, || async {
+                Err(LockError::Internal("down".into()))
+            })
+            .await;
+        assert!(failed.is_err());
+        let ok = recent
+            .get_or_read(other, MAX_AGE_LIMIT, || read(3000))
+            .await
+            .expect("read again");
+        assert_eq!(ok.locks[0].1.holders[0].ttl_ms, 3000);
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 2);
+        // Bounded: past the cap nothing more is kept.
+        for i in 0..2 * MAX_QUERIES {
+            let q: Query = (format!("p{i}"), 1, None);
             recent
-                .get(&("x".into(), 1000, None), MAX_AGE_LIMIT)
-                .is_none()
-        );
-        // Bounded: a query past the cap is not kept.
-        for i in 0..MAX_QUERIES {
-            recent.put((format!("p{i}"), 1, None), &page(&[]));
+                .get_or_read(q, MAX_AGE_LIMIT, || async { Ok(page(&[])) })
+                .await
+                .expect("read");
         }
-        assert!(recent.pages.lock().expect("lock").len() <= MAX_QUERIES);
+        assert!(recent.reads.lock().expect("lock").len() <= MAX_QUERIES);
     }
 
     #[test]
