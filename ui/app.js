@@ -518,6 +518,14 @@ function init() {
   });
   $("force-form").addEventListener("submit", forceRelease);
   window.addEventListener("hashchange", route);
+  // A list in a tab nobody looks at stops polling, and catches up at once
+  // when shown again (documentation/benchmarks.md: what open pages cost).
+  document.addEventListener("visibilitychange", () => {
+    if (!$("list-view").hidden) {
+      if (document.hidden) stopList();
+      else startList();
+    }
+  });
   setInterval(tick, 100);
   route();
 }
