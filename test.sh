@@ -4,7 +4,8 @@
 # a 3-master/3-replica Redis Cluster) that the tests start on free loopback
 # ports, the Python client and grpcurl against the real server. Installs what
 # the tests need when it is missing (Debian packages with apt-get when root,
-# Python packages with pip, the Node.js example's packages with npm).
+# Python packages with pip, the Node.js example's and the dashboard test's
+# packages with npm).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -64,7 +65,17 @@ if [ ! -x clients/node/node_modules/.bin/buf ]; then
     exit 1
   }
 fi
-say "node: $(node --version 2>&1)"
+# The dashboard test (tests/ui.rs) drives Debian's chromium, headless, with
+# playwright-core from ui/test (no browser download: it uses this one).
+command -v chromium >/dev/null 2>&1 || apt_install chromium
+if [ ! -d ui/test/node_modules/playwright-core ]; then
+  say "installing ui/test packages with npm ci"
+  (cd ui/test && npm ci --no-audit --no-fund --loglevel=error) || {
+    echo "error: npm ci failed in ui/test; run it there and rerun ./test.sh" >&2
+    exit 1
+  }
+fi
+say "node: $(node --version 2>&1), $(chromium --version 2>/dev/null | head -n 1)"
 
 say "cargo fmt --check"
 cargo fmt --all -- --check

@@ -1,7 +1,7 @@
 //! Assembles the server: the lock service, health, reflection, TLS,
 //! authentication, HTTP/2 keepalive, limits and graceful shutdown, and on
 //! the same listener, over HTTP/1.1 and HTTP/2, gRPC-Web, the Connect
-//! protocol and HTTP health endpoints ([`protocols`]). `run` takes its listener and its
+//! protocol, HTTP health endpoints and the web dashboard ([`protocols`]). `run` takes its listener and its
 //! shutdown signal as arguments, so tests bind 127.0.0.1:0 and stop it at
 //! will (mini-redis `server::run`). Connections are accepted by
 //! [`connections`], which bounds them before tonic sees them.
@@ -10,6 +10,7 @@ pub mod calls;
 mod connect;
 pub mod connections;
 pub mod protocols;
+mod ui;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -67,6 +68,10 @@ pub struct ServerConfig {
     /// without one, anyone who can reach the port could take any lock, so
     /// it is off unless asked for.
     pub admin: bool,
+    /// Serve the web dashboard's page at `/ui/` (`--ui`). The page holds no
+    /// rights of its own: it calls the services with the token typed into
+    /// it.
+    pub ui: bool,
 }
 
 /// The server's TLS identity and, for mutual TLS, the CA its clients'
@@ -156,6 +161,7 @@ impl Default for ServerConfig {
             auth: None,
             cors_allow_origins: Vec::new(),
             admin: false,
+            ui: false,
         }
     }
 }
@@ -253,7 +259,7 @@ pub async fn run<S: LockStore>(
         .http2_max_local_error_reset_streams(Some(connections::MAX_LOCAL_RESET_STREAMS))
         .layer(calls::ActivityLayer::new(registry.clone()))
         .layer(crate::service::delivery::DeliveryLayer)
-        .layer(protocols::ProtocolLayer::new(cors))
+        .layer(protocols::ProtocolLayer::new(cors, config.ui))
         .layer(crate::service::wire::layer())
         .layer(AuthLayer::new(config.auth.clone()))
         .add_service(health_service)

@@ -4,6 +4,7 @@
 //! Redis — and reports ratios, because absolute numbers on a shared machine
 //! mean little. See documentation/benchmarks.md.
 
+mod dashboard;
 mod etcd;
 mod floor;
 mod load;
@@ -47,6 +48,10 @@ pub enum Scenario {
     /// --watchers Watch streams of one key changing --event-rate times a
     /// second: events delivered, their delay, server memory per watcher.
     Fanout,
+    /// Acquire + Release cycles with no dashboard page open, with --pages
+    /// lock pages (a Watch each) and with --pages pages that also call
+    /// List every 500 ms, interleaved.
+    Dashboard,
     /// cycles, hot, keepalive and crash, one after the other.
     All,
 }
@@ -125,7 +130,11 @@ pub struct BenchArgs {
     /// weighs on every target alike.
     #[arg(long, default_value_t = 5)]
     pub interleave: usize,
-    /// Store of spawned servers for keepalive and crash.
+    /// Open dashboard pages (dashboard): each holds a Watch on a held key
+    /// and calls List every 500 ms, on its own connection.
+    #[arg(long, default_value_t = 100)]
+    pub pages: usize,
+    /// Store of spawned servers for keepalive, crash and dashboard.
     #[arg(long, value_enum, default_value_t = StoreChoice::Redis)]
     pub store: StoreChoice,
     /// Server process to read CPU and RSS from when not spawning.
@@ -261,6 +270,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             Scenario::Protocols => protocols::protocols(&args).await?,
             Scenario::Semaphore => modes::semaphore(&args, redis_url.as_deref()).await?,
             Scenario::Fanout => modes::fanout(&args, redis_url.as_deref()).await?,
+            Scenario::Dashboard => dashboard::dashboard(&args, redis_url.as_deref()).await?,
             Scenario::All => unreachable!("expanded above"),
         };
         if args.json {
@@ -894,7 +904,7 @@ fn print_report(report: &Value) {
         v => v.to_string(),
     };
     match scenario {
-        "cycles" | "baseline" | "hot" | "protocols" => {
+        "cycles" | "baseline" | "hot" | "protocols" | "dashboard" => {
             for row in report["rows"].as_array().into_iter().flatten() {
                 if row.get("cycles_per_s").is_some() {
                     println!(
@@ -925,6 +935,14 @@ fn print_report(report: &Value) {
                         fig(&row["one_worker_acquire_p50_ms"]),
                         fig(&row["serial_limit_per_s"]),
                         fig(&row["of_serial_limit"]),
+                    );
+                }
+            }
+            for row in report["rows"].as_array().into_iter().flatten() {
+                if let Some(seen) = row.get("pages_seen") {
+                    println!(
+                        "  pages beside {}: {seen}",
+                        row["target"].as_str().unwrap_or("")
                     );
                 }
             }

@@ -260,6 +260,13 @@ pub struct ServeArgs {
     /// always served, to tenants with `admin = true` only.
     #[arg(long, env = "LEASEHOLD_ADMIN", help_heading = "Authentication and TLS")]
     pub admin: bool,
+    /// Serve the web dashboard at /ui/ on the listening port: a page that
+    /// lists locks, follows one live and force-releases it, calling the
+    /// server with the bearer token typed into it (List needs the admin
+    /// grant, so also give --admin or an auth file). Off by default; use it
+    /// with TLS or on loopback, as the token crosses the network.
+    #[arg(long, env = "LEASEHOLD_UI", help_heading = "Listening and connections")]
+    pub ui: bool,
     /// PEM CA bundle that Redis's certificate must chain to, for rediss://
     /// (default: the system's CAs).
     #[arg(
@@ -380,6 +387,7 @@ impl ServeArgs {
             .map_err(|e| format!("--cors-allow-origin: {e}"))?;
         Ok(ServerConfig {
             admin: self.admin,
+            ui: self.ui,
             cors_allow_origins: self.cors_allow_origin.clone(),
             limits: ServiceLimits {
                 fields,
@@ -561,6 +569,18 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         tracing::warn!(
             "--admin without --auth-file: anyone who reaches this port can list every lock and take it from its holder"
         );
+    }
+    if config.ui {
+        if !config.admin && config.auth.is_none() {
+            tracing::warn!(
+                "--ui without --admin or --auth-file: the dashboard cannot list locks (the AdminService is not served)"
+            );
+        }
+        if config.tls.is_none() && !args.listen.ip().is_loopback() {
+            tracing::warn!(
+                "--ui without --tls-cert on a non-loopback address: the token typed into the dashboard crosses the network in plaintext"
+            );
+        }
     }
     let _reload = reload_on_sighup(config.auth.clone());
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -4,8 +4,10 @@
 //! - `application/grpc…`: gRPC, passed straight through (the one check
 //!   this layer adds to a gRPC call);
 //! - `application/grpc-web…`: gRPC-Web, translated to gRPC by `tonic-web`;
-//! - anything else is plain HTTP: `GET /healthz`, `GET /readyz`, and the
-//!   Connect protocol for `leasehold.v1.LockService` and `AdminService` (`server/connect.rs`).
+//! - anything else is plain HTTP: `GET /healthz`, `GET /readyz`, the web
+//!   dashboard's files under `/ui/` when `--ui` is on (`server/ui.rs`), and
+//!   the Connect protocol for `leasehold.v1.LockService` and `AdminService`
+//!   (`server/connect.rs`).
 //!
 //! Every protocol reaches the same inner stack (authentication, wire-error
 //! codes, the services), which sits inside this layer, and the same
@@ -23,7 +25,7 @@ use tonic::body::Body;
 use tower::{Layer, Service};
 use tower_http::cors::CorsLayer;
 
-use super::connect;
+use super::{connect, ui};
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
@@ -32,13 +34,15 @@ type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 #[derive(Debug, Clone, Default)]
 pub struct ProtocolLayer {
     cors: Option<CorsLayer>,
+    ui: bool,
 }
 
 impl ProtocolLayer {
     /// A router whose browser-facing protocols answer CORS requests from the
-    /// origins `cors` allows, or no cross-origin request when `None`.
-    pub fn new(cors: Option<CorsLayer>) -> Self {
-        Self { cors }
+    /// origins `cors` allows, or no cross-origin request when `None`, and
+    /// that serves the web dashboard at `/ui/` when `ui` is set.
+    pub fn new(cors: Option<CorsLayer>, ui: bool) -> Self {
+        Self { cors, ui }
     }
 }
 
@@ -48,6 +52,7 @@ impl<S> Layer<S> for ProtocolLayer {
         Protocols {
             inner,
             cors: self.cors.clone(),
+            ui: self.ui,
         }
     }
 }
@@ -57,6 +62,7 @@ impl<S> Layer<S> for ProtocolLayer {
 pub struct Protocols<S> {
     inner: S,
     cors: Option<CorsLayer>,
+    ui: bool,
 }
 
 impl<S> Service<Request<Body>> for Protocols<S>
@@ -86,7 +92,7 @@ where
         // The ready service goes with the call; a clone waits for the next.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let mut http = Http { inner };
+        let mut http = Http { inner, ui: self.ui };
         match &self.cors {
             Some(cors) => Either::Right(Box::pin(cors.layer(http).call(req))),
             None => Either::Right(Box::pin(http.call(req))),
@@ -98,6 +104,8 @@ where
 #[derive(Debug, Clone)]
 struct Http<S> {
     inner: S,
+    /// Serve the dashboard's files (`--ui`).
+    ui: bool,
 }
 
 impl<S> Service<Request<Body>> for Http<S>
@@ -137,6 +145,11 @@ where
         if get && path == "/readyz" {
             count("readyz");
             return Box::pin(connect::readyz(inner, req));
+        }
+        if self.ui && ui::owns(path) {
+            count("ui");
+            let response = ui::serve(&req);
+            return Box::pin(async { Ok(response) });
         }
         count("connect");
         Box::pin(connect::serve(inner, req))
@@ -191,6 +204,7 @@ pub fn cors(origins: &[String]) -> Result<Option<CorsLayer>, String> {
         "grpc-timeout",
         "x-grpc-web",
         "x-user-agent",
+        crate::service::recent_lists::MAX_AGE_HEADER,
     ];
     let exposed = [
         "grpc-status",

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
+use super::recent_lists::RecentLists;
 use super::{convert, log_result, rejected};
 use crate::auth::Access;
 use crate::lock::Limits;
@@ -20,12 +21,18 @@ use crate::store::LockStore;
 pub struct AdminServiceImpl<S> {
     store: Arc<S>,
     limits: Limits,
+    /// Pages for List calls that accept a slightly old one (dashboards).
+    recent: RecentLists,
 }
 
 impl<S: LockStore> AdminServiceImpl<S> {
     /// The service over `store`, with the lock service's field limits.
     pub fn new(store: Arc<S>, limits: Limits) -> Self {
-        Self { store, limits }
+        Self {
+            store,
+            limits,
+            recent: RecentLists::default(),
+        }
     }
 }
 
@@ -51,6 +58,7 @@ impl<S: LockStore> pb::admin_service_server::AdminService for AdminServiceImpl<S
     ) -> Result<Response<pb::ListResponse>, Status> {
         let start = Instant::now();
         let access = admin("List", start, request.extensions())?;
+        let max_age = RecentLists::max_age(request.metadata());
         let call = convert::list_request(request.into_inner(), &self.limits)
             .map_err(|e| rejected("List", start, e))?;
         let Some(prefix) = access.list_prefix(&call.prefix) else {
@@ -58,10 +66,19 @@ impl<S: LockStore> pb::admin_service_server::AdminService for AdminServiceImpl<S
             crate::metrics::rpc("List", "listed", start.elapsed());
             return Ok(Response::new(pb::ListResponse::default()));
         };
-        let result = self
-            .store
-            .list(&prefix, call.page_size, call.page_token.as_deref())
-            .await;
+        let store = self.store.clone();
+        let (size, token) = (call.page_size, call.page_token.clone());
+        let result = match max_age {
+            Some(age) => {
+                let query = (prefix.clone(), size, token.clone());
+                self.recent
+                    .get_or_read(query, age, || async move {
+                        store.list(&prefix, size, token.as_deref()).await
+                    })
+                    .await
+            }
+            None => store.list(&prefix, size, token.as_deref()).await,
+        };
         log_result("List", &call.prefix, start, &result, |_| "listed");
         let mut page = result?;
         // Keys outside the caller's scopes are skipped, not refused: a

@@ -12,6 +12,7 @@ pub mod delivery;
 mod keepalive;
 pub mod queues;
 pub mod quota;
+pub mod recent_lists;
 mod waiting;
 mod watch;
 pub mod wire;

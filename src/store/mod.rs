@@ -61,7 +61,7 @@ pub struct Forced {
 
 /// One page of [`LockStore::list`]: held locks and where the next page
 /// starts (`None`: this was the last page).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct ListPage {
     /// Held locks, each with its state (never its token).
     pub locks: Vec<(LockKey, LockInfo)>,
