@@ -25,6 +25,10 @@ use crate::task::{self, TaskGuard};
 const SHARDS: usize = 64;
 /// How often expired leases are dropped and their waiters woken.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
+/// Every this many sweeps, every shard is swept whatever its leases'
+/// deadlines: slots whose fencing counter and released tokens need no
+/// keeping are dropped then.
+const FULL_SWEEP_EVERY: u32 = 8;
 /// How long a waiting EXCLUSIVE Acquire keeps later SHARED ones out after
 /// its last attempt (the Redis store's `EXCLUSIVE_WAIT_MARK`).
 const EXCLUSIVE_WAIT_MARK: Duration = Duration::from_millis(3000);
@@ -38,7 +42,7 @@ pub struct MemoryStore {
 
 #[derive(Debug)]
 struct Inner {
-    shards: Box<[Mutex<HashMap<String, Slot>>]>,
+    shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
     waiters: Arc<dyn ReleaseListener>,
     /// Grants and releases, for watchers.
@@ -157,12 +161,46 @@ impl Held {
     }
 }
 
+/// One shard of the keys, and when a lease in it runs out first.
+///
+/// Why the deadline: a slot outlives its lease (its fencing counter, the
+/// tokens it released), so a busy store holds many slots with nothing to
+/// expire; the sweeper visits a shard only once a lease in it may have run
+/// out, and all of them only every [`FULL_SWEEP_EVERY`] sweeps.
+#[derive(Debug, Default)]
+struct Shard {
+    map: HashMap<String, Slot>,
+    /// No lease in this shard runs out before this (`None`: none held).
+    /// Lowered by every grant and renewal; recomputed by each sweep.
+    due: Option<Instant>,
+}
+
+impl Shard {
+    /// A lease in this shard runs out at `at`.
+    fn due_by(&mut self, at: Instant) {
+        self.due = Some(self.due.map_or(at, |d| d.min(at)));
+    }
+}
+
+impl std::ops::Deref for Shard {
+    type Target = HashMap<String, Slot>;
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl std::ops::DerefMut for Shard {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.map
+    }
+}
+
 impl MemoryStore {
     /// A new empty store that wakes `waiters` on release and expiry. Must be
     /// called inside a tokio runtime (it starts its expiry sweeper).
     pub fn new(waiters: Arc<dyn ReleaseListener>) -> Self {
         let inner = Arc::new(Inner {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             hasher: RandomState::new(),
             waiters,
             changes: Changes::default(),
@@ -188,7 +226,7 @@ impl Inner {
         );
     }
 
-    fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<String, Slot>> {
+    fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
         let i = (self.hasher.hash_one(key) as usize) % SHARDS;
         // Every critical section leaves the map consistent, so a poisoned
         // lock (a panic elsewhere) is still safe to use.
@@ -199,15 +237,22 @@ impl Inner {
 async fn sweep(inner: Weak<Inner>) {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweeps: u32 = 0;
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         let now = Instant::now();
         let now_us = monotonic_unix_micros();
+        let full = sweeps % FULL_SWEEP_EVERY == 0;
+        sweeps = sweeps.wrapping_add(1);
         let mut expired = Vec::new();
         for shard in inner.shards.iter() {
-            let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
-            map.retain(|key, slot| {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            if !full && shard.due.is_none_or(|due| due > now) {
+                continue;
+            }
+            let mut due: Option<Instant> = None;
+            shard.map.retain(|key, slot| {
                 let lease_expired = slot.lease.as_ref().is_some_and(|h| !h.live(now));
                 if lease_expired {
                     slot.lease = None;
@@ -216,12 +261,16 @@ async fn sweep(inner: Weak<Inner>) {
                     expired.push(key.clone());
                 }
                 slot.gone.retain(|(_, until)| *until > now);
+                for held in slot.lease.iter().chain(slot.shared.iter()) {
+                    due = Some(due.map_or(held.expires_at, |d| d.min(held.expires_at)));
+                }
                 slot.lease.is_some()
                     || !slot.shared.is_empty()
                     || !slot.exclusive_waiting.is_empty()
                     || !slot.gone.is_empty()
                     || slot.fence >= now_us
             });
+            shard.due = due;
         }
         crate::metrics::expiries(expired.len() as u64);
         for key in expired {
@@ -406,6 +455,9 @@ impl LockStore for MemoryStore {
             .or_insert_with(Slot::empty);
         if let Mode::Shared { limit } = spec.mode {
             let outcome = acquire_shared(slot, spec, limit, now)?;
+            if matches!(outcome, AcquireOutcome::Acquired(_)) {
+                map.due_by(now + Duration::from_millis(spec.ttl_ms.into()));
+            }
             drop(map);
             if let AcquireOutcome::Acquired(granted) = &outcome {
                 // A replay tells again what watchers already heard; they
@@ -442,6 +494,7 @@ impl LockStore for MemoryStore {
         // An expired lease counts as released at its expiry.
         slot.free(now);
         let granted = grant(slot, spec, now);
+        map.due_by(now + Duration::from_millis(spec.ttl_ms.into()));
         drop(map);
         self.inner.changed(
             spec.key.as_str(),
@@ -465,7 +518,8 @@ impl LockStore for MemoryStore {
         }
         let handed = {
             let mut map = self.inner.shard(key.as_str());
-            map.get_mut(key.as_str())
+            let handed = map
+                .get_mut(key.as_str())
                 .filter(|slot| {
                     slot.lease
                         .as_ref()
@@ -475,7 +529,11 @@ impl LockStore for MemoryStore {
                     crate::metrics::released_after(slot.fence);
                     slot.free(now);
                     grant(slot, next, now)
-                })
+                });
+            if handed.is_some() {
+                map.due_by(now + Duration::from_millis(next.ttl_ms.into()));
+            }
+            handed
         };
         match handed {
             Some(granted) => {
@@ -550,7 +608,10 @@ impl LockStore for MemoryStore {
             }
         }
         held.expires_at = now + Duration::from_millis(held.ttl_ms.into());
-        Ok(Some(held.ttl_ms))
+        let (expires_at, ttl_ms) = (held.expires_at, held.ttl_ms);
+        // A renewal to a shorter TTL may bring the deadline closer.
+        map.due_by(expires_at);
+        Ok(Some(ttl_ms))
     }
 
     async fn describe(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError> {
@@ -638,5 +699,91 @@ impl LockStore for MemoryStore {
 
     fn name(&self) -> &'static str {
         "memory"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records when each key was reported free.
+    #[derive(Debug, Default)]
+    struct Freed(Mutex<Vec<(String, Instant)>>);
+
+    impl ReleaseListener for Freed {
+        fn released(&self, key: &str) {
+            let mut freed = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            freed.push((key.to_owned(), Instant::now()));
+        }
+        fn has_waiters(&self, _key: &str) -> bool {
+            true
+        }
+    }
+
+    fn spec(key: &str, ttl_ms: u32) -> AcquireSpec {
+        AcquireSpec {
+            key: LockKey::parse(key, 512).expect("a valid key"),
+            token: Token::generate(),
+            ttl_ms,
+            owner: String::new(),
+            metadata: Metadata::default(),
+            request_id: None,
+            mode: Mode::Exclusive,
+            waiting: false,
+        }
+    }
+
+    /// Waits (bounded) until `key` is reported free; when.
+    async fn freed_at(freed: &Freed, key: &str) -> Instant {
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            let at = freed
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, at)| *at);
+            if let Some(at) = at {
+                return at;
+            }
+            assert!(Instant::now() < end, "{key} never reported free");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The sweeper visits a shard only once a lease in it may have run
+    /// out, so it must know each lease's deadline: an expiry is reported
+    /// within a sweep or two of the TTL (not at the next sweep of every
+    /// shard, up to 2 s later), also after a renewal brought it closer.
+    #[tokio::test]
+    async fn expiries_are_reported_within_a_sweep_of_the_deadline() {
+        let freed = Arc::new(Freed::default());
+        let store = MemoryStore::new(freed.clone());
+        // Past the first sweep, which sweeps every shard.
+        tokio::time::sleep(SWEEP_EVERY).await;
+
+        let start = Instant::now();
+        let granted = store.acquire(&spec("short", 300), |_| {}).await;
+        assert!(matches!(granted, Ok(AcquireOutcome::Acquired(_))));
+        let after = freed_at(&freed, "short").await - start;
+        assert!(
+            after >= Duration::from_millis(300) && after < Duration::from_millis(1_000),
+            "a 300 ms lease reported free after {after:?}"
+        );
+
+        let long = spec("shortened", 60_000);
+        let start = Instant::now();
+        assert!(matches!(
+            store.acquire(&long, |_| {}).await,
+            Ok(AcquireOutcome::Acquired(_))
+        ));
+        let renewed = store.renew(&long.key, &long.token, Some(300), None).await;
+        assert_eq!(renewed, Ok(Some(300)));
+        let after = freed_at(&freed, "shortened").await - start;
+        assert!(
+            after >= Duration::from_millis(300) && after < Duration::from_millis(1_000),
+            "a lease renewed to 300 ms reported free after {after:?}"
+        );
     }
 }
