@@ -174,7 +174,7 @@ const SHARDS: usize = 16;
 pub struct Registry {
     /// Sharded by peer port, so that calls on different connections rarely
     /// wait for the same lock (every call looks its connection up).
-    shards: [Mutex<HashMap<SocketAddr, Arc<Activity>>>; SHARDS],
+    shards: [Mutex<HashMap<SocketAddr, Arc<Activity>, foldhash::fast::RandomState>>; SHARDS],
     probe_streams: AtomicUsize,
     pub(super) max_probe_streams: usize,
 }
@@ -213,7 +213,8 @@ impl Registry {
     fn shard(
         &self,
         peer: &SocketAddr,
-    ) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<Activity>>> {
+    ) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<Activity>, foldhash::fast::RandomState>>
+    {
         self.shards[usize::from(peer.port()) % SHARDS]
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -27,7 +27,7 @@ pub struct WaitQueues {
 
 #[derive(Debug, Default)]
 struct Inner {
-    keys: HashMap<String, VecDeque<Entry>>,
+    keys: HashMap<String, VecDeque<Entry>, foldhash::fast::RandomState>,
     total: usize,
     next_id: u64,
 }

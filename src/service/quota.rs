@@ -146,8 +146,8 @@ struct Bucket {
 #[derive(Debug)]
 pub struct Quotas {
     limits: QuotaLimits,
-    used: Mutex<HashMap<CallerId, [usize; 3]>>,
-    rates: Mutex<HashMap<CallerId, Bucket>>,
+    used: Mutex<HashMap<CallerId, [usize; 3], foldhash::fast::RandomState>>,
+    rates: Mutex<HashMap<CallerId, Bucket, foldhash::fast::RandomState>>,
 }
 
 impl Quotas {
@@ -155,8 +155,8 @@ impl Quotas {
     pub fn new(limits: QuotaLimits) -> Arc<Self> {
         Arc::new(Self {
             limits,
-            used: Mutex::new(HashMap::new()),
-            rates: Mutex::new(HashMap::new()),
+            used: Mutex::new(HashMap::default()),
+            rates: Mutex::new(HashMap::default()),
         })
     }
 

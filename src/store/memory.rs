@@ -7,7 +7,8 @@
 
 use crate::store::Forced;
 use std::collections::HashMap;
-use std::collections::hash_map::RandomState;
+
+use foldhash::fast::RandomState;
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -169,7 +170,7 @@ impl Held {
 /// out, and all of them only every [`FULL_SWEEP_EVERY`] sweeps.
 #[derive(Debug, Default)]
 struct Shard {
-    map: HashMap<String, Slot>,
+    map: HashMap<String, Slot, RandomState>,
     /// No lease in this shard runs out before this (`None`: none held).
     /// Lowered by every grant and renewal; recomputed by each sweep.
     due: Option<Instant>,
@@ -183,7 +184,7 @@ impl Shard {
 }
 
 impl std::ops::Deref for Shard {
-    type Target = HashMap<String, Slot>;
+    type Target = HashMap<String, Slot, RandomState>;
     fn deref(&self) -> &Self::Target {
         &self.map
     }
@@ -201,7 +202,7 @@ impl MemoryStore {
     pub fn new(waiters: Arc<dyn ReleaseListener>) -> Self {
         let inner = Arc::new(Inner {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
             waiters,
             changes: Changes::default(),
         });
