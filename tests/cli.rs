@@ -850,3 +850,59 @@ async fn two_elect_processes_one_runs_and_the_other_takes_over_on_sigkill() {
         follower.stderr()
     );
 }
+
+/// Whether process `pid` has ended (gone, or a zombie nobody reaped yet).
+fn ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+    }
+}
+
+/// `leasehold lock` SIGKILLed outright runs no handler, and the server
+/// gives the lock away as its stream ends: its watchdog SIGKILLs CMD's
+/// whole process group at once (here the shell and the sleep it started),
+/// instead of leaving them running beside the next holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_lock_takes_its_command_group_with_it() {
+    let server = tokio::task::block_in_place(|| ServerProcess::start(&[]));
+    let lock = Cli::spawn(
+        &[
+            "lock",
+            "cli/orphan",
+            "--ttl",
+            "10s",
+            "--endpoint",
+            &server.endpoint(),
+            "--",
+            "sh",
+            "-c",
+            r#"sleep 600 & echo "PIDS $$ $!"; wait"#,
+        ],
+        &[],
+    );
+    tokio::task::block_in_place(|| lock.wait_stdout("PIDS", Duration::from_secs(20)));
+    let line = lock
+        .stdout()
+        .into_iter()
+        .find(|l| l.starts_with("PIDS"))
+        .expect("the PIDS line");
+    let pids: Vec<u32> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|p| p.parse().expect("a pid"))
+        .collect();
+    assert_eq!(pids.len(), 2, "{line}");
+    assert!(pids.iter().all(|&p| !ended(p)), "running before the kill");
+    lock.signal("KILL");
+    tokio::task::block_in_place(|| {
+        wait_until(
+            "the command and its child to be killed",
+            Duration::from_secs(5),
+            || pids.iter().all(|&p| ended(p)),
+        )
+    });
+}

@@ -7,6 +7,7 @@ pub mod election;
 pub mod lock;
 pub mod ops;
 pub mod serve;
+pub mod watchdog;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -133,6 +134,10 @@ pub enum Command {
     #[cfg(feature = "bench")]
     #[command(hide = true)]
     BenchCrashHolder(crate::bench::CrashHolderArgs),
+    /// SIGKILLs a command's process group when `lock` or `elect` dies
+    /// (internal; see src/cli/watchdog.rs).
+    #[command(hide = true)]
+    Watchdog(watchdog::WatchdogArgs),
 }
 
 /// Sets up tracing: `LEASEHOLD_LOG` (or `RUST_LOG`) as an EnvFilter,
@@ -195,6 +200,7 @@ pub async fn run(cli: Cli) -> i32 {
             "bench-crash-holder",
             crate::bench::run_crash_holder(args).await,
         ),
+        Command::Watchdog(args) => return watchdog::run(args),
         Command::Lock(args) => return lock::run(args).await,
         Command::Elect(args) => return election::elect(args).await,
         Command::Watch(args) => return election::watch(args).await,
