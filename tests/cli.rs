@@ -898,6 +898,7 @@ async fn a_sigkilled_lock_takes_its_command_group_with_it() {
     assert_eq!(pids.len(), 2, "{line}");
     assert!(pids.iter().all(|&p| !ended(p)), "running before the kill");
     lock.signal("KILL");
+    let killed = Instant::now();
     tokio::task::block_in_place(|| {
         wait_until(
             "the command and its child to be killed",
@@ -905,4 +906,8 @@ async fn a_sigkilled_lock_takes_its_command_group_with_it() {
             || pids.iter().all(|&p| ended(p)),
         )
     });
+    eprintln!(
+        "the command's group ended {:?} after the SIGKILL",
+        killed.elapsed()
+    );
 }

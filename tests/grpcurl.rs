@@ -54,21 +54,26 @@ fn grpcurl() -> PathBuf {
     );
 }
 
-/// The commands of the README's grpcurl code block.
-fn readme_commands() -> Vec<String> {
+/// The commands of the first ```sh block after the README heading `heading`.
+fn readme_block(heading: &str) -> Vec<String> {
     let readme = read("README.md");
     let section = readme
-        .split_once("### With grpcurl")
-        .expect("README has a `### With grpcurl` section")
+        .split_once(heading)
+        .unwrap_or_else(|| panic!("README has a `{heading}` section"))
         .1;
     let block = section
         .split_once("```sh\n")
-        .expect("a ```sh block in the grpcurl section")
+        .unwrap_or_else(|| panic!("a ```sh block in `{heading}`"))
         .1
         .split_once("\n```")
         .expect("the block ends")
         .0;
     shell_commands(block)
+}
+
+/// The commands of the README's grpcurl code block.
+fn readme_commands() -> Vec<String> {
+    readme_block("### With grpcurl")
 }
 
 fn read(path: &str) -> String {
@@ -201,19 +206,7 @@ fn grpcurl_version_is_usable() {
 
 /// The commands of the README's block on semaphores and read/write locks.
 fn readme_mode_commands() -> Vec<String> {
-    let readme = read("README.md");
-    let section = readme
-        .split_once("### Semaphores and read/write locks")
-        .expect("README has a `### Semaphores and read/write locks` section")
-        .1;
-    let block = section
-        .split_once("```sh\n")
-        .expect("a ```sh block in that section")
-        .1
-        .split_once("\n```")
-        .expect("the block ends")
-        .0;
-    shell_commands(block)
+    readme_block("### Semaphores and read/write locks")
 }
 
 #[test]

@@ -27,7 +27,7 @@ use tower::{Service, ServiceExt};
 
 use super::load::{self, Cycles};
 use super::stats::{Latency, ProcSample};
-use super::{BenchArgs, StoreChoice, cycles_row, machine, ratio, spawn, warmup};
+use super::{BenchArgs, cycles_row, machine, ratio, warmup};
 
 /// How often a page re-reads the list, as `ui/app.js` does.
 const POLL: Duration = Duration::from_millis(500);
@@ -78,21 +78,8 @@ async fn list(channel: &mut Channel) -> Result<(), String> {
         crate::service::recent_lists::MAX_AGE_HEADER,
         http::HeaderValue::from_static("200"),
     );
-    let ready = channel.ready().await.map_err(|e| e.to_string())?;
-    let response = ready.call(req).await.map_err(|e| e.to_string())?;
-    let ok = response.status().is_success();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
     // Parsed as the page parses it.
-    let reply: Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
-    if !ok {
-        return Err(reply.to_string());
-    }
-    Ok(())
+    super::protocols::send_json(channel, req).await.map(drop)
 }
 
 /// Opens a Watch on `key` over Connect streaming with JSON; returns once its
@@ -244,23 +231,7 @@ impl Drop for AbortOnDrop {
 /// with `--admin` on `--store` with `--spawn`, else `--endpoint`, which must
 /// serve the AdminService), in `--interleave` alternating slices.
 pub async fn dashboard(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, String> {
-    let spawned = if args.spawn {
-        let url = match args.store {
-            StoreChoice::Redis => {
-                Some(redis_url.ok_or("dashboard --spawn --store redis needs Redis")?)
-            }
-            StoreChoice::Memory => None,
-        };
-        let mut server_args = args.server_args.clone();
-        server_args.push("--admin".into());
-        Some(spawn::leasehold(url, &server_args).await?)
-    } else {
-        None
-    };
-    let (endpoint, pid) = match &spawned {
-        Some(s) => (s.endpoint(), Some(s.pid)),
-        None => (args.endpoint.clone(), args.server_pid),
-    };
+    let (spawned, endpoint, pid) = super::server_for(args, redis_url, &["--admin"]).await?;
     let channels = load::connect(&endpoint, args.connections).await?;
     // The keys the pages watch, held for the whole run.
     let page_channels = load::connect(&endpoint, args.pages).await?;

@@ -16,7 +16,6 @@ use tonic::transport::Channel;
 
 use super::load::{self, Cycles, FastRng, Hot, HotPart};
 use super::spawn::{self, Spawned};
-use super::stats::Latency;
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct LeaseGrantRequest {
@@ -214,12 +213,7 @@ pub async fn hot(channels: &[Channel], workers: usize, duration: Duration) -> Ho
         let channel = channels[i % channels.len()].clone();
         let name = name.clone();
         tasks.push(tokio::spawn(async move {
-            let mut out = HotPart {
-                handoffs: 0,
-                timeouts: 0,
-                errors: 0,
-                wait: Latency::default(),
-            };
+            let mut out = HotPart::default();
             let Ok(mut etcd) = Etcd::new(channel).await else {
                 out.errors += 1;
                 return out;

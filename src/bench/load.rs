@@ -306,6 +306,7 @@ impl Hot {
 }
 
 /// One worker's counts in a hot loop.
+#[derive(Default)]
 pub struct HotPart {
     pub handoffs: u64,
     pub timeouts: u64,
@@ -362,12 +363,7 @@ pub async fn hot_grpc_permits(
         let key = key.clone();
         let (holding, most) = (holding.clone(), most.clone());
         tasks.push(tokio::spawn(async move {
-            let mut p = HotPart {
-                handoffs: 0,
-                timeouts: 0,
-                errors: 0,
-                wait: Latency::default(),
-            };
+            let mut p = HotPart::default();
             while Instant::now() < end {
                 let t0 = Instant::now();
                 let req = pb::AcquireRequest {
@@ -428,12 +424,7 @@ pub async fn hot_redis(pool: &Pool, workers: usize, duration: Duration) -> Hot {
     for _ in 0..workers {
         let (pool, script, key) = (pool.clone(), script.clone(), key.clone());
         tasks.push(tokio::spawn(async move {
-            let mut p = HotPart {
-                handoffs: 0,
-                timeouts: 0,
-                errors: 0,
-                wait: Latency::default(),
-            };
+            let mut p = HotPart::default();
             let mut rng = FastRng::new();
             while Instant::now() < end {
                 let t0 = Instant::now();

@@ -678,9 +678,12 @@ async fn hot(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, String>
     }))
 }
 
+/// The server to load: spawned on `--store` (with `--server-arg`s and
+/// `extra` flags) with `--spawn`, else `--endpoint` and `--server-pid`.
 async fn server_for(
     args: &BenchArgs,
     redis_url: Option<&str>,
+    extra: &[&str],
 ) -> Result<(Option<Spawned>, String, Option<u32>), String> {
     if !args.spawn {
         return Ok((None, args.endpoint.clone(), args.server_pid));
@@ -689,13 +692,15 @@ async fn server_for(
         StoreChoice::Redis => Some(redis_url.ok_or("needs Redis")?),
         StoreChoice::Memory => None,
     };
-    let s = spawn::leasehold(url, &args.server_args).await?;
+    let mut server_args = args.server_args.clone();
+    server_args.extend(extra.iter().map(|s| s.to_string()));
+    let s = spawn::leasehold(url, &server_args).await?;
     let (endpoint, pid) = (s.endpoint(), s.pid);
     Ok((Some(s), endpoint, Some(pid)))
 }
 
 async fn keepalive(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, String> {
-    let (server, endpoint, pid) = server_for(args, redis_url).await?;
+    let (server, endpoint, pid) = server_for(args, redis_url, &[]).await?;
     let ttl_ms = u32::try_from(args.ttl.as_millis()).map_err(|_| "--ttl too large")?;
     let idle = pid.and_then(ProcSample::read);
     let setup_start = Instant::now();
@@ -745,7 +750,7 @@ async fn keepalive(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, S
 }
 
 async fn crash(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, String> {
-    let (server, endpoint, _) = server_for(args, redis_url).await?;
+    let (server, endpoint, _) = server_for(args, redis_url, &[]).await?;
     let mut client = crate::pb::lock_service_client::LockServiceClient::connect(endpoint.clone())
         .await
         .map_err(|e| format!("cannot connect to {endpoint}: {e}"))?;

@@ -26,6 +26,15 @@ async fn call(channel: &mut Channel, method: &str, body: Value) -> Result<Value,
             Bytes::from(body.to_string()),
         )))
         .map_err(|e| e.to_string())?;
+    send_json(channel, request).await
+}
+
+/// Sends one Connect unary `request` (tonic's channel carries any HTTP/2
+/// request) and parses its reply as JSON; a non-2xx status is an error.
+pub(super) async fn send_json(
+    channel: &mut Channel,
+    request: http::Request<tonic::body::Body>,
+) -> Result<Value, String> {
     let ready = channel.ready().await.map_err(|e| e.to_string())?;
     let response = ready.call(request).await.map_err(|e| e.to_string())?;
     let status = response.status();

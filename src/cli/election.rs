@@ -13,7 +13,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::StreamExt;
 
 use super::connect::{self, ConnectArgs, exit};
-use super::lock::{Signals, supervise, until_signalled};
+use super::lock::{or_exit, start, supervise};
 use super::ops::text;
 use crate::client::{LEADER_VALUE_KEY, WatchEvent};
 
@@ -75,17 +75,9 @@ pub struct ElectArgs {
 /// environment, and stops it when leadership is lost — everything as
 /// `leasehold lock` does, exit codes included.
 pub async fn elect(args: ElectArgs) -> i32 {
-    let mut signals = match Signals::new() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("leasehold elect: cannot handle signals: {e}");
-            return exit::FAILURE;
-        }
-    };
-    let client = match until_signalled(args.connect.connect(), &mut signals).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return connect::fail("elect", &e),
-        Err(number) => return 128 + number,
+    let (mut signals, client) = match start("elect", &args.connect).await {
+        Ok(started) => started,
+        Err(code) => return code,
     };
     let mut builder = client.elect(args.key.clone()).owner(
         args.owner
@@ -104,10 +96,9 @@ pub async fn elect(args: ElectArgs) -> i32 {
     for (k, v) in &args.metadata {
         builder = builder.metadata(k.clone(), v.clone());
     }
-    let leadership = match until_signalled(builder.campaign(), &mut signals).await {
-        Ok(Ok(l)) => l,
-        Ok(Err(e)) => return connect::fail("elect", &e),
-        Err(number) => return 128 + number,
+    let leadership = match or_exit("elect", builder.campaign(), &mut signals).await {
+        Ok(leadership) => leadership,
+        Err(code) => return code,
     };
     eprintln!(
         "leasehold elect: leader of {:?}, term {}",

@@ -31,7 +31,7 @@ use rustix::process::{Pid, Signal};
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::connect::{self, ConnectArgs, exit};
-use crate::client::LockGuard;
+use crate::client::{Client, LockGuard};
 
 /// Flags of `leasehold lock`.
 #[derive(Debug, Clone, Args)]
@@ -136,7 +136,7 @@ fn stop_self() {
 
 /// Waits for `fut`, stopping this process on SIGTSTP meanwhile (nothing
 /// runs under the lock yet); another signal ends the wait with it.
-pub(super) async fn until_signalled<F: std::future::Future>(
+async fn until_signalled<F: std::future::Future>(
     fut: F,
     signals: &mut Signals,
 ) -> Result<F::Output, i32> {
@@ -162,19 +162,36 @@ fn status_code(status: ExitStatus) -> i32 {
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
+/// The start of `leasehold lock` and `leasehold elect` (`verb`): signal
+/// handling, then a connected client; else the exit code to return.
+pub(super) async fn start(verb: &str, connect: &ConnectArgs) -> Result<(Signals, Client), i32> {
+    let mut signals = Signals::new().map_err(|e| {
+        eprintln!("leasehold {verb}: cannot handle signals: {e}");
+        exit::FAILURE
+    })?;
+    let client = or_exit(verb, connect.connect(), &mut signals).await?;
+    Ok((signals, client))
+}
+
+/// `fut`'s value unless a signal comes first; else the exit code: its
+/// error's (reported as `leasehold {verb}`), or 128 + the signal.
+pub(super) async fn or_exit<T>(
+    verb: &str,
+    fut: impl std::future::Future<Output = Result<T, crate::client::Error>>,
+    signals: &mut Signals,
+) -> Result<T, i32> {
+    match until_signalled(fut, signals).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(connect::fail(verb, &e)),
+        Err(number) => Err(128 + number),
+    }
+}
+
 /// Runs `leasehold lock`; the result is the process exit code.
 pub async fn run(args: LockArgs) -> i32 {
-    let mut signals = match Signals::new() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("leasehold lock: cannot handle signals: {e}");
-            return exit::FAILURE;
-        }
-    };
-    let client = match until_signalled(args.connect.connect(), &mut signals).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return connect::fail("lock", &e),
-        Err(number) => return 128 + number,
+    let (mut signals, client) = match start("lock", &args.connect).await {
+        Ok(started) => started,
+        Err(code) => return code,
     };
     let mut builder = client.lock(args.key.clone()).owner(
         args.owner
@@ -195,10 +212,9 @@ pub async fn run(args: LockArgs) -> i32 {
     }
     // Cancelling a waiting Acquire leaves nothing behind on the server.
     // The guard comes once the server answered the attach.
-    let guard = match until_signalled(builder.acquire(), &mut signals).await {
-        Ok(Ok(g)) => g,
-        Ok(Err(e)) => return connect::fail("lock", &e),
-        Err(number) => return 128 + number,
+    let guard = match or_exit("lock", builder.acquire(), &mut signals).await {
+        Ok(guard) => guard,
+        Err(code) => return code,
     };
 
     supervise(

@@ -55,12 +55,11 @@ async fn election_failover_after_a_leader_is_killed() {
     let mut children = HashMap::new();
     let mut outputs = Vec::new();
     for c in 0..=kills {
-        let (first, second) = if c % 2 == 0 { (&a, &b) } else { (&b, &a) };
         let spec = remote::Spec {
             name: format!("candidate-{c}"),
             role: "elect".into(),
             hub: hub.addr,
-            endpoints: vec![first.endpoint(), second.endpoint()],
+            endpoints: endpoints_alternating(c as u64, &a, &b),
             keys: vec![key.clone()],
             ttl: LEADER_TTL,
             shared: None,

@@ -93,6 +93,13 @@ async fn sdk(endpoints: &[String], retry_for: Duration) -> Client {
         .expect("connect the SDK")
 }
 
+/// Both servers' endpoints, the `i`th client's first one alternating, so
+/// that half the clients start on each server.
+fn endpoints_alternating(i: u64, a: &ServerProcess, b: &ServerProcess) -> Vec<String> {
+    let (first, second) = if i % 2 == 0 { (a, b) } else { (b, a) };
+    vec![first.endpoint(), second.endpoint()]
+}
+
 /// Polls `ready` every 20 ms for at most `within`.
 async fn until(what: &str, within: Duration, mut ready: impl FnMut() -> bool) -> Instant {
     let end = Instant::now() + within;
@@ -212,6 +219,22 @@ struct ModeLoad {
 struct ModeStats {
     waits: Vec<Duration>,
     errors: Vec<String>,
+}
+
+/// Waits (bounded) for stopped [`mode_worker`]s; every one must have seen
+/// no error. Their waits for a grant, shortest first.
+async fn mode_waits(tasks: Vec<tokio::task::JoinHandle<ModeStats>>) -> Vec<Duration> {
+    let mut waits = Vec::new();
+    for task in tasks {
+        let stats = tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("worker stopped in time")
+            .expect("worker task");
+        assert!(stats.errors.is_empty(), "{:?}", stats.errors);
+        waits.extend(stats.waits);
+    }
+    waits.sort();
+    waits
 }
 
 /// One SDK client taking `load.key` SHARED or exclusive in a loop until

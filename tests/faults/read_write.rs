@@ -43,12 +43,7 @@ async fn read_write_writers_are_not_starved_by_readers() {
     let mut readers = Vec::new();
     let mut writers = Vec::new();
     for w in 0..8u64 {
-        let (first, second) = if w % 2 == 0 { (&a, &b) } else { (&b, &a) };
-        let client = sdk(
-            &[first.endpoint(), second.endpoint()],
-            Duration::from_secs(10),
-        )
-        .await;
+        let client = sdk(&endpoints_alternating(w, &a, &b), Duration::from_secs(10)).await;
         let (name, load, into) = if w < 6 {
             (format!("reader-{w}"), reader.clone(), &mut readers)
         } else {
@@ -65,21 +60,8 @@ async fn read_write_writers_are_not_starved_by_readers() {
     }
     tokio::time::sleep(run_for).await;
     stop.cancel();
-    let finish = async |tasks: Vec<tokio::task::JoinHandle<ModeStats>>| {
-        let mut waits = Vec::new();
-        for task in tasks {
-            let stats = tokio::time::timeout(Duration::from_secs(30), task)
-                .await
-                .expect("worker stopped in time")
-                .expect("worker task");
-            assert!(stats.errors.is_empty(), "{:?}", stats.errors);
-            waits.extend(stats.waits);
-        }
-        waits.sort();
-        waits
-    };
-    let reader_waits = finish(readers).await;
-    let writer_waits = finish(writers).await;
+    let reader_waits = mode_waits(readers).await;
+    let writer_waits = mode_waits(writers).await;
 
     let now = Instant::now();
     let windows = history.grants_of(&key);

@@ -38,12 +38,7 @@ async fn semaphore_permits_of_killed_clients_come_back() {
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
     for w in 0..6u64 {
-        let (first, second) = if w % 2 == 0 { (&a, &b) } else { (&b, &a) };
-        let client = sdk(
-            &[first.endpoint(), second.endpoint()],
-            Duration::from_secs(10),
-        )
-        .await;
+        let client = sdk(&endpoints_alternating(w, &a, &b), Duration::from_secs(10)).await;
         tasks.push(tokio::spawn(mode_worker(
             format!("worker-{w}"),
             client,
@@ -107,17 +102,8 @@ async fn semaphore_permits_of_killed_clients_come_back() {
     };
     tokio::time::sleep(run_for.saturating_sub(started.elapsed())).await;
     stop.cancel();
-    let mut grants = 0;
-    let mut waits = Vec::new();
-    for task in tasks {
-        let stats = tokio::time::timeout(Duration::from_secs(30), task)
-            .await
-            .expect("worker stopped in time")
-            .expect("worker task");
-        assert!(stats.errors.is_empty(), "{:?}", stats.errors);
-        grants += stats.waits.len();
-        waits.extend(stats.waits);
-    }
+    let waits = mode_waits(tasks).await;
+    let grants = waits.len();
     assert!(grants >= 20, "only {grants} grants: the run checked little");
     let windows = history.grants_of(&key);
     let (most, when) = most_at_once(&windows, Instant::now());
@@ -132,7 +118,6 @@ async fn semaphore_permits_of_killed_clients_come_back() {
     );
     let bad = fence_order_violations(&windows);
     assert!(bad.is_empty(), "{bad:?}");
-    waits.sort();
     eprintln!(
         "semaphore (seed {seed}), {:?}: {PERMITS} permits, 6 clients on two servers + {rounds} SIGKILLed holder process(es); {grants} grants, most believed at once {most}; kill → permit free: {:?}; Acquire wait p50 {:?}, max {:?}",
         started.elapsed(),
