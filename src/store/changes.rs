@@ -1,12 +1,13 @@
 //! What happened to a lock, for LockService.Watch: each store tells the
 //! [`Changes`] hub it owns of grants and releases (the Redis store as its
-//! release channel reports them, from any server), and each watch
-//! subscribes to one key. Expiry is not told: nothing reports it on Redis,
-//! so a watch checks the lock at its holder's deadline instead.
+//! release channel reports them, from any server), and each watched key's
+//! feed (one per key per server, shared by its Watch streams) subscribes
+//! to that key. Expiry is not told: nothing reports it on Redis, so the
+//! feed checks the lock at each holder's deadline instead.
 //!
 //! The hub never blocks a store call: a key nobody watches costs one
-//! atomic load, and a watcher that falls behind loses the oldest changes
-//! (its receiver reports how many) rather than holding any.
+//! atomic load, and a feed that falls behind loses the oldest changes
+//! (its receiver reports how many) and reads the lock again instead.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
