@@ -59,6 +59,17 @@ enum Last {
     InFlight { fence: u64 },
 }
 
+impl Last {
+    /// The state's name, for a failure message (without the token).
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Held { .. } => "held",
+            Self::Released { .. } => "released",
+            Self::InFlight { .. } => "a call in flight",
+        }
+    }
+}
+
 fn channel(addr: &str) -> Channel {
     Endpoint::from_shared(format!("http://{addr}"))
         .expect("endpoint")
@@ -256,7 +267,13 @@ async fn redis_killed_mid_load(persistence: Persistence) -> KillFigures {
                             token: token.clone(),
                         });
                         req.set_timeout(Duration::from_secs(2));
-                        let _ = client.release(req).await;
+                        match client.release(req).await {
+                            Ok(r) if r.get_ref().released => {}
+                            other => figures.fence_regressions.push(format!(
+                                "{key}: its release after the restart answered {:?}",
+                                other.map(|r| r.into_inner().released)
+                            )),
+                        }
                     }
                 }
                 *fence
@@ -282,12 +299,19 @@ async fn redis_killed_mid_load(persistence: Persistence) -> KillFigures {
             );
             tokio::task::block_in_place(|| redis.cli(&["DEL", &names.lock]));
         }
+        // It waits: an Acquire that was in flight at the kill may have been
+        // resent by the server's Redis client once Redis came back (fred
+        // resends once after a dropped connection) and land after the DEL;
+        // its caller is gone, so the server gives that grant back as soon as
+        // the late reply arrives (the late-reply undo), and this Acquire gets
+        // the lock then. Without the wait it would race that undo.
         let mut req = Request::new(pb::AcquireRequest {
             key: key.clone(),
             ttl_ms: 10_000,
+            wait_ms: 5_000,
             ..Default::default()
         });
-        req.set_timeout(Duration::from_secs(2));
+        req.set_timeout(Duration::from_secs(7));
         let r = client
             .acquire(req)
             .await
@@ -299,9 +323,10 @@ async fn redis_killed_mid_load(persistence: Persistence) -> KillFigures {
                 "{key}: {} after {fence} before the kill",
                 lease.fencing_token
             )),
-            None => figures
-                .fence_regressions
-                .push(format!("{key}: not acquired after it was freed")),
+            None => figures.fence_regressions.push(format!(
+                "{key}: not acquired within 5 s after it was freed (before the kill: {})",
+                last.kind()
+            )),
         }
     }
     drop(server);
