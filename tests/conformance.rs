@@ -20,6 +20,7 @@ on_every_store!(
     leases_expire,
     wrong_token_changes_nothing,
     fencing_increases_across_expiry_and_counter_loss,
+    fencing_follows_a_counter_ahead_of_the_clock,
     request_id_makes_acquire_idempotent,
     validation_errors_name_the_field,
     brace_and_unicode_keys,
@@ -313,6 +314,49 @@ async fn fencing_increases_across_expiry_and_counter_loss(backend: Backend) {
                 tokio::task::block_in_place(|| server.lose_fence_counter("f"));
             }
         }
+    }
+}
+
+async fn fencing_follows_a_counter_ahead_of_the_clock(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut c = server.client().await;
+    let first = lease_of(
+        c.acquire(acquire("ahead", 10_000))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert!(
+        c.release(release("ahead", &first.token))
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    );
+    // About 11.6 days ahead of Redis TIME in microseconds.
+    let ahead = first.fencing_token + 1_000_000_000_000;
+    let set = tokio::task::block_in_place(|| server.set_fence_counter("ahead", ahead));
+    let mut last = if set { ahead } else { first.fencing_token };
+    for round in 0..3 {
+        let lease = lease_of(
+            c.acquire(acquire("ahead", 10_000))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+        if set {
+            assert_eq!(lease.fencing_token, last + 1, "round {round}: counter + 1");
+        } else {
+            assert!(lease.fencing_token > last, "round {round}");
+        }
+        last = lease.fencing_token;
+        assert!(
+            c.release(release("ahead", &lease.token))
+                .await
+                .unwrap()
+                .into_inner()
+                .released
+        );
     }
 }
 

@@ -704,6 +704,20 @@ impl TestServer {
 
     /// Deletes the lock's fencing counter from Redis (no-op for memory,
     /// which has no counter key to lose).
+    /// Sets the fencing counter of `key` (as a clock stepped back, or many
+    /// grants within one microsecond, would leave it: ahead of Redis TIME);
+    /// false on the memory store, which has no counter to set.
+    pub fn set_fence_counter(&self, key: &str, value: u64) -> bool {
+        let names = self.names(key);
+        let value = value.to_string();
+        let args = ["SET", names.fence.as_str(), value.as_str(), "PX", "600000"];
+        match self.backend {
+            Backend::Memory => false,
+            Backend::Redis => shared_redis().cli(&args) == "OK",
+            Backend::Cluster => shared_cluster().cli(&args) == "OK",
+        }
+    }
+
     pub fn lose_fence_counter(&self, key: &str) {
         let names = self.names(key);
         match self.backend {

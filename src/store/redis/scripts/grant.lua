@@ -6,7 +6,7 @@
 -- retried after a lost reply still answers true. When a new grant
 -- overwrites such a record, the released token first gets a tombstone key
 -- of its own (`<lock>:gone:<token>`, same hash slot) for what was left of
--- that TTL, so the answer stays true however many grants come in between
+-- that TTL (at most), so the answer stays true however many grants come in between
 -- (documentation/semantics.md). A release pays for no extra key unless a
 -- grant follows it within its TTL.
 --
@@ -15,26 +15,31 @@
 -- counter key was evicted or lost in a failover. The counter outlives the
 -- lock and expires `counter_ttl` ms after its last grant. `released`: the
 -- token of the released lease this record still keeps (nil if none), as the
--- caller already read it.
+-- caller already read it, and `released_ttl` its 'ttl' field.
 -- The next fencing token of the lock whose counter is `counter`.
 local function next_fence(counter, counter_ttl)
   local t = redis.call('TIME')
   local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local fence = redis.call('INCR', counter)
-  if fence < now_us then
-    fence = now_us
+  -- One write in the usual case, where the clock has passed the last fence
+  -- (SET ... GET answers the old value; nil if the counter was gone).
+  local last = tonumber(redis.call('SET', counter, string.format('%d', now_us), 'PX', counter_ttl,
+    'GET'))
+  if last and last >= now_us then
+    local fence = last + 1
     redis.call('SET', counter, string.format('%d', fence), 'PX', counter_ttl)
-  else
-    redis.call('PEXPIRE', counter, counter_ttl)
+    return fence
   end
-  return fence
+  return now_us
 end
 
--- Gives the released token of the record `lock` (if any) its tombstone key,
--- for what was left of its TTL, before a new grant overwrites the record.
-local function bury(lock, released)
+-- Gives the released token of the record `lock` (if any) its tombstone key
+-- before a new grant overwrites the record. It lives `ttl` ms, the TTL the
+-- released lease was given last (its 'ttl' field): at least what was left
+-- of it, without a PTTL call on the exclusive path. Nil `ttl`: what is left
+-- of the record (PTTL).
+local function bury(lock, released, ttl)
   if released then
-    local left = redis.call('PTTL', lock)
+    local left = tonumber(ttl) or redis.call('PTTL', lock)
     if left > 0 then
       -- Same hash slot as `lock` (the tag is the lock's); the name is built
       -- here because only this script knows the released token.
@@ -43,8 +48,9 @@ local function bury(lock, released)
   end
 end
 
-local function grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl, released)
-  bury(lock, released)
+local function grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl, released,
+    released_ttl)
+  bury(lock, released, released_ttl)
   local fence = next_fence(counter, counter_ttl)
   local f = string.format('%d', fence)
   redis.call('HSET', lock, 'token', token, 'fence', f,

@@ -14,7 +14,7 @@
 --        {2} the old token's release happened before (nothing changed),
 --        {1, released fence, new fence, ttl_ms, pttl_ms} handed over
 --        (released fence 0: a resent handoff that had already run).
-local cur = redis.call('HMGET', KEYS[1], 'token', 'fence', 'att')
+local cur = redis.call('HMGET', KEYS[1], 'token', 'fence', 'att', 'ttl')
 if cur[1] == ARGV[3] and cur[2] then
   return {1, 0, tonumber(cur[2]), tonumber(ARGV[4]), redis.call('PTTL', KEYS[1])}
 end
@@ -29,12 +29,10 @@ if cur[1] ~= ARGV[1] or not cur[2] or (ARGV[2] ~= '' and cur[3] ~= ARGV[2]) then
   end
   return {0}
 end
-local left = redis.call('PTTL', KEYS[1])
 redis.call('HDEL', KEYS[1], 'rep', 'att')
-local fence = grant(KEYS[1], KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+-- The old token's tombstone (KEYS[3]) is the key bury() names.
+local fence = grant(KEYS[1], KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8],
+  ARGV[1], cur[4])
 -- The waiter was an exclusive one that may have marked the key.
 redis.call('ZREM', KEYS[1] .. ':xw', ARGV[3])
-if left > 0 then
-  redis.pcall('SET', KEYS[3], '1', 'PX', left)
-end
 return {1, tonumber(cur[2]), fence, tonumber(ARGV[4]), tonumber(ARGV[4])}

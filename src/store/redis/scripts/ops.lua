@@ -47,7 +47,7 @@ local function acquire(lock, counter, token, ttl, owner, meta, rid, counter_ttl,
   end
   -- Not held, but the record keeps a released token: its tombstone.
   local released = (cur[1] and not cur[3]) and cur[1] or nil
-  local fence = grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl, released)
+  local fence = grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl, released, cur[4])
   if mark ~= '0' then
     redis.call('ZREM', lock .. ':xw', token)
   end
