@@ -78,3 +78,47 @@ fn fanout_scenario_delivers_every_change_to_every_watcher() {
         assert_eq!(row["states_after_falling_behind"], 0, "{row}");
     }
 }
+
+#[test]
+fn cycles_scenario_counts_all_the_cpu_of_a_cycle() {
+    let report = bench(&[
+        "cycles",
+        "--workers",
+        "4",
+        "--keys",
+        "1000",
+        "--duration",
+        "1s",
+    ]);
+    let rows = report["rows"].as_array().expect("rows");
+    let row = |target: &str| {
+        rows.iter()
+            .find(|r| r["target"].as_str().is_some_and(|t| t.starts_with(target)))
+            .unwrap_or_else(|| panic!("no {target} row: {report}"))
+    };
+    let figure = |r: &Value, k: &str| {
+        r[k].as_f64()
+            .unwrap_or_else(|| panic!("{k} missing in {r}"))
+    };
+    for r in rows {
+        assert_eq!(r["errors"], 0, "{r}");
+        // The load generator works for every target.
+        assert!(figure(r, "load_cpu_us_per_cycle") > 0.0, "{r}");
+    }
+    // Redis runs scripts for the Redis store's cycles and commands for the
+    // direct loop; beside the memory store it only answers health pings.
+    let (mem, red, direct) = (
+        row("leasehold, memory store"),
+        row("leasehold, redis store"),
+        row("direct redis"),
+    );
+    assert!(
+        figure(red, "redis_cpu_us_per_cycle") > figure(mem, "redis_cpu_us_per_cycle"),
+        "{report}"
+    );
+    assert!(figure(direct, "redis_cpu_us_per_cycle") > 0.0, "{report}");
+    let by_cpu = report["ratios"]["redis_over_memory_by_cpu"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no CPU-bound ratio: {report}"));
+    assert!(by_cpu > 0.0 && by_cpu < 1.0, "{report}");
+}

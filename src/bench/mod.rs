@@ -261,7 +261,10 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     });
     for scenario in scenarios {
         let report = match scenario {
-            Scenario::Cycles => cycles(&args, redis_url.as_deref()).await?,
+            Scenario::Cycles => {
+                let redis_pid = spawned_redis.as_ref().map(|r| r.pid);
+                cycles(&args, redis_url.as_deref(), redis_pid).await?
+            }
             Scenario::Hot => hot(&args, redis_url.as_deref()).await?,
             Scenario::Keepalive => keepalive(&args, redis_url.as_deref()).await?,
             Scenario::Crash => crash(&args, redis_url.as_deref()).await?,
@@ -406,7 +409,53 @@ fn ratio(a: f64, b: f64) -> Value {
     }
 }
 
-async fn cycles(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, String> {
+/// CPU that a target's slices cost outside its own server: the load
+/// generator (this process; for direct Redis, the fred client itself) and
+/// redis-server (when this run spawned it). With the server's own, it is
+/// all the CPU a cycle costs, which on a machine that all three share sets
+/// the throughput.
+#[derive(Debug, Clone, Copy, Default)]
+struct SideCpu {
+    load: Duration,
+    redis: Option<Duration>,
+}
+
+impl SideCpu {
+    fn sample(redis_pid: Option<u32>) -> (Option<ProcSample>, Option<ProcSample>) {
+        (
+            ProcSample::read(std::process::id()),
+            redis_pid.and_then(ProcSample::read),
+        )
+    }
+
+    fn add(
+        &mut self,
+        before: (Option<ProcSample>, Option<ProcSample>),
+        after: (Option<ProcSample>, Option<ProcSample>),
+    ) {
+        if let Some((b, a)) = pair(before.0, after.0) {
+            self.load += a.cpu - b.cpu;
+        }
+        if let Some((b, a)) = pair(before.1, after.1) {
+            *self.redis.get_or_insert_default() += a.cpu - b.cpu;
+        }
+    }
+
+    /// Microseconds per cycle of the load generator and of Redis.
+    fn per_cycle(&self, c: &Cycles) -> (f64, Option<f64>) {
+        let n = (c.cycles as f64).max(1.0);
+        (
+            round3(self.load.as_secs_f64() * 1e6 / n),
+            self.redis.map(|r| round3(r.as_secs_f64() * 1e6 / n)),
+        )
+    }
+}
+
+async fn cycles(
+    args: &BenchArgs,
+    redis_url: Option<&str>,
+    redis_pid: Option<u32>,
+) -> Result<Value, String> {
     let mut rows = Vec::new();
     if !args.spawn {
         let (c, b, a) = cycles_against(args, &args.endpoint, args.server_pid).await?;
@@ -476,6 +525,7 @@ async fn cycles(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, Stri
     let slices = args.interleave.max(1);
     let slice = args.duration / slices as u32;
     let mut totals: Vec<(Cycles, Option<(ProcSample, ProcSample)>)> = Vec::new();
+    let mut side = vec![SideCpu::default(); targets.len()];
     let mut alone = Vec::new();
     for (_, target) in &targets {
         // Warm-up: connections, scripts, allocator; then one worker alone.
@@ -492,10 +542,14 @@ async fn cycles(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, Stri
         totals.push((Cycles::default(), None));
     }
     for _ in 0..slices {
-        for ((_, target), (total, cpu)) in targets.iter().zip(totals.iter_mut()) {
+        for (((_, target), (total, cpu)), side) in
+            targets.iter().zip(totals.iter_mut()).zip(side.iter_mut())
+        {
             let pid = target.pid();
             let before = pid.and_then(ProcSample::read);
+            let side_before = SideCpu::sample(redis_pid);
             let part = target.cycles(&pool, args.workers, args.keys, slice).await;
+            side.add(side_before, SideCpu::sample(redis_pid));
             let after = pid.and_then(ProcSample::read);
             total.merge(&part);
             total.elapsed += part.elapsed;
@@ -515,9 +569,21 @@ async fn cycles(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, Stri
         s.kill().await;
     }
     load::close(pool).await;
-    for (((name, _), (total, cpu)), p50) in targets.iter().zip(&totals).zip(&alone) {
+    // All the CPU of one cycle: the server's, the load generator's and
+    // Redis's (for the rows that use it).
+    let mut all_cpu = Vec::new();
+    for ((((name, _), (total, cpu)), p50), side) in
+        targets.iter().zip(&totals).zip(&alone).zip(&side)
+    {
         let mut row = cycles_row(name, total, *cpu);
         row["one_worker_acquire_p50_ms"] = json!(round3(*p50));
+        let (load, redis) = side.per_cycle(total);
+        row["load_cpu_us_per_cycle"] = json!(load);
+        row["redis_cpu_us_per_cycle"] = json!(redis);
+        let server = row["server_cpu_us_per_rpc"].as_f64().map(|rpc| {
+            rpc * (total.cycles * 2 + total.contended) as f64 / (total.cycles as f64).max(1.0)
+        });
+        all_cpu.push(server.map(|s| s + load + redis.unwrap_or(0.0)));
         rows.push(row);
     }
     let f = totals[0].0.clone();
@@ -546,6 +612,14 @@ async fn cycles(args: &BenchArgs, redis_url: Option<&str>) -> Result<Value, Stri
             "redis_over_direct_redis": ratio(r.rate(), d.rate()),
             "redis_over_etcd": e.as_ref().map(|e| ratio(r.rate(), e.rate())),
             "redis_cpu_per_rpc_over_floor": ratio(cpu_per_rpc(&r, redis_cpu), cpu_per_rpc(&f, floor_cpu)),
+            // What Redis ÷ memory would be if the CPU of a whole cycle (server,
+            // load generator, Redis) alone set the throughput, as on a
+            // machine that all three share: the memory cycle's CPU over the
+            // Redis cycle's.
+            "redis_over_memory_by_cpu": match (all_cpu[1], all_cpu[2]) {
+                (Some(mem), Some(red)) => ratio(mem, red),
+                _ => Value::Null,
+            },
             "replica_acks_over_redis": acked.map(|k| ratio(k, r.rate())),
         },
         "machine": machine(),
@@ -940,6 +1014,16 @@ fn print_report(report: &Value) {
                         fig(&row["one_worker_acquire_p50_ms"]),
                         fig(&row["serial_limit_per_s"]),
                         fig(&row["of_serial_limit"]),
+                    );
+                }
+            }
+            for row in report["rows"].as_array().into_iter().flatten() {
+                if let Some(load) = row.get("load_cpu_us_per_cycle") {
+                    println!(
+                        "  cpu per cycle beside {}: load generator {} µs, Redis {} µs",
+                        row["target"].as_str().unwrap_or(""),
+                        fig(load),
+                        fig(&row["redis_cpu_us_per_cycle"]),
                     );
                 }
             }
