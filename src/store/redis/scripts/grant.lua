@@ -5,9 +5,9 @@
 -- its 'token' until the TTL it had left runs out: a Release resent or
 -- retried after a lost reply still answers true. When a new grant
 -- overwrites such a record, the released token first gets a tombstone key
--- of its own (`<lock>:gone:<token>`, same hash slot) for what was left of
--- that TTL (at most), so the answer stays true however many grants come in between
--- (documentation/semantics.md). A release pays for no extra key unless a
+-- of its own (`<lock>:gone:<token>`, same hash slot) for the TTL that lease
+-- was given (at least what was left of it), so the answer stays true however
+-- many grants come in between (documentation/semantics.md). A release pays for no extra key unless a
 -- grant follows it within its TTL.
 --
 -- Gives the lock record `lock` to `token` with a fencing token of
