@@ -122,3 +122,28 @@ fn cycles_scenario_counts_all_the_cpu_of_a_cycle() {
         .unwrap_or_else(|| panic!("no CPU-bound ratio: {report}"));
     assert!(by_cpu > 0.0 && by_cpu < 1.0, "{report}");
 }
+
+#[test]
+fn hot_scenario_reports_the_gaps_between_grants() {
+    let report = bench(&["hot", "--workers", "8", "--duration", "1s"]);
+    let rows = report["rows"].as_array().expect("rows");
+    for r in rows {
+        let target = r["target"].as_str().unwrap_or("");
+        if !target.starts_with("leasehold") {
+            continue;
+        }
+        assert_eq!(r["errors"], 0, "{r}");
+        let handoffs = r["wait"]["count"].as_u64().expect("waits");
+        assert!(handoffs > 10, "{r}");
+        // Grants come one after another: some gap between two of them.
+        let longest = r["longest_grant_gap_ms"].as_f64().expect("longest gap");
+        assert!(longest > 0.0, "{r}");
+        let over = r["grant_gaps_over_1ms"].as_u64().expect("a count");
+        let total = r["grant_gaps_over_1ms_total_ms"].as_f64().expect("a total");
+        // Each counted gap is over a millisecond, and none is longer than the longest.
+        assert!(
+            total >= over as f64 && total <= over as f64 * longest + 1e-9,
+            "{r}"
+        );
+    }
+}

@@ -237,6 +237,7 @@ pub async fn hot(channels: &[Channel], workers: usize, duration: Duration) -> Ho
                     continue;
                 };
                 out.wait.record(t0.elapsed());
+                out.granted_at.push(start.elapsed());
                 out.handoffs += 1;
                 if etcd.unlock(key).await.is_err() {
                     out.errors += 1;

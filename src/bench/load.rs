@@ -270,6 +270,47 @@ pub struct Hot {
     /// The most workers that believed at once that they held the lock (a
     /// permit, when shared): from the Acquire reply to sending Release.
     pub max_holders: u64,
+    /// Gaps of over a millisecond between one grant and the next, as seen
+    /// by the workers: a stall of the chain delays every queued waiter at
+    /// once, so a few of them make the wait p99.
+    pub stalls: Stalls,
+}
+
+/// Long gaps between consecutive grants of a hot loop.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stalls {
+    /// Gaps over [`Stalls::OVER`].
+    pub count: u64,
+    /// Their sum.
+    pub total: Duration,
+    /// The longest gap of all.
+    pub longest: Duration,
+}
+
+impl Stalls {
+    /// What counts as a stall: ten handoffs or so on this machine.
+    pub const OVER: Duration = Duration::from_millis(1);
+
+    /// The gaps between `grants` (times since the loop began), in any order.
+    fn of(mut grants: Vec<Duration>) -> Self {
+        grants.sort_unstable();
+        let mut s = Self::default();
+        for pair in grants.windows(2) {
+            let gap = pair[1] - pair[0];
+            s.longest = s.longest.max(gap);
+            if gap > Self::OVER {
+                s.count += 1;
+                s.total += gap;
+            }
+        }
+        s
+    }
+
+    fn merge(&mut self, other: &Stalls) {
+        self.count += other.count;
+        self.total += other.total;
+        self.longest = self.longest.max(other.longest);
+    }
 }
 
 impl Hot {
@@ -281,6 +322,7 @@ impl Hot {
         self.elapsed += other.elapsed;
         self.wait.merge(&other.wait);
         self.max_holders = self.max_holders.max(other.max_holders);
+        self.stalls.merge(&other.stalls);
         if self.per_worker.len() < other.per_worker.len() {
             self.per_worker.resize(other.per_worker.len(), 0);
         }
@@ -312,13 +354,17 @@ pub struct HotPart {
     pub timeouts: u64,
     pub errors: u64,
     pub wait: Latency,
+    /// When each grant came, since the loop began (empty where not kept).
+    pub granted_at: Vec<Duration>,
 }
 
 /// Sums the workers' counts of one hot loop that began at `start`.
 pub async fn collect_hot(tasks: Vec<tokio::task::JoinHandle<HotPart>>, start: Instant) -> Hot {
     let mut total = Hot::default();
+    let mut grants = Vec::new();
     for t in tasks {
-        if let Ok(p) = t.await {
+        if let Ok(mut p) = t.await {
+            grants.append(&mut p.granted_at);
             total.handoffs += p.handoffs;
             total.timeouts += p.timeouts;
             total.errors += p.errors;
@@ -327,6 +373,7 @@ pub async fn collect_hot(tasks: Vec<tokio::task::JoinHandle<HotPart>>, start: In
         }
     }
     total.elapsed = start.elapsed();
+    total.stalls = Stalls::of(grants);
     total
 }
 
@@ -378,6 +425,7 @@ pub async fn hot_grpc_permits(
                     Ok(r) => match r.into_inner().lease {
                         Some(lease) => {
                             p.wait.record(t0.elapsed());
+                            p.granted_at.push(start.elapsed());
                             p.handoffs += 1;
                             let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
                             most.fetch_max(now, Ordering::SeqCst);
@@ -435,6 +483,7 @@ pub async fn hot_redis(pool: &Pool, workers: usize, duration: Duration) -> Hot {
                     match redis_try(&pool, &key, &token, 10_000).await {
                         Ok(true) => {
                             p.wait.record(t0.elapsed());
+                            p.granted_at.push(start.elapsed());
                             p.handoffs += 1;
                             if redis_release(&pool, &script, &key, &token).await.is_err() {
                                 p.errors += 1;
@@ -639,4 +688,19 @@ pub async fn keepalive_run(setup: KeepAliveSetup, duration: Duration) -> KeepAli
     }
     total.elapsed = duration.min(start.elapsed());
     total
+}
+
+#[cfg(test)]
+mod stall_tests {
+    use super::*;
+
+    #[test]
+    fn stalls_are_the_gaps_over_a_millisecond_in_any_order() {
+        let us = Duration::from_micros;
+        let s = Stalls::of(vec![us(3_000), us(0), us(5_000), us(500), us(3_200)]);
+        assert_eq!(s.count, 2, "{s:?}");
+        assert_eq!(s.total, us(2_500) + us(1_800), "{s:?}");
+        assert_eq!(s.longest, us(2_500), "{s:?}");
+        assert_eq!(Stalls::of(Vec::new()).count, 0);
+    }
 }

@@ -634,6 +634,9 @@ fn hot_row(name: &str, h: &Hot, cpu: Option<(ProcSample, ProcSample)>) -> Value 
         "handoffs_per_s": h.rate().round(),
         "wait": h.wait.json(),
         "fairness_max_over_min": if h.fairness().is_finite() { json!(round3(h.fairness())) } else { Value::Null },
+        "grant_gaps_over_1ms": h.stalls.count,
+        "grant_gaps_over_1ms_total_ms": round3(h.stalls.total.as_secs_f64() * 1e3),
+        "longest_grant_gap_ms": round3(h.stalls.longest.as_secs_f64() * 1e3),
         "timeouts": h.timeouts,
         "errors": h.errors,
         "server_cpu_cores": cores,
@@ -1001,13 +1004,15 @@ fn print_report(report: &Value) {
                     );
                 } else {
                     println!(
-                        "{:<46} {:>9} handoffs/s  wait p50/p99 {}/{} ms (fair p99 bound {} ms)  fairness {}  cpu {} cores  timeouts {} errors {}  1 worker: acquire p50 {} ms, serial limit {}/s, reached {}",
+                        "{:<46} {:>9} handoffs/s  wait p50/p99 {}/{} ms (fair p99 bound {} ms)  fairness {}  grant gaps over 1 ms {} (longest {} ms)  cpu {} cores  timeouts {} errors {}  1 worker: acquire p50 {} ms, serial limit {}/s, reached {}",
                         row["target"].as_str().unwrap_or(""),
                         row["handoffs_per_s"],
                         ms(&row["wait"]["p50_ms"]),
                         ms(&row["wait"]["p99_ms"]),
                         fig(&row["fair_wait_p99_bound_ms"]),
                         fig(&row["fairness_max_over_min"]),
+                        fig(&row["grant_gaps_over_1ms"]),
+                        fig(&row["longest_grant_gap_ms"]),
                         fig(&row["server_cpu_cores"]),
                         row["timeouts"],
                         row["errors"],
