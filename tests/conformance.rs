@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use common::*;
 use leasehold::pb;
+use leasehold::pb::lock_service_client::LockServiceClient;
 use prost::Message;
 use tonic::Code;
+use tonic::transport::Channel;
 
 on_every_store!(
     acquire_grants_a_lease,
@@ -317,46 +319,30 @@ async fn fencing_increases_across_expiry_and_counter_loss(backend: Backend) {
     }
 }
 
+/// Acquires `key` and releases it again; the grant's fencing token.
+async fn fence_of_a_grant(c: &mut LockServiceClient<Channel>, key: &str) -> u64 {
+    let lease = lease_of(c.acquire(acquire(key, 10_000)).await.unwrap().into_inner());
+    let released = c.release(release(key, &lease.token)).await.unwrap();
+    assert!(released.into_inner().released, "{key}");
+    lease.fencing_token
+}
+
 async fn fencing_follows_a_counter_ahead_of_the_clock(backend: Backend) {
     let server = TestServer::start(backend).await;
     let mut c = server.client().await;
-    let first = lease_of(
-        c.acquire(acquire("ahead", 10_000))
-            .await
-            .unwrap()
-            .into_inner(),
-    );
-    assert!(
-        c.release(release("ahead", &first.token))
-            .await
-            .unwrap()
-            .into_inner()
-            .released
-    );
+    let first = fence_of_a_grant(&mut c, "ahead").await;
     // About 11.6 days ahead of Redis TIME in microseconds.
-    let ahead = first.fencing_token + 1_000_000_000_000;
+    let ahead = first + 1_000_000_000_000;
     let set = tokio::task::block_in_place(|| server.set_fence_counter("ahead", ahead));
-    let mut last = if set { ahead } else { first.fencing_token };
+    let mut last = if set { ahead } else { first };
     for round in 0..3 {
-        let lease = lease_of(
-            c.acquire(acquire("ahead", 10_000))
-                .await
-                .unwrap()
-                .into_inner(),
-        );
+        let fence = fence_of_a_grant(&mut c, "ahead").await;
         if set {
-            assert_eq!(lease.fencing_token, last + 1, "round {round}: counter + 1");
+            assert_eq!(fence, last + 1, "round {round}: counter + 1");
         } else {
-            assert!(lease.fencing_token > last, "round {round}");
+            assert!(fence > last, "round {round}");
         }
-        last = lease.fencing_token;
-        assert!(
-            c.release(release("ahead", &lease.token))
-                .await
-                .unwrap()
-                .into_inner()
-                .released
-        );
+        last = fence;
     }
 }
 

@@ -443,11 +443,15 @@ impl SideCpu {
 
     /// Microseconds per cycle of the load generator and of Redis.
     fn per_cycle(&self, c: &Cycles) -> (f64, Option<f64>) {
-        let n = (c.cycles as f64).max(1.0);
         (
-            round3(self.load.as_secs_f64() * 1e6 / n),
-            self.redis.map(|r| round3(r.as_secs_f64() * 1e6 / n)),
+            Self::us_per_cycle(self.load, c),
+            self.redis.map(|r| Self::us_per_cycle(r, c)),
         )
+    }
+
+    /// `cpu` spread over the cycles of `c`, in microseconds.
+    fn us_per_cycle(cpu: Duration, c: &Cycles) -> f64 {
+        round3(cpu.as_secs_f64() * 1e6 / (c.cycles as f64).max(1.0))
     }
 }
 
@@ -580,9 +584,7 @@ async fn cycles(
         let (load, redis) = side.per_cycle(total);
         row["load_cpu_us_per_cycle"] = json!(load);
         row["redis_cpu_us_per_cycle"] = json!(redis);
-        let server = row["server_cpu_us_per_rpc"].as_f64().map(|rpc| {
-            rpc * (total.cycles * 2 + total.contended) as f64 / (total.cycles as f64).max(1.0)
-        });
+        let server = cpu.map(|(b, a)| SideCpu::us_per_cycle(a.cpu - b.cpu, total));
         all_cpu.push(server.map(|s| s + load + redis.unwrap_or(0.0)));
         rows.push(row);
     }

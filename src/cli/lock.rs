@@ -300,106 +300,120 @@ pub(super) async fn supervise(
         .and_then(Pid::from_raw);
     // If this process is killed outright, CMD must not outlive it.
     let watchdog = group.and_then(|g| super::watchdog::Watchdog::start(verb, g));
-    let code = async {
-        let lost = guard.lost();
-        tokio::pin!(lost);
-        let why = loop {
-            let left = guard.valid_for();
-            if left <= budget {
-                break format!(
-                    "the lease has {} left and no renewal came back in time",
-                    humantime::format_duration(Duration::from_millis(left.as_millis() as u64))
-                );
-            }
-            // Looked at again at least every 250 ms (the boot clock may jump
-            // after a host suspend).
-            let check = (left - budget).min(Duration::from_millis(250));
-            tokio::select! {
-                status = child.wait() => {
-                    let code = match status {
-                        Ok(status) => status_code(status),
-                        Err(e) => {
-                            eprintln!("leasehold {verb}: lost track of the command: {e}");
-                            exit::FAILURE
-                        }
-                    };
-                    let key = guard.key().to_string();
-                    return match guard.release().await {
-                        Ok(true) => code,
-                        Ok(false) => {
-                            eprintln!("leasehold {verb}: the lock {key:?} was lost before the command finished (the server no longer knew this lease)");
-                            exit::LOST
-                        }
-                        Err(e) => {
-                            eprintln!("leasehold {verb}: the command finished but the lock could not be released ({e}); it expires with its TTL");
-                            code
-                        }
-                    };
-                }
-                reason = &mut lost => break reason.to_string(),
-                number = signals.recv() => {
-                    if number == Signal::TSTP.as_raw() {
-                        // Stop CMD with us: it must not run while nothing renews.
-                        signal_group(group, Signal::STOP);
-                        stop_self();
-                        // Continued: CMD resumes only if the lease is still
-                        // safe; otherwise it dies without running again.
-                        if guard.valid_for() > budget {
-                            signal_group(group, Signal::CONT);
-                        } else {
-                            eprintln!(
-                                "leasehold {verb}: the lease of {:?} (fencing token {}) ran short while stopped; killing the stopped command (SIGKILL)",
-                                guard.key(),
-                                guard.fencing_token()
-                            );
-                            signal_group(group, Signal::KILL);
-                            let _ = child.wait().await;
-                            let _ = tokio::time::timeout(Duration::from_secs(1), guard.release()).await;
-                            return exit::LOST;
-                        }
-                    } else if number == Signal::CONT.as_raw() {
-                        if guard.valid_for() > budget {
-                            signal_group(group, Signal::CONT);
-                        }
-                    } else if let Some(signal) = Signal::from_named_raw(number) {
-                        signal_group(group, signal);
-                    }
-                }
-                _ = tokio::time::sleep(check) => {}
-            }
-        };
-        // Stop CMD: SIGTERM now, SIGKILL after --grace but no later than
-        // --margin before the lease's deadline. A lease already gone (the
-        // server said so, or its deadline passed while this process was
-        // stopped) may be someone else's now: CMD still gets its --grace to
-        // clean up, as it would without the lock service.
-        let left = guard.valid_for();
-        let kill_in = if left.is_zero() {
-            grace
-        } else {
-            grace.min(left.saturating_sub(margin))
-        };
-        eprintln!(
-            "leasehold {verb}: lost the lock {:?} (fencing token {}): {why}; stopping the command (SIGTERM, then SIGKILL after {})",
-            guard.key(),
-            guard.fencing_token(),
-            humantime::format_duration(Duration::from_millis(kill_in.as_millis() as u64))
-        );
-        signal_group(group, Signal::TERM);
-        // A stopped CMD would never see the SIGTERM.
-        signal_group(group, Signal::CONT);
-        if kill_in.is_zero() || tokio::time::timeout(kill_in, child.wait()).await.is_err() {
-            signal_group(group, Signal::KILL);
-            let _ = child.wait().await;
-        }
-        // Still ours if it only ran short: give it back to the next holder.
-        let _ = tokio::time::timeout(Duration::from_secs(1), guard.release()).await;
-        exit::LOST
-    }
-    .await;
+    let code = watch_command(verb, guard, signals, &mut child, group, grace, margin).await;
     // CMD is gone (or the group holds only what it left behind).
     if let Some(watchdog) = watchdog {
         watchdog.disarm();
     }
     code
+}
+
+/// Waits for CMD (`child`, leader of `group`) while the lease lasts,
+/// passing signals on; once the lease runs short (less than `grace` +
+/// `margin` left) or is lost, stops CMD. The exit code: CMD's, or
+/// [`exit::LOST`].
+async fn watch_command(
+    verb: &str,
+    guard: LockGuard,
+    signals: &mut Signals,
+    child: &mut tokio::process::Child,
+    group: Option<Pid>,
+    grace: Duration,
+    margin: Duration,
+) -> i32 {
+    let budget = grace + margin;
+    let lost = guard.lost();
+    tokio::pin!(lost);
+    let why = loop {
+        let left = guard.valid_for();
+        if left <= budget {
+            break format!(
+                "the lease has {} left and no renewal came back in time",
+                humantime::format_duration(Duration::from_millis(left.as_millis() as u64))
+            );
+        }
+        // Looked at again at least every 250 ms (the boot clock may jump
+        // after a host suspend).
+        let check = (left - budget).min(Duration::from_millis(250));
+        tokio::select! {
+            status = child.wait() => {
+                let code = match status {
+                    Ok(status) => status_code(status),
+                    Err(e) => {
+                        eprintln!("leasehold {verb}: lost track of the command: {e}");
+                        exit::FAILURE
+                    }
+                };
+                let key = guard.key().to_string();
+                return match guard.release().await {
+                    Ok(true) => code,
+                    Ok(false) => {
+                        eprintln!("leasehold {verb}: the lock {key:?} was lost before the command finished (the server no longer knew this lease)");
+                        exit::LOST
+                    }
+                    Err(e) => {
+                        eprintln!("leasehold {verb}: the command finished but the lock could not be released ({e}); it expires with its TTL");
+                        code
+                    }
+                };
+            }
+            reason = &mut lost => break reason.to_string(),
+            number = signals.recv() => {
+                if number == Signal::TSTP.as_raw() {
+                    // Stop CMD with us: it must not run while nothing renews.
+                    signal_group(group, Signal::STOP);
+                    stop_self();
+                    // Continued: CMD resumes only if the lease is still
+                    // safe; otherwise it dies without running again.
+                    if guard.valid_for() > budget {
+                        signal_group(group, Signal::CONT);
+                    } else {
+                        eprintln!(
+                            "leasehold {verb}: the lease of {:?} (fencing token {}) ran short while stopped; killing the stopped command (SIGKILL)",
+                            guard.key(),
+                            guard.fencing_token()
+                        );
+                        signal_group(group, Signal::KILL);
+                        let _ = child.wait().await;
+                        let _ = tokio::time::timeout(Duration::from_secs(1), guard.release()).await;
+                        return exit::LOST;
+                    }
+                } else if number == Signal::CONT.as_raw() {
+                    if guard.valid_for() > budget {
+                        signal_group(group, Signal::CONT);
+                    }
+                } else if let Some(signal) = Signal::from_named_raw(number) {
+                    signal_group(group, signal);
+                }
+            }
+            _ = tokio::time::sleep(check) => {}
+        }
+    };
+    // Stop CMD: SIGTERM now, SIGKILL after --grace but no later than
+    // --margin before the lease's deadline. A lease already gone (the
+    // server said so, or its deadline passed while this process was
+    // stopped) may be someone else's now: CMD still gets its --grace to
+    // clean up, as it would without the lock service.
+    let left = guard.valid_for();
+    let kill_in = if left.is_zero() {
+        grace
+    } else {
+        grace.min(left.saturating_sub(margin))
+    };
+    eprintln!(
+        "leasehold {verb}: lost the lock {:?} (fencing token {}): {why}; stopping the command (SIGTERM, then SIGKILL after {})",
+        guard.key(),
+        guard.fencing_token(),
+        humantime::format_duration(Duration::from_millis(kill_in.as_millis() as u64))
+    );
+    signal_group(group, Signal::TERM);
+    // A stopped CMD would never see the SIGTERM.
+    signal_group(group, Signal::CONT);
+    if kill_in.is_zero() || tokio::time::timeout(kill_in, child.wait()).await.is_err() {
+        signal_group(group, Signal::KILL);
+        let _ = child.wait().await;
+    }
+    // Still ours if it only ran short: give it back to the next holder.
+    let _ = tokio::time::timeout(Duration::from_secs(1), guard.release()).await;
+    exit::LOST
 }
