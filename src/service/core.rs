@@ -81,11 +81,16 @@ impl<S: LockStore> Core<S> {
 
     /// What the store calls when it learns of a grant to `spec` only after
     /// the call failed: give it back (its caller was told it failed).
-    pub(super) fn give_back_late(&self, spec: &AcquireSpec) -> impl FnOnce(Grant) + Send + 'static {
-        let (store, key, token) = (self.store.clone(), spec.key.clone(), spec.token.clone());
+    /// It holds the shared spec, not copies of its key and token: every
+    /// Acquire builds this, and almost none ever runs it.
+    pub(super) fn give_back_late(
+        &self,
+        spec: &Arc<AcquireSpec>,
+    ) -> impl FnOnce(Grant) + Send + 'static {
+        let (store, spec) = (self.store.clone(), spec.clone());
         move |grant: Grant| {
-            if grant.token == token {
-                give_back(store, key, token);
+            if grant.token == spec.token {
+                give_back(store, spec.key.clone(), spec.token.clone());
             }
         }
     }
