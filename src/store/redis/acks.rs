@@ -79,7 +79,7 @@ impl RedisStore {
         };
         let grant = argv(
             &acquire,
-            vec![n.lock.clone(), n.fence],
+            vec![n.lock.clone(), n.fence.clone()],
             acquire_args(spec, acks.min),
         );
         let release = self.scripts.giveback.clone();
@@ -105,7 +105,7 @@ impl RedisStore {
             if lease.token == token {
                 let undo = argv(
                     &release,
-                    vec![n.lock],
+                    vec![n.lock.clone(), n.gone(&token)],
                     vec![token.expose().to_owned(), n.channel],
                 );
                 if let Err(e) = evalsha(&client, &release, undo).await {
