@@ -48,17 +48,26 @@ fn with_handles<T>(
     make: impl FnOnce() -> T,
     use_it: impl FnOnce(&T),
 ) {
-    cache.with_borrow_mut(|handles| {
+    let mut make = Some(make);
+    let mut use_it = Some(use_it);
+    let cached = cache.try_with(|handles| {
+        let mut handles = handles.borrow_mut();
         let same = |(a, b): &Labels| std::ptr::eq(*a, labels.0) && std::ptr::eq(*b, labels.1);
-        match handles.iter().position(|(l, _)| same(l)) {
-            Some(i) => use_it(&handles[i].1),
+        let i = match handles.iter().position(|(l, _)| same(l)) {
+            Some(i) => i,
             None => {
-                let made = make();
-                use_it(&made);
+                let made = (make.take().expect("not taken yet"))();
                 handles.push((labels, made));
+                handles.len() - 1
             }
-        }
+        };
+        (use_it.take().expect("not taken yet"))(&handles[i].1);
     });
+    // A value recorded while this thread's locals are being torn down (a
+    // guard dropped at runtime shutdown, say) goes through the registry.
+    if let (Err(_), Some(make), Some(use_it)) = (cached, make, use_it) {
+        use_it(&make());
+    }
 }
 
 /// Latency buckets in seconds: 50 µs to 10 s.
@@ -273,5 +282,38 @@ pub fn released_after(fencing_token: u64) {
         .filter(|us| *us < 86_400_000_000)
     {
         histogram!("leasehold_lock_hold_seconds").record(held_us as f64 / 1e6);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    thread_local! {
+        static MADE: Handles<u32> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Each label pair gets its own handle, made once per thread and then
+    /// reused; a second pair never gets the first one's.
+    #[test]
+    fn handles_are_made_once_per_label_pair() {
+        let mut made = 0;
+        let mut seen = Vec::new();
+        // Statics: one address each, as each literal call site has.
+        static ACQUIRE: Labels = ("Acquire", "held");
+        static RELEASE: Labels = ("Release", "held");
+        for labels in [ACQUIRE, RELEASE, ACQUIRE] {
+            with_handles(
+                &MADE,
+                labels,
+                || {
+                    made += 1;
+                    made
+                },
+                |h| seen.push(*h),
+            );
+        }
+        assert_eq!(made, 2);
+        assert_eq!(seen, [1, 2, 1]);
     }
 }
