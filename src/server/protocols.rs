@@ -16,6 +16,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -33,7 +34,7 @@ type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 /// endpoints; see the module docs.
 #[derive(Debug, Clone, Default)]
 pub struct ProtocolLayer {
-    cors: Option<CorsLayer>,
+    cors: Option<Arc<CorsLayer>>,
     ui: bool,
 }
 
@@ -42,7 +43,10 @@ impl ProtocolLayer {
     /// origins `cors` allows, or no cross-origin request when `None`, and
     /// that serves the web dashboard at `/ui/` when `ui` is set.
     pub fn new(cors: Option<CorsLayer>, ui: bool) -> Self {
-        Self { cors, ui }
+        Self {
+            cors: cors.map(Arc::new),
+            ui,
+        }
     }
 }
 
@@ -61,7 +65,9 @@ impl<S> Layer<S> for ProtocolLayer {
 #[derive(Debug, Clone)]
 pub struct Protocols<S> {
     inner: S,
-    cors: Option<CorsLayer>,
+    /// Shared: hyper clones the whole service stack for every request, and
+    /// a CORS policy is a few hundred bytes of vectors and header values.
+    cors: Option<Arc<CorsLayer>>,
     ui: bool,
 }
 
