@@ -16,20 +16,21 @@
 -- lock and expires `counter_ttl` ms after its last grant. `released`: the
 -- token of the released lease this record still keeps (nil if none), as the
 -- caller already read it, and `released_ttl` its 'ttl' field.
--- The next fencing token of the lock whose counter is `counter`.
+-- The next fencing token of the lock whose counter is `counter`, as a
+-- number and as the string the counter holds.
 local function next_fence(counter, counter_ttl)
   local t = redis.call('TIME')
   local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
   -- One write in the usual case, where the clock has passed the last fence
   -- (SET ... GET answers the old value; nil if the counter was gone).
-  local last = tonumber(redis.call('SET', counter, string.format('%d', now_us), 'PX', counter_ttl,
-    'GET'))
+  local now = string.format('%d', now_us)
+  local last = tonumber(redis.call('SET', counter, now, 'PX', counter_ttl, 'GET'))
   if last and last >= now_us then
-    local fence = last + 1
-    redis.call('SET', counter, string.format('%d', fence), 'PX', counter_ttl)
-    return fence
+    local fence = string.format('%d', last + 1)
+    redis.call('SET', counter, fence, 'PX', counter_ttl)
+    return last + 1, fence
   end
-  return now_us
+  return now_us, now
 end
 
 -- Gives the released token of the record `lock` (if any) its tombstone key
@@ -51,8 +52,7 @@ end
 local function grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl, released,
     released_ttl)
   bury(lock, released, released_ttl)
-  local fence = next_fence(counter, counter_ttl)
-  local f = string.format('%d', fence)
+  local fence, f = next_fence(counter, counter_ttl)
   redis.call('HSET', lock, 'token', token, 'fence', f,
     'ttl', ttl, 'owner', owner, 'meta', meta, 'rid', rid)
   redis.call('PEXPIRE', lock, ttl)

@@ -126,7 +126,7 @@ local function shared_ops()
       redis.call('DEL', lock)
       redis.call('HSET', lock, 'token', '', 'limit', limit)
     end
-    local fence = string.format('%d', next_fence(counter, counter_ttl))
+    local _, fence = next_fence(counter, counter_ttl)
     redis.call('HSET', lock, 'fence', fence, 'h:' .. token, cjson.encode({
       fence = fence, ttl = ttl, owner = owner, meta = meta, rid = rid, att = '', rep = ''}))
     if rid ~= '' then
