@@ -45,27 +45,24 @@ thread_local! {
 fn with_handles<T>(
     cache: &'static LocalKey<Handles<T>>,
     labels: Labels,
-    make: impl FnOnce() -> T,
-    use_it: impl FnOnce(&T),
+    make: impl Fn() -> T,
+    use_it: impl Fn(&T),
 ) {
-    let mut make = Some(make);
-    let mut use_it = Some(use_it);
+    let same = |(a, b): &Labels| std::ptr::eq(*a, labels.0) && std::ptr::eq(*b, labels.1);
     let cached = cache.try_with(|handles| {
         let mut handles = handles.borrow_mut();
-        let same = |(a, b): &Labels| std::ptr::eq(*a, labels.0) && std::ptr::eq(*b, labels.1);
-        let i = match handles.iter().position(|(l, _)| same(l)) {
-            Some(i) => i,
+        match handles.iter().find(|(l, _)| same(l)) {
+            Some((_, found)) => use_it(found),
             None => {
-                let made = (make.take().expect("not taken yet"))();
+                let made = make();
+                use_it(&made);
                 handles.push((labels, made));
-                handles.len() - 1
             }
-        };
-        (use_it.take().expect("not taken yet"))(&handles[i].1);
+        }
     });
     // A value recorded while this thread's locals are being torn down (a
     // guard dropped at runtime shutdown, say) goes through the registry.
-    if let (Err(_), Some(make), Some(use_it)) = (cached, make, use_it) {
+    if cached.is_err() {
         use_it(&make());
     }
 }
@@ -297,8 +294,8 @@ mod tests {
     /// reused; a second pair never gets the first one's.
     #[test]
     fn handles_are_made_once_per_label_pair() {
-        let mut made = 0;
-        let mut seen = Vec::new();
+        let made = std::cell::Cell::new(0);
+        let seen = RefCell::new(Vec::new());
         // Statics: one address each, as each literal call site has.
         static ACQUIRE: Labels = ("Acquire", "held");
         static RELEASE: Labels = ("Release", "held");
@@ -307,13 +304,13 @@ mod tests {
                 &MADE,
                 labels,
                 || {
-                    made += 1;
-                    made
+                    made.set(made.get() + 1);
+                    made.get()
                 },
-                |h| seen.push(*h),
+                |h| seen.borrow_mut().push(*h),
             );
         }
-        assert_eq!(made, 2);
-        assert_eq!(seen, [1, 2, 1]);
+        assert_eq!(made.get(), 2);
+        assert_eq!(seen.into_inner(), [1, 2, 1]);
     }
 }

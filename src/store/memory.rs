@@ -179,13 +179,13 @@ struct Shard {
 impl Shard {
     /// A lease in this shard runs out at `at`.
     fn due_by(&mut self, at: Instant) {
-        self.due = earliest(self.due, at);
+        self.due = Some(earliest(self.due, at));
     }
 }
 
-/// The earlier of `due` and `at`.
-fn earliest(due: Option<Instant>, at: Instant) -> Option<Instant> {
-    Some(due.map_or(at, |d| d.min(at)))
+/// The earlier of `due` (if any) and `at`.
+fn earliest(due: Option<Instant>, at: Instant) -> Instant {
+    due.map_or(at, |d| d.min(at))
 }
 
 impl std::ops::Deref for Shard {
@@ -268,7 +268,7 @@ async fn sweep(inner: Weak<Inner>) {
                 }
                 slot.gone.retain(|(_, until)| *until > now);
                 for held in slot.lease.iter().chain(slot.shared.iter()) {
-                    due = earliest(due, held.expires_at);
+                    due = Some(earliest(due, held.expires_at));
                 }
                 slot.lease.is_some()
                     || !slot.shared.is_empty()

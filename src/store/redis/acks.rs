@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use fred::prelude::*;
 use fred::types::{ClusterHash, CustomCommand};
 
-use super::args::acquire_args;
+use super::args::{acquire_args, release_call};
 use super::call::{LATE_REPLY_LIMIT, argv, evalsha, routed};
 use super::errors::{is_redirect, map_error};
 use super::names::slot_of;
@@ -14,7 +14,7 @@ use super::replies::{int, parse_acquire, parse_acquire_shared};
 use super::route::Route;
 use super::{RedisConfig, RedisStore};
 use crate::lock::{AcquireOutcome, AcquireSpec, LockError, Mode};
-use crate::store::LateGrant;
+use crate::store::{LateGrant, Releasing};
 
 /// `--min-replica-acks N`: every grant is followed by `WAIT N` on the
 /// connection that ran the grant script, and answered only once N replicas
@@ -103,11 +103,8 @@ impl RedisStore {
             // Only a grant this call made is given back (and, by the
             // script, never one a request_id replay handed out).
             if lease.token == token {
-                let undo = argv(
-                    &release,
-                    vec![n.lock.clone(), n.gone(&token)],
-                    vec![token.expose().to_owned(), n.channel],
-                );
+                let (keys, args) = release_call(n, &token, Releasing::GiveBack);
+                let undo = argv(&release, keys, args);
                 if let Err(e) = evalsha(&client, &release, undo).await {
                     tracing::warn!(error = %e, "could not undo an unacknowledged grant; it expires with its TTL");
                 }

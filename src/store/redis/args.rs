@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::names::Names;
 use crate::lock::{AcquireSpec, Mode, Token};
 use crate::store::Releasing;
 
@@ -38,6 +39,25 @@ pub(super) fn attachment_arg(kind: Releasing<'_>) -> String {
         Releasing::StreamEnd(att) => att.as_str().to_owned(),
         Releasing::Holder | Releasing::GiveBack => String::new(),
     }
+}
+
+/// The keys and arguments of release.lua, or of giveback.lua for
+/// [`Releasing::GiveBack`] (which takes no attachment): the lock record and
+/// the token's tombstone; the token, the release channel and the
+/// attachment. Built in one place for every caller: the undo of an
+/// unacknowledged grant once passed no tombstone, and its script failed on
+/// a grant that had expired meanwhile.
+pub(super) fn release_call(
+    n: Names,
+    token: &Token,
+    kind: Releasing<'_>,
+) -> (Vec<String>, Vec<String>) {
+    let gone = n.gone(token);
+    let mut args = vec![token.expose().to_owned(), n.channel];
+    if kind != Releasing::GiveBack {
+        args.push(attachment_arg(kind));
+    }
+    (vec![n.lock, gone], args)
 }
 
 /// How long a waiting EXCLUSIVE Acquire that found the lock held keeps new

@@ -41,7 +41,7 @@ use crate::lock::{
     Metadata, Mode, Token, remaining_ms,
 };
 use acks::ReplicaAcks;
-use args::{acquire_args, attachment_arg, grant_args, mark_arg};
+use args::{acquire_args, attachment_arg, grant_args, mark_arg, release_call};
 use batch::{Batcher, Op};
 use call::{LATE_REPLY_LIMIT, Scripts, argv, bounded, evalsha, routed};
 use config::redis_tls_connector;
@@ -441,14 +441,10 @@ impl LockStore for RedisStore {
         token: &Token,
         kind: Releasing<'_>,
     ) -> Result<bool, LockError> {
-        let n = self.names(key);
+        let (keys, args) = release_call(self.names(key), token, kind);
         let reply = if kind == Releasing::GiveBack {
-            let keys = vec![n.lock.clone(), n.gone(token)];
-            let args = vec![token.expose().to_owned(), n.channel];
             self.eval(&self.scripts.giveback, keys, args).await?
         } else {
-            let keys = vec![n.lock.clone(), n.gone(token)];
-            let args = vec![token.expose().to_owned(), n.channel, attachment_arg(kind)];
             self.eval_or_batch(Op::Release, &self.scripts.release, keys, args)
                 .await?
         };

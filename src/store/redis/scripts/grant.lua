@@ -1,23 +1,21 @@
--- Shared by acquire.lua and handoff.lua: prepended to each at build time
--- (src/store/redis.rs), so the two ways of granting cannot drift apart.
+-- Prepended, with shared.lua and ops.lua, to every script that writes a
+-- lock (`with_ops!` in src/store/redis/call.rs), so that the ways of
+-- granting cannot drift apart.
 --
 -- A lock record is HELD while it has a 'fence' field. Released, it keeps
 -- its 'token' until the TTL it had left runs out: a Release resent or
 -- retried after a lost reply still answers true. When a new grant
 -- overwrites such a record, the released token first gets a tombstone key
 -- of its own (`<lock>:gone:<token>`, same hash slot) for the TTL that lease
--- was given (at least what was left of it), so the answer stays true however
--- many grants come in between (documentation/semantics.md). A release pays for no extra key unless a
--- grant follows it within its TTL.
---
--- Gives the lock record `lock` to `token` with a fencing token of
--- max(counter + 1, TIME in microseconds): strictly increasing even when the
--- counter key was evicted or lost in a failover. The counter outlives the
--- lock and expires `counter_ttl` ms after its last grant. `released`: the
--- token of the released lease this record still keeps (nil if none), as the
--- caller already read it, and `released_ttl` its 'ttl' field.
+-- was given (at least what was left of it), so the answer stays true
+-- however many grants come in between (documentation/semantics.md). A
+-- release pays for no extra key unless a grant follows it within its TTL.
+
 -- The next fencing token of the lock whose counter is `counter`, as a
--- number and as the string the counter holds.
+-- number and as the string the counter holds: max(counter + 1, TIME in
+-- microseconds), strictly increasing even when the counter key was
+-- evicted or lost in a failover. The counter outlives the lock and
+-- expires `counter_ttl` ms after its last grant.
 local function next_fence(counter, counter_ttl)
   local t = redis.call('TIME')
   local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -26,9 +24,10 @@ local function next_fence(counter, counter_ttl)
   local now = string.format('%d', now_us)
   local last = tonumber(redis.call('SET', counter, now, 'PX', counter_ttl, 'GET'))
   if last and last >= now_us then
-    local fence = string.format('%d', last + 1)
-    redis.call('SET', counter, fence, 'PX', counter_ttl)
-    return last + 1, fence
+    local fence = last + 1
+    local f = string.format('%d', fence)
+    redis.call('SET', counter, f, 'PX', counter_ttl)
+    return fence, f
   end
   return now_us, now
 end
@@ -49,6 +48,10 @@ local function bury(lock, released, ttl)
   end
 end
 
+-- Gives the lock record `lock` to `token`, fenced by next_fence.
+-- `released`: the token of the released lease this record still keeps (nil
+-- if none), as the caller already read it, and `released_ttl` its 'ttl'
+-- field.
 local function grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl, released,
     released_ttl)
   bury(lock, released, released_ttl)

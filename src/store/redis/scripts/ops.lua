@@ -1,9 +1,9 @@
 -- The operations of acquire.lua, release.lua, renew.lua and giveback.lua,
 -- as functions, so that a single operation (those scripts) and a batch of
 -- them (batch.lua) run the same code. Prepended after grant.lua at build
--- time (src/store/redis.rs). Every operation is idempotent: fred resends a
--- command once after a dropped connection, and a resend must answer what
--- the first run did.
+-- time (`with_ops!` in src/store/redis/call.rs). Every operation is
+-- idempotent: fred resends a command once after a dropped connection, and
+-- a resend must answer what the first run did.
 
 -- Take a lock if it is free. Idempotent for the same token (a resent
 -- command). A different token with the same request id is a replay (a
