@@ -462,7 +462,75 @@ on_every_store!(
     an_undelivered_shared_replay_leaves_the_delivered_lease,
     a_request_id_replays_only_to_its_owner,
     a_retried_release_after_a_handoff_says_released,
+    a_retried_release_after_later_grants_says_released,
 );
+
+/// A Release retried after its reply was lost, when the key has been
+/// granted and released again since (twice): still true, and it releases
+/// nobody else's lease. Each release's memory is its own tombstone, not
+/// the record the next grant overwrites.
+async fn a_retried_release_after_later_grants_says_released(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut c = server.client().await;
+    let key = "retry-after-grants";
+    let first = lease_of(c.acquire(acquire(key, 30_000)).await.unwrap().into_inner());
+    assert!(released(&mut c, key, &first.token).await);
+    let second = lease_of(c.acquire(acquire(key, 30_000)).await.unwrap().into_inner());
+    assert!(released(&mut c, key, &second.token).await);
+    let third = lease_of(c.acquire(acquire(key, 30_000)).await.unwrap().into_inner());
+    assert!(third.fencing_token > second.fencing_token);
+    assert!(second.fencing_token > first.fencing_token);
+    // Both earlier tokens' retries: true, and the third lease is untouched.
+    assert!(released(&mut c, key, &first.token).await);
+    assert!(released(&mut c, key, &second.token).await);
+    assert!(renewed(&mut c, key, &third.token).await);
+    assert!(held(&mut c, key).await);
+    // A token that never held the key: false.
+    assert!(!released(&mut c, key, "never-granted-token").await);
+}
+
+/// On Redis a release renames the record to the token's tombstone
+/// (grant.lua): the tombstone lives no longer than the lease had left, and
+/// does not keep the lease's metadata (up to 4 KiB per release of a busy
+/// key); the lock key itself is gone, so the next grant writes a new record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_leaves_a_small_tombstone_for_the_ttl_left() {
+    let redis = tokio::task::block_in_place(RedisServer::start);
+    let server = TestServer::start_tuned(
+        Backend::Redis,
+        Some(redis.url()),
+        unique_prefix(),
+        test_config(),
+        |_| {},
+    )
+    .await;
+    let mut c = server.client().await;
+    let key = "tombstone-shape";
+    let lease = lease_of(
+        c.acquire(pb::AcquireRequest {
+            metadata: [("job".to_owned(), "x".repeat(2_000))].into(),
+            ..acquire(key, 20_000)
+        })
+        .await
+        .unwrap()
+        .into_inner(),
+    );
+    assert!(released(&mut c, key, &lease.token).await);
+    let cli = |args: &[&str]| tokio::task::block_in_place(|| redis.cli(args));
+    let pattern = format!("*{{{key}}}:lock:gone:{}", lease.token);
+    let tombstones = cli(&["--scan", "--pattern", &pattern]);
+    let tombstone = tombstones.trim();
+    assert!(
+        !tombstone.is_empty() && !tombstone.contains('\n'),
+        "{tombstones:?}"
+    );
+    let ttl: i64 = cli(&["PTTL", tombstone]).trim().parse().unwrap();
+    assert!(ttl > 0 && ttl <= 20_000, "tombstone PTTL {ttl}");
+    assert_eq!(cli(&["HEXISTS", tombstone, "meta"]).trim(), "0");
+    let lock = tombstone.trim_end_matches(&format!(":gone:{}", lease.token));
+    assert_eq!(cli(&["EXISTS", lock]).trim(), "0");
+    assert!(released(&mut c, key, &lease.token).await);
+}
 
 /// A Release retried after its reply was lost, when the first one handed
 /// the lock to a waiter on the same server (a handoff) and another waiter

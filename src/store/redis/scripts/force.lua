@@ -1,7 +1,7 @@
 -- ForceRelease: take the lock from its holder whatever its token, and tell
 -- waiting servers as a release does.
 -- KEYS[1] lock hash; ARGV[1] release channel
--- The token goes too (unlike a release, which keeps it as a tombstone), so
+-- The token goes too (unlike a release, which leaves a tombstone), so
 -- the holder's own Release answers false and its renewals find the lock
 -- lost. The fencing counter stays: the next grant is fenced higher.
 -- The message is the removed grant's fencing token, negated: waiters wake

@@ -14,7 +14,7 @@
 --        {2} the old token's release happened before (nothing changed),
 --        {1, released fence, new fence, ttl_ms, pttl_ms} handed over
 --        (released fence 0: a resent handoff that had already run).
-local cur = redis.call('HMGET', KEYS[1], 'token', 'fence', 'att', 'ttl')
+local cur = redis.call('HMGET', KEYS[1], 'token', 'fence', 'att', 'meta')
 if cur[1] == ARGV[3] and cur[2] then
   return {1, 0, tonumber(cur[2]), tonumber(ARGV[4]), redis.call('PTTL', KEYS[1])}
 end
@@ -29,10 +29,10 @@ if cur[1] ~= ARGV[1] or not cur[2] or (ARGV[2] ~= '' and cur[3] ~= ARGV[2]) then
   end
   return {0}
 end
-redis.call('HDEL', KEYS[1], 'rep', 'att')
--- The old token's tombstone (KEYS[3]) is the key bury() names.
-local fence = grant(KEYS[1], KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8],
-  ARGV[1], cur[4])
+-- The old token's record becomes its tombstone (KEYS[3]), and the waiter's
+-- grant a new record.
+entomb(KEYS[1], KEYS[3], cur[4])
+local fence = grant(KEYS[1], KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 -- The waiter was an exclusive one that may have marked the key.
 redis.call('ZREM', KEYS[1] .. ':xw', ARGV[3])
 return {1, tonumber(cur[2]), fence, tonumber(ARGV[4]), tonumber(ARGV[4])}

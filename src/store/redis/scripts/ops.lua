@@ -45,7 +45,7 @@ local function acquire(lock, counter, token, ttl, owner, meta, rid, counter_ttl,
     end
     return {1, cur[1], tonumber(cur[3]), tonumber(cur[4]), redis.call('PTTL', lock)}
   end
-  -- Not held, but the record keeps a released token: its tombstone.
+  -- Not held, but a record released by an earlier version keeps the token.
   local released = (cur[1] and not cur[3]) and cur[1] or nil
   local fence = grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl, released, cur[4])
   if mark ~= '0' then
@@ -66,7 +66,7 @@ end
 -- back), -1 if this token was released already (a resent or retried
 -- release), 0 if the token does not hold the lock or the condition failed.
 local function release(lock, token, channel, att, giveback, gone)
-  local cur = redis.call('HMGET', lock, 'token', 'fence', 'rep', 'att')
+  local cur = redis.call('HMGET', lock, 'token', 'fence', 'rep', 'att', 'meta')
   if cur[1] == token and cur[2] then
     if giveback and cur[3] then
       return 0
@@ -74,10 +74,7 @@ local function release(lock, token, channel, att, giveback, gone)
     if att ~= '' and cur[4] ~= att then
       return 0
     end
-    -- Only what marks it held and whose: owner and metadata are overwritten
-    -- by the next grant, and expire with the record meanwhile. The record
-    -- keeps the token: the tombstone (see grant.lua).
-    redis.call('HDEL', lock, 'fence', 'rep', 'att')
+    entomb(lock, gone, cur[5])
     redis.call('SPUBLISH', channel, cur[2])
     return tonumber(cur[2])
   end

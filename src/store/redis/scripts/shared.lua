@@ -121,7 +121,7 @@ local function shared_ops()
       return {0, lapses - now}
     end
     if n == 0 then
-      -- Free. The record may keep a released exclusive token: its tombstone.
+      -- Free. A record released by an earlier version may keep its token.
       bury(lock, (cur[1] and cur[1] ~= '') and cur[1] or nil)
       redis.call('DEL', lock)
       redis.call('HSET', lock, 'token', '', 'limit', limit)
