@@ -273,8 +273,14 @@ impl Conn {
             if armed && !self.deadline.is_elapsed() {
                 return Ok(());
             }
+            // A Sleep polled when the task's coop budget is spent answers
+            // Pending without registering its timer (it only asks to be
+            // polled again). Armed then, the next read would skip it, and a
+            // silent connection would never time out: one of 300 silent TLS
+            // handshakes, all polled by one task, once stayed open.
+            let registers = tokio::task::coop::has_budget_remaining();
             if self.deadline.as_mut().poll(cx).is_pending() {
-                self.armed = Some(cx.waker().clone());
+                self.armed = registers.then(|| cx.waker().clone());
                 return Ok(());
             }
             self.armed = None;
@@ -545,6 +551,43 @@ mod tests {
             ..limits
         };
         assert_eq!(set.max_connections(), 50_000);
+    }
+
+    /// A read that first polls the deadline with the task's coop budget
+    /// spent must still time out: the timer was not registered then.
+    #[tokio::test]
+    async fn a_deadline_first_polled_without_budget_still_fires() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = ConnectionLimits {
+            handshake_timeout: Duration::from_millis(100),
+            ..ConnectionLimits::default()
+        };
+        let registry = Arc::new(Registry::new(&limits));
+        let mut accepting = Accepting::new(listener, &limits, registry);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut conn = accepting.next().await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u8>();
+        for _ in 0..1_000 {
+            tx.send(0).unwrap();
+        }
+        let mut buf = [0u8; 16];
+        // Spend the budget, then read: Pending, the deadline polled without it.
+        std::future::poll_fn(|cx| {
+            while rx.poll_recv(cx).is_ready() {}
+            assert!(!tokio::task::coop::has_budget_remaining());
+            let mut read = ReadBuf::new(&mut buf);
+            assert!(Pin::new(&mut conn).poll_read(cx, &mut read).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        let read = tokio::time::timeout(Duration::from_secs(5), async {
+            use tokio::io::AsyncReadExt;
+            conn.read(&mut buf).await
+        })
+        .await
+        .expect("the handshake deadline closed the silent connection");
+        assert_eq!(read.unwrap_err().kind(), io::ErrorKind::TimedOut);
     }
 
     #[tokio::test]
