@@ -632,7 +632,8 @@ async fn wait_promoted(cluster: &RedisCluster, dead: u16, slot: u16) -> (u16, In
     (owner.expect("promoted"), at)
 }
 
-/// Waits until every replica's link to its primary is up: a replica that
+/// Waits until every replica's link to its primary is up and every primary
+/// lists a replica in its CLUSTER NODES: a replica that
 /// never synced cannot be promoted.
 async fn wait_replicated(cluster: &RedisCluster) {
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
@@ -640,7 +641,14 @@ async fn wait_replicated(cluster: &RedisCluster) {
         tokio::task::block_in_place(|| {
             ports.iter().all(|p| {
                 let info = redis_cli(*p, &["INFO", "replication"]);
-                info.contains("role:master") || info.contains("master_link_status:up")
+                if info.contains("role:master") {
+                    // The primary's CLUSTER NODES, where `replicas_of` looks,
+                    // learns of its replica by gossip, which can lag the
+                    // replication link (CI once found none there).
+                    !replicas_of(cluster, *p).is_empty()
+                } else {
+                    info.contains("master_link_status:up")
+                }
             })
         })
     })
