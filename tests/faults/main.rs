@@ -632,9 +632,9 @@ async fn wait_promoted(cluster: &RedisCluster, dead: u16, slot: u16) -> (u16, In
     (owner.expect("promoted"), at)
 }
 
-/// Waits until every replica's link to its primary is up and every primary
-/// lists a replica in its CLUSTER NODES: a replica that
-/// never synced cannot be promoted.
+/// Waits until every replica's link to its primary is up (a replica that
+/// never synced cannot be promoted) and every primary lists a replica in
+/// its CLUSTER NODES.
 async fn wait_replicated(cluster: &RedisCluster) {
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
     until("every replica in sync", Duration::from_secs(30), || {

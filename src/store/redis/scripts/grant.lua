@@ -48,10 +48,9 @@ end
 
 -- Gives the released token that a record written by an earlier version
 -- keeps (if any) its tombstone key before a new grant overwrites the
--- record. It lives `ttl` ms, the TTL the
--- released lease was given last (its 'ttl' field): at least what was left
--- of it, without a PTTL call on the exclusive path. Nil `ttl`: what is left
--- of the record (PTTL).
+-- record. It lives `ttl` ms, the TTL the released lease was given last
+-- (its 'ttl' field): at least what was left of it, without a PTTL call.
+-- Nil `ttl`: what is left of the record (PTTL).
 local function bury(lock, released, ttl)
   if released then
     local left = tonumber(ttl) or redis.call('PTTL', lock)
@@ -64,9 +63,9 @@ local function bury(lock, released, ttl)
 end
 
 -- Gives the lock record `lock` to `token`, fenced by next_fence.
--- `released`: the token of the released lease this record still keeps (nil
--- if none), as the caller already read it, and `released_ttl` its 'ttl'
--- field.
+-- `released`: the token a record released by an earlier version still
+-- keeps (nil if none), as the caller already read it, and `released_ttl`
+-- its 'ttl' field.
 local function grant(lock, counter, token, ttl, owner, meta, rid, counter_ttl, released,
     released_ttl)
   bury(lock, released, released_ttl)
