@@ -27,8 +27,8 @@ const SHARDS: usize = 64;
 /// How often expired leases are dropped and their waiters woken.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
 /// Every this many sweeps, every shard is swept whatever its leases'
-/// deadlines: slots whose fencing counter and released tokens need no
-/// keeping are dropped then.
+/// deadlines: slots whose fencing counter needs no keeping are dropped
+/// then, and released tokens whose time is up are forgotten.
 const FULL_SWEEP_EVERY: u32 = 8;
 /// How long a waiting EXCLUSIVE Acquire keeps later SHARED ones out after
 /// its last attempt (the Redis store's `EXCLUSIVE_WAIT_MARK`).
@@ -52,8 +52,8 @@ struct Inner {
 
 /// One key's state. The fencing counter outlives the lease; the slot is
 /// dropped once the monotonic clock has passed its last fencing token, since
-/// from then on the clock floor alone keeps tokens increasing, and once the
-/// last released token need no longer be remembered.
+/// from then on the clock floor alone keeps tokens increasing. The tokens it
+/// released are remembered by its shard ([`Gone`]), not by the slot.
 #[derive(Debug)]
 struct Slot {
     fence: u64,
@@ -66,19 +66,58 @@ struct Slot {
     /// Waiting EXCLUSIVE Acquires (their tokens) and until when each keeps
     /// new shared holders out: no writer starvation.
     exclusive_waiting: Vec<(Token, Instant)>,
-    /// Tokens released, each remembered for the TTL its lease had left, so
-    /// that a retried Release answers true (as Redis's tombstone keys do).
-    /// A map, pruned of expired entries only once it has doubled since the
-    /// last pruning: a busy key's TTL spans many releases (80 000 in a
-    /// 10 s TTL of `bench hot`), and pruning or searching a list at each
-    /// release made every release cost O(releases within a TTL).
-    gone: HashMap<Token, Instant, RandomState>,
-    /// `gone`'s length after its last pruning.
-    gone_pruned: usize,
 }
 
-/// `gone` is never pruned below this length: small maps are cheap to keep.
+/// The tokens released in one shard, each remembered for the TTL its lease
+/// had left, so that a retried Release answers true (as Redis's tombstone
+/// keys do).
+///
+/// Kept by the shard rather than by each key's slot: a slot kept alive by
+/// its tombstones made a store cycling through many keys hold (and sweep)
+/// a slot and a map per key for a TTL after each release (100 000 keys,
+/// 10 s TTL under `bench cycles`). Tokens are random and unique to one
+/// grant, so the map is by token, with a hash of the key so that a token
+/// presented with another key is not taken for released there. Pruned of
+/// expired entries once it has doubled since the last pruning (amortized
+/// O(1) per release: a busy key's TTL spans many releases, 80 000 in a
+/// 10 s TTL of `bench hot`) and at each full sweep.
+#[derive(Debug, Default)]
+struct Gone {
+    tokens: HashMap<Token, (u64, Instant), RandomState>,
+    /// `tokens`' length after its last pruning.
+    pruned: usize,
+}
+
+/// `Gone` is never pruned below this length: small maps are cheap to keep.
 const GONE_PRUNE_MIN: usize = 16;
+
+impl Gone {
+    /// Remembers that `token` was released from the key hashed `key` until
+    /// `until`, pruning expired entries when the map has doubled since the
+    /// last pruning.
+    fn remember(&mut self, key: u64, token: Token, until: Instant, now: Instant) {
+        if until <= now {
+            return;
+        }
+        if self.tokens.len() >= (2 * self.pruned).max(GONE_PRUNE_MIN) {
+            self.prune(now);
+        }
+        self.tokens.insert(token, (key, until));
+    }
+
+    fn prune(&mut self, now: Instant) {
+        self.tokens.retain(|_, (_, until)| *until > now);
+        self.pruned = self.tokens.len();
+    }
+
+    /// Whether `token`'s release from the key hashed `key` is still
+    /// remembered.
+    fn released(&self, key: u64, token: &Token, now: Instant) -> bool {
+        self.tokens
+            .get(token)
+            .is_some_and(|(k, until)| *k == key && *until > now)
+    }
+}
 
 impl Slot {
     fn empty() -> Self {
@@ -88,33 +127,15 @@ impl Slot {
             shared: Vec::new(),
             limit: 0,
             exclusive_waiting: Vec::new(),
-            gone: HashMap::default(),
-            gone_pruned: 0,
         }
     }
 
-    /// Frees the lease, remembering its token until it would have expired.
-    fn free(&mut self, now: Instant) {
+    /// Frees the lease of the key hashed `key`, remembering its token in
+    /// `gone` until it would have expired.
+    fn free(&mut self, gone: &mut Gone, key: u64, now: Instant) {
         if let Some(held) = self.lease.take() {
-            self.remember(held.token, held.expires_at, now);
+            gone.remember(key, held.token, held.expires_at, now);
         }
-    }
-
-    /// Remembers `token`'s release until `until`, pruning expired entries
-    /// when the map has doubled since the last pruning (amortized O(1)).
-    fn remember(&mut self, token: Token, until: Instant, now: Instant) {
-        if until <= now {
-            return;
-        }
-        if self.gone.len() >= (2 * self.gone_pruned).max(GONE_PRUNE_MIN) {
-            self.prune_gone(now);
-        }
-        self.gone.insert(token, until);
-    }
-
-    fn prune_gone(&mut self, now: Instant) {
-        self.gone.retain(|_, until| *until > now);
-        self.gone_pruned = self.gone.len();
     }
 
     /// Drops expired shared holders and stale exclusive-waiting marks;
@@ -127,9 +148,9 @@ impl Slot {
     }
 
     /// Releases the shared holder at `i`, remembering its token.
-    fn free_shared(&mut self, i: usize, now: Instant) {
+    fn free_shared(&mut self, gone: &mut Gone, key: u64, i: usize, now: Instant) {
         let held = self.shared.remove(i);
-        self.remember(held.token, held.expires_at, now);
+        gone.remember(key, held.token, held.expires_at, now);
     }
 
     /// The holder `token` names, exclusive or shared, if live.
@@ -138,11 +159,6 @@ impl Slot {
             .iter_mut()
             .chain(self.shared.iter_mut())
             .find(|h| h.token == *token && h.live(now))
-    }
-
-    /// Whether `token`'s release is still remembered.
-    fn released(&self, token: &Token, now: Instant) -> bool {
-        self.gone.get(token).is_some_and(|until| *until > now)
     }
 }
 
@@ -194,6 +210,8 @@ struct Shard {
     /// No lease in this shard runs out before this (`None`: none held).
     /// Lowered by every grant and renewal; recomputed by each sweep.
     due: Option<Instant>,
+    /// The tokens its keys released.
+    gone: Gone,
 }
 
 impl Shard {
@@ -253,10 +271,19 @@ impl Inner {
     }
 
     fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
-        let i = (self.hasher.hash_one(key) as usize) % SHARDS;
+        self.locate(key).0
+    }
+
+    /// `key`'s shard, and the key's hash (which [`Gone`] keeps).
+    fn locate(&self, key: &str) -> (MutexGuard<'_, Shard>, u64) {
+        let hash = self.hasher.hash_one(key);
+        let i = (hash as usize) % SHARDS;
         // Every critical section leaves the map consistent, so a poisoned
         // lock (a panic elsewhere) is still safe to use.
-        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+        (
+            self.shards[i].lock().unwrap_or_else(|e| e.into_inner()),
+            hash,
+        )
     }
 }
 
@@ -286,17 +313,18 @@ async fn sweep(inner: Weak<Inner>) {
                 if slot.prune(now) || lease_expired {
                     expired.push(key.clone());
                 }
-                slot.prune_gone(now);
                 for held in slot.lease.iter().chain(slot.shared.iter()) {
                     due = Some(earliest(due, held.expires_at));
                 }
                 slot.lease.is_some()
                     || !slot.shared.is_empty()
                     || !slot.exclusive_waiting.is_empty()
-                    || !slot.gone.is_empty()
                     || slot.fence >= now_us
             });
             shard.due = due;
+            if full {
+                shard.gone.prune(now);
+            }
         }
         crate::metrics::expiries(expired.len() as u64);
         for key in expired {
@@ -356,20 +384,29 @@ enum Freed {
     No,
 }
 
-fn free_slot(slot: &mut Slot, token: &Token, kind: Releasing<'_>, now: Instant) -> Freed {
+/// Releases `token`'s hold on `slot`, the key hashed `key`, remembering
+/// the token in `gone`.
+fn free_slot(
+    slot: &mut Slot,
+    gone: &mut Gone,
+    key: u64,
+    token: &Token,
+    kind: Releasing<'_>,
+    now: Instant,
+) -> Freed {
     match slot.lease.as_ref() {
         Some(h) if h.token == *token => {
             if !h.live(now) {
                 // Expired but not swept yet: lost, but freed all the same,
                 // and waiters hear of it.
-                slot.free(now);
+                slot.free(gone, key, now);
                 return Freed::Expired;
             }
             if !may_release(h, kind) {
                 return Freed::No;
             }
             let fence = h.fence;
-            slot.free(now);
+            slot.free(gone, key, now);
             Freed::Now(fence)
         }
         _ => match slot.shared.iter().position(|h| h.token == *token) {
@@ -380,10 +417,10 @@ fn free_slot(slot: &mut Slot, token: &Token, kind: Releasing<'_>, now: Instant) 
             Some(i) if !may_release(&slot.shared[i], kind) => Freed::No,
             Some(i) => {
                 let fence = slot.shared[i].fence;
-                slot.free_shared(i, now);
+                slot.free_shared(gone, key, i, now);
                 Freed::Now(fence)
             }
-            None if slot.released(token, now) => Freed::Before,
+            None if gone.released(key, token, now) => Freed::Before,
             None => Freed::No,
         },
     }
@@ -427,10 +464,13 @@ fn parse_page(page: &str) -> Result<String, LockError> {
         .ok_or_else(|| LockError::invalid("page_token", "not a page token of this server"))
 }
 
-/// A shared Acquire on `slot`: waits for a live exclusive holder, a full
-/// set of shared holders, or a waiting exclusive Acquire.
+/// A shared Acquire on `slot` (the key hashed `key`, whose shard's released
+/// tokens are `gone`): waits for a live exclusive holder, a full set of
+/// shared holders, or a waiting exclusive Acquire.
 fn acquire_shared(
     slot: &mut Slot,
+    gone: &mut Gone,
+    key: u64,
     spec: &AcquireSpec,
     limit: u32,
     now: Instant,
@@ -464,7 +504,7 @@ fn acquire_shared(
             retry_after_ms: crate::lock::remaining_ms(ms.min(i64::MAX as u128) as i64),
         });
     }
-    slot.free(now);
+    slot.free(gone, key, now);
     Ok(AcquireOutcome::Acquired(grant(slot, spec, now)))
 }
 
@@ -475,12 +515,14 @@ impl LockStore for MemoryStore {
         _late: impl LateGrant,
     ) -> Result<AcquireOutcome, LockError> {
         let now = Instant::now();
-        let mut map = self.inner.shard(spec.key.as_str());
-        let slot = map
+        let (mut map, hash) = self.inner.locate(spec.key.as_str());
+        let shard = &mut *map;
+        let slot = shard
+            .map
             .entry(spec.key.as_str().to_owned())
             .or_insert_with(Slot::empty);
         if let Mode::Shared { limit } = spec.mode {
-            let outcome = acquire_shared(slot, spec, limit, now)?;
+            let outcome = acquire_shared(slot, &mut shard.gone, hash, spec, limit, now)?;
             if matches!(outcome, AcquireOutcome::Acquired(_)) {
                 map.due_by(now + Duration::from_millis(spec.ttl_ms.into()));
             }
@@ -518,7 +560,7 @@ impl LockStore for MemoryStore {
             return Ok(AcquireOutcome::Held { retry_after_ms });
         }
         // An expired lease counts as released at its expiry.
-        slot.free(now);
+        slot.free(&mut shard.gone, hash, now);
         let granted = grant(slot, spec, now);
         map.due_by(now + Duration::from_millis(spec.ttl_ms.into()));
         drop(map);
@@ -543,8 +585,10 @@ impl LockStore for MemoryStore {
             return Ok((self.release(key, token, kind).await?, None));
         }
         let handed = {
-            let mut map = self.inner.shard(key.as_str());
-            let handed = map
+            let (mut map, hash) = self.inner.locate(key.as_str());
+            let shard = &mut *map;
+            let handed = shard
+                .map
                 .get_mut(key.as_str())
                 .filter(|slot| {
                     slot.lease
@@ -553,7 +597,7 @@ impl LockStore for MemoryStore {
                 })
                 .map(|slot| {
                     crate::metrics::released_after(slot.fence);
-                    slot.free(now);
+                    slot.free(&mut shard.gone, hash, now);
                     grant(slot, next, now)
                 });
             if handed.is_some() {
@@ -579,16 +623,20 @@ impl LockStore for MemoryStore {
     ) -> Result<bool, LockError> {
         let now = Instant::now();
         let freed = {
-            let mut map = self.inner.shard(key.as_str());
-            match map.get_mut(key.as_str()) {
+            let (mut map, hash) = self.inner.locate(key.as_str());
+            let shard = &mut *map;
+            match shard.map.get_mut(key.as_str()) {
                 Some(slot) => {
                     if kind == Releasing::GiveBack {
                         // A waiting exclusive Acquire that left withdraws
                         // its mark.
                         slot.exclusive_waiting.retain(|(t, _)| t != token);
                     }
-                    free_slot(slot, token, kind, now)
+                    free_slot(slot, &mut shard.gone, hash, token, kind, now)
                 }
+                // The slot may be gone (swept) while its released tokens
+                // are still remembered.
+                None if shard.gone.released(hash, token, now) => Freed::Before,
                 None => Freed::No,
             }
         };
@@ -819,22 +867,54 @@ mod tests {
     #[test]
     fn released_tokens_are_remembered_and_pruned() {
         let start = Instant::now();
-        let mut slot = Slot::empty();
+        let mut gone = Gone::default();
         let long = Token::generate();
-        slot.remember(long.clone(), start + Duration::from_secs(3_600), start);
+        gone.remember(7, long.clone(), start + Duration::from_secs(3_600), start);
         for i in 0..10_000u64 {
             let now = start + Duration::from_millis(i);
-            slot.remember(Token::generate(), now + Duration::from_micros(500), now);
+            gone.remember(7, Token::generate(), now + Duration::from_micros(500), now);
             assert!(
-                slot.gone.len() <= 2 * GONE_PRUNE_MIN,
+                gone.tokens.len() <= 2 * GONE_PRUNE_MIN,
                 "{} at {i}",
-                slot.gone.len()
+                gone.tokens.len()
             );
         }
         let now = start + Duration::from_secs(10);
-        assert!(slot.released(&long, now));
-        assert!(!slot.released(&Token::generate(), now));
+        assert!(gone.released(7, &long, now));
+        assert!(!gone.released(7, &Token::generate(), now));
+        // Remembered for its key only.
+        assert!(!gone.released(8, &long, now));
         // Gone once its time is up, whether or not pruned yet.
-        assert!(!slot.released(&long, start + Duration::from_secs(3_601)));
+        assert!(!gone.released(7, &long, start + Duration::from_secs(3_601)));
+    }
+
+    /// A released token outlives its key's slot: once the sweeper has
+    /// dropped the slot (nothing held, fencing counter behind the clock),
+    /// a retried Release still answers true, and the token presented with
+    /// another key in the same shard still answers false.
+    #[tokio::test]
+    async fn a_retried_release_after_the_slot_is_swept_says_released() {
+        let store = MemoryStore::new(Arc::new(Freed::default()));
+        let first = spec("swept", 60_000);
+        assert!(matches!(
+            store.acquire(&first, |_| {}).await,
+            Ok(AcquireOutcome::Acquired(_))
+        ));
+        let release = |key: LockKey| {
+            let (store, token) = (&store, first.token.clone());
+            async move { store.release(&key, &token, Releasing::Holder).await }
+        };
+        assert_eq!(release(first.key.clone()).await, Ok(true));
+        // What the sweeper does to a slot with nothing left to keep.
+        let removed = store.inner.shard("swept").map.remove("swept");
+        assert!(removed.is_some(), "the slot was there to drop");
+        assert_eq!(release(first.key.clone()).await, Ok(true));
+        let shard_of = |k: &str| store.inner.hasher.hash_one(k) % SHARDS as u64;
+        let other = (0..10_000)
+            .map(|i| format!("other-{i}"))
+            .find(|k| shard_of(k) == shard_of("swept"))
+            .expect("a key in the same shard");
+        let other = LockKey::parse(other, 512).expect("a valid key");
+        assert_eq!(release(other).await, Ok(false));
     }
 }
