@@ -276,6 +276,31 @@ async fn contention_is_counted_without_keys() {
     )
     .await;
     assert!(gave_up.is_err(), "the lock is held: the call waits");
+    // The server must have seen that call go (its RST_STREAM) before the
+    // forced release below, which comes over another connection: had the
+    // release come first, the waiting call would have been granted the lock
+    // (after_wait) and given it back.
+    let mut metrics = String::new();
+    for _ in 0..200 {
+        metrics = scrape(&metrics_addr).await;
+        if value(
+            &metrics,
+            &["leasehold_acquires_total", "outcome=\"cancelled\""],
+        )
+        .is_some()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        value(
+            &metrics,
+            &["leasehold_acquires_total", "outcome=\"cancelled\""]
+        )
+        .is_some(),
+        "the server never saw the cancelled call go: {metrics}"
+    );
     // A forced release, and an open Watch.
     let mut admin = pb::admin_service_client::AdminServiceClient::connect(server.endpoint())
         .await
@@ -290,20 +315,7 @@ async fn contention_is_counted_without_keys() {
     assert_eq!(forced.into_inner().released, 1);
     let _watch = c.watch(pb::WatchRequest { key: key.into() }).await.unwrap();
     let _ = second;
-
-    let mut metrics = String::new();
-    for _ in 0..200 {
-        metrics = scrape(&metrics_addr).await;
-        if value(
-            &metrics,
-            &["leasehold_acquires_total", "outcome=\"cancelled\""],
-        )
-        .is_some()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let metrics = scrape(&metrics_addr).await;
     for outcome in ["immediate", "after_wait", "timed_out", "cancelled"] {
         let label = format!("outcome=\"{outcome}\"");
         assert_eq!(
