@@ -280,25 +280,17 @@ async fn contention_is_counted_without_keys() {
     // forced release below, which comes over another connection: had the
     // release come first, the waiting call would have been granted the lock
     // (after_wait) and given it back.
+    let cancelled = ["leasehold_acquires_total", "outcome=\"cancelled\""];
     let mut metrics = String::new();
     for _ in 0..200 {
         metrics = scrape(&metrics_addr).await;
-        if value(
-            &metrics,
-            &["leasehold_acquires_total", "outcome=\"cancelled\""],
-        )
-        .is_some()
-        {
+        if value(&metrics, &cancelled).is_some() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert!(
-        value(
-            &metrics,
-            &["leasehold_acquires_total", "outcome=\"cancelled\""]
-        )
-        .is_some(),
+        value(&metrics, &cancelled).is_some(),
         "the server never saw the cancelled call go: {metrics}"
     );
     // A forced release, and an open Watch.

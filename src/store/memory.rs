@@ -276,14 +276,19 @@ impl Inner {
 
     /// `key`'s shard, and the key's hash (which [`Gone`] keeps).
     fn locate(&self, key: &str) -> (MutexGuard<'_, Shard>, u64) {
-        let hash = self.hasher.hash_one(key);
-        let i = (hash as usize) % SHARDS;
+        let (i, hash) = self.index(key);
         // Every critical section leaves the map consistent, so a poisoned
         // lock (a panic elsewhere) is still safe to use.
         (
             self.shards[i].lock().unwrap_or_else(|e| e.into_inner()),
             hash,
         )
+    }
+
+    /// The index of `key`'s shard, and the key's hash.
+    fn index(&self, key: &str) -> (usize, u64) {
+        let hash = self.hasher.hash_one(key);
+        ((hash as usize) % SHARDS, hash)
     }
 }
 
@@ -909,7 +914,7 @@ mod tests {
         let removed = store.inner.shard("swept").map.remove("swept");
         assert!(removed.is_some(), "the slot was there to drop");
         assert_eq!(release(first.key.clone()).await, Ok(true));
-        let shard_of = |k: &str| store.inner.hasher.hash_one(k) % SHARDS as u64;
+        let shard_of = |k: &str| store.inner.index(k).0;
         let other = (0..10_000)
             .map(|i| format!("other-{i}"))
             .find(|k| shard_of(k) == shard_of("swept"))
