@@ -5,9 +5,9 @@
 //! the reader's wake-up, Redis's read and write. Operations that queue
 //! behind each other here are sent together as one `batch.lua` call, which
 //! runs each with the same function as its own script (`ops.lua`) and
-//! answers each separately. At most `in_flight` batches (or single calls)
-//! are on the wire at once; while they are, new operations gather into the
-//! next batch. With a connection free and nothing queued, an operation goes
+//! answers each separately. At most [`MAX_IN_FLIGHT`] batches (or single
+//! calls), and no more than the pool has connections, are on the wire at
+//! once; while they are, new operations gather into the next batch. With a connection free and nothing queued, an operation goes
 //! out at once, alone, with its own script ([`Batcher::idle`]): batching
 //! adds no wait and no work to a server that is not busy.
 //!
@@ -62,11 +62,22 @@ struct Queued {
     undo: Option<Undo>,
 }
 
+/// Most batches on the wire at once, whatever the pool size. Two keep Redis
+/// busy: it runs one while the other's reply travels back and the next
+/// gathers. More only cut the same queue into smaller batches, and each
+/// script call costs Redis about 5 µs around the operations it runs (read,
+/// parse, script set-up, reply, write). Measured under `bench cycles`
+/// (64 workers) with a pool of 4 (documentation/benchmarks.md, "Two
+/// batches in flight"): 0.33 → 0.18 `EVALSHA` per cycle, redis-server CPU
+/// per cycle 1.6 µs lower. A Redis further away (a round trip near a
+/// batch's own run time, about 1 ms at 64 operations) would want more.
+pub(super) const MAX_IN_FLIGHT: usize = 2;
+
 /// The queue operations wait in, and the task that sends them.
 pub(super) struct Batcher {
     tx: mpsc::UnboundedSender<Queued>,
-    /// One permit per connection: a batch, or a call sent alone, holds one
-    /// while it is on the wire.
+    /// One permit per batch allowed on the wire: a batch, or a call sent
+    /// alone, holds one while it is on the wire.
     slots: Arc<Semaphore>,
     /// Operations in the queue, not yet taken into a batch.
     queued: Arc<AtomicUsize>,
@@ -74,18 +85,20 @@ pub(super) struct Batcher {
 }
 
 impl Batcher {
-    /// Starts the sending task. `in_flight` is the pool size: one batch per
-    /// connection at a time. `max` bounds a batch: it runs for about 15 µs
-    /// per operation inside Redis, which serves no one else meanwhile.
+    /// Starts the sending task. `pool_size` is the pool's connections: at
+    /// most one batch per connection, and [`MAX_IN_FLIGHT`] in all, at a
+    /// time. `max` bounds a batch: it runs for about 15 µs per operation
+    /// inside Redis, which serves no one else meanwhile.
     pub(super) fn start(
         route: Arc<Route>,
         script: Script,
         timeout: Duration,
-        in_flight: usize,
+        pool_size: usize,
         max: usize,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let slots = Arc::new(Semaphore::new(in_flight.max(1)));
+        let in_flight = pool_size.clamp(1, MAX_IN_FLIGHT);
+        let slots = Arc::new(Semaphore::new(in_flight));
         let queued = Arc::new(AtomicUsize::new(0));
         let task = task::spawn(
             "redis-batcher",
