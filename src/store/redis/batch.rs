@@ -73,6 +73,12 @@ struct Queued {
 /// batch's own run time, about 1 ms at 64 operations) would want more.
 pub(super) const MAX_IN_FLIGHT: usize = 2;
 
+/// How many batches may be on the wire with a pool of `pool_size`
+/// connections: one per connection, at most [`MAX_IN_FLIGHT`], at least one.
+fn in_flight(pool_size: usize) -> usize {
+    pool_size.clamp(1, MAX_IN_FLIGHT)
+}
+
 /// The queue operations wait in, and the task that sends them.
 pub(super) struct Batcher {
     tx: mpsc::UnboundedSender<Queued>,
@@ -97,8 +103,7 @@ impl Batcher {
         max: usize,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let in_flight = pool_size.clamp(1, MAX_IN_FLIGHT);
-        let slots = Arc::new(Semaphore::new(in_flight));
+        let slots = Arc::new(Semaphore::new(in_flight(pool_size)));
         let queued = Arc::new(AtomicUsize::new(0));
         let task = task::spawn(
             "redis-batcher",
@@ -280,5 +285,16 @@ async fn send(
                 let _ = queued.reply.send(Err(error.clone()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_in_flight_follow_the_pool_up_to_two() {
+        let by_pool: Vec<usize> = [0, 1, 2, 3, 4, 16].into_iter().map(in_flight).collect();
+        assert_eq!(by_pool, [1, 1, 2, 2, 2, 2]);
     }
 }
