@@ -228,6 +228,41 @@ pub struct RedisServer {
     pub output: Option<Output>,
 }
 
+/// A directory for one redis-server, named after this test process.
+/// The shared servers live in statics, which are never dropped, so their
+/// directories outlive the process (about 90 per full test run here); the
+/// first call in each process removes those whose process is gone.
+fn redis_dir() -> PathBuf {
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(remove_dirs_of_dead_processes);
+    tempfile::Builder::new()
+        .prefix(&format!("leasehold-redis-{}-", std::process::id()))
+        .tempdir()
+        .expect("tempdir")
+        .keep()
+}
+
+/// Removes `leasehold-redis-<pid>-*` directories whose process has exited.
+fn remove_dirs_of_dead_processes() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("leasehold-redis-"))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 impl RedisServer {
     /// Starts a plain, non-persistent redis-server.
     pub fn start() -> Self {
@@ -236,11 +271,7 @@ impl RedisServer {
 
     /// Starts one with extra `--flag value` arguments.
     pub fn start_with(extra: &[&str]) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("leasehold-redis-")
-            .tempdir()
-            .expect("tempdir")
-            .keep();
+        let dir = redis_dir();
         let mut server = Self {
             port: 0,
             dir,
