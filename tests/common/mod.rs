@@ -230,8 +230,9 @@ pub struct RedisServer {
 
 /// A directory for one redis-server, named after this test process.
 /// The shared servers live in statics, which are never dropped, so their
-/// directories outlive the process (about 90 per full test run here); the
-/// first call in each process removes those whose process is gone.
+/// directories outlive the process (5 542 had piled up in /tmp on the
+/// development machine); the first call in each process removes those
+/// whose process is gone.
 fn redis_dir() -> PathBuf {
     static SWEPT: std::sync::Once = std::sync::Once::new();
     SWEPT.call_once(remove_dirs_of_dead_processes);

@@ -7,9 +7,10 @@
 //! runs each with the same function as its own script (`ops.lua`) and
 //! answers each separately. At most [`MAX_IN_FLIGHT`] batches (or single
 //! calls), and no more than the pool has connections, are on the wire at
-//! once; while they are, new operations gather into the next batch. With a connection free and nothing queued, an operation goes
-//! out at once, alone, with its own script ([`Batcher::idle`]): batching
-//! adds no wait and no work to a server that is not busy.
+//! once; while they are, new operations gather into the next batch. With a
+//! slot free and nothing queued, an operation goes out at once, alone, with
+//! its own script ([`Batcher::idle`]): batching adds no wait and no work to
+//! a server that is not busy.
 //!
 //! Measured (documentation/benchmarks.md#batching): with 30 000 renewals a
 //! second, a third less server CPU and the renewal p99 from 22 to 8 ms; no
@@ -69,9 +70,11 @@ struct Queued {
 /// parse, script set-up, reply, write). Measured under `bench cycles`
 /// (64 workers) with a pool of 4 (documentation/benchmarks.md, "Two
 /// batches in flight"): 0.33 → 0.18 `EVALSHA` per cycle, redis-server CPU
-/// per cycle 24.3 → 22.6 µs over 8 alternated runs. A Redis further away (a round trip near a
-/// batch's own run time, about 1 ms at 64 operations) would want more.
-pub(super) const MAX_IN_FLIGHT: usize = 2;
+/// per cycle 24.3 → 22.6 µs over 8 alternated runs. A Redis further away
+/// (a round trip near a batch's own run time, about 1 ms at 64 operations)
+/// would want more. The limit is on batches, not connections: every call,
+/// batched or not, still takes the pool's connections in turn.
+const MAX_IN_FLIGHT: usize = 2;
 
 /// How many batches may be on the wire with a pool of `pool_size`
 /// connections: one per connection, at most [`MAX_IN_FLIGHT`], at least one.
